@@ -1,0 +1,36 @@
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """An in-process S3 server (moto) for the session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """A fresh bucket on the moto server, with the environment pointing boto3/s3fs at it.
+
+    Yields the bucket name; code under test reaches it as s3://NAME/... through AWS_ENDPOINT_URL.
+    """
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    # s3fs caches instances by arguments, not by environment: drop ones made for other servers.
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    yield name
+    s3fs.S3FileSystem.clear_instance_cache()
