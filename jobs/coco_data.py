@@ -1,0 +1,238 @@
+"""COCO-format instance-segmentation data for training, read from any fsspec filesystem.
+
+    ds = CocoDetection("s3://bucket/shapes", transforms=RandomHorizontalFlip(0.5))
+    image, target = ds[0]   # image: float [3,H,W] in 0..1; target: boxes, labels, masks, ...
+    ds.class_names          # ["__background__", "circle", "square", "triangle"]: index = label
+
+The dataset root is the folder holding ``annotations.json`` (or pass the JSON's URI); image
+``file_name`` entries resolve relative to that folder, as ``jobs.synthetic`` writes them.
+
+Targets follow torchvision's detection reference (references/detection/coco_utils.py,
+``ConvertCocoPolysToMask``): crowd annotations are dropped, boxes are [x0, y0, x1, y1]
+clipped to the image, and boxes with no width or height are removed with their masks.
+Unlike the reference, labels are contiguous 1..K (K categories, sorted by COCO category id,
+or in the order of ``class_names`` when given), so the model needs K+1 classes and a
+checkpoint stores ``class_names`` to map predictions back to category names. Like the
+reference's training set, images without a usable annotation are skipped
+(``_coco_remove_images_without_annotations``) unless ``remove_images_without_annotations=False``.
+
+This lives in ``jobs/`` rather than ``mrcnn/``: it is storage and file-format plumbing
+(fsspec, pycocotools, PIL), while the model package takes tensors and stays I/O-free.
+
+Multi-scale resizing is the model transform's job (``min_size`` tuple); the only augmentation
+here is the horizontal flip.
+"""
+
+import io
+import json
+import posixpath
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+
+# ------------------------------------------------------------------------- annotations
+def segmentation_to_rle(segm, height, width):
+    """An annotation's ``segmentation`` as compressed RLE (COCO.annToRLE semantics)."""
+    if isinstance(segm, list):  # polygons: one object may have several parts
+        if not segm:
+            return mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
+        raise ValueError(f"segmentation must be a polygon list or an RLE dict with counts and size, got {type(segm).__name__}")
+    if list(segm["size"]) != [height, width]:
+        raise ValueError(f"RLE size {segm['size']} does not match the image's height, width [{height}, {width}]")
+    if isinstance(segm["counts"], list):  # uncompressed RLE (COCO's crowd format)
+        return mask_utils.frPyObjects(segm, height, width)
+    return segm
+
+
+def segmentation_to_mask(segm, height, width):
+    """An annotation's ``segmentation`` as a uint8 HxW mask (COCO.annToMask semantics)."""
+    return mask_utils.decode(segmentation_to_rle(segm, height, width))
+
+
+def _has_valid_annotation(anns):
+    # torchvision reference: an image is usable for training when some annotation
+    # (crowd ones included) has a box wider and taller than one pixel.
+    return any(all(v > 1 for v in a["bbox"][2:]) for a in anns)
+
+
+def convert_annotations(anns, height, width, category_to_label):
+    """COCO annotations of one image -> (boxes, labels, masks, area, iscrowd) tensors.
+
+    Mirrors ConvertCocoPolysToMask: drops crowd regions and boxes with no area.
+    """
+    anns = [a for a in anns if not a.get("iscrowd", 0)]
+    boxes = torch.as_tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2].clamp_(min=0, max=width)
+    boxes[:, 1::2].clamp_(min=0, max=height)
+    try:
+        labels = torch.tensor([category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+    except KeyError as e:
+        raise ValueError(f"annotation has category_id {e.args[0]}, which is not among the dataset's categories") from None
+    if anns:
+        masks = np.stack([segmentation_to_mask(a["segmentation"], height, width) for a in anns])
+    else:
+        masks = np.zeros((0, height, width), np.uint8)
+    masks = torch.from_numpy(masks)
+    area = torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    return {
+        "boxes": boxes[keep],
+        "labels": labels[keep],
+        "masks": masks[keep],
+        "area": area[keep],
+        "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
+    }
+
+
+# ----------------------------------------------------------------------------- dataset
+class CocoDetection(torch.utils.data.Dataset):
+    """Images and Mask R-CNN training targets from a COCO annotation file on any fsspec filesystem.
+
+    Args:
+        root: dataset root (folder holding annotations.json) or the annotation JSON's URI.
+        images_root: folder that image file_names are relative to (default: the JSON's folder).
+        transforms: callable (image, target) -> (image, target), e.g. RandomHorizontalFlip.
+        class_names: fix the label order by category name (e.g. from a checkpoint); labels are
+            1 + position in this list. Default: categories sorted by COCO id.
+        remove_images_without_annotations: skip images with no usable box (training default).
+        storage_options: passed to fsspec (e.g. s3 credentials).
+    """
+
+    def __init__(self, root, *, images_root=None, transforms=None, class_names=None,
+                 remove_images_without_annotations=True, storage_options=None):
+        self.fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        path = path.rstrip("/")
+        ann_path = path if path.endswith(".json") else posixpath.join(path, "annotations.json")
+        if not self.fs.exists(ann_path):
+            raise FileNotFoundError(f"no COCO annotation file at {self.fs.unstrip_protocol(ann_path)}")
+        with self.fs.open(ann_path, "rb") as f:
+            doc = json.load(f)
+        for key in ("images", "annotations", "categories"):
+            if key not in doc:
+                raise ValueError(f"{self.fs.unstrip_protocol(ann_path)} is not a COCO detection file: no '{key}'")
+        if images_root is None:
+            self.images_root = posixpath.dirname(ann_path)
+        else:
+            self.images_root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))[1].rstrip("/")
+        self.transforms = transforms
+
+        cats = sorted(doc["categories"], key=lambda c: c["id"])
+        if class_names is None:
+            order = cats
+        else:
+            by_name = {c["name"]: c for c in cats}
+            missing = [n for n in class_names if n not in by_name]
+            if missing:
+                raise ValueError(f"class_names {missing} are not categories of this dataset ({sorted(by_name)})")
+            order = [by_name[n] for n in class_names]
+        self.category_ids = [c["id"] for c in order]  # label k (1-based) -> COCO id category_ids[k-1]
+        self.class_names = ["__background__"] + [c["name"] for c in order]
+        self.category_to_label = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+
+        known = {c["id"] for c in cats}
+        self.images = {img["id"]: img for img in doc["images"]}
+        self.anns_by_image = {img_id: [] for img_id in self.images}
+        for a in doc["annotations"]:
+            if a["image_id"] not in self.anns_by_image:
+                raise ValueError(f"annotation {a.get('id')} refers to image_id {a['image_id']}, which is not in 'images'")
+            if a["category_id"] not in known:
+                raise ValueError(f"annotation {a.get('id')} has category_id {a['category_id']}, which is not in 'categories'")
+            if a["category_id"] in self.category_to_label:  # classes left out of class_names are ignored
+                self.anns_by_image[a["image_id"]].append(a)
+        ids = sorted(self.images)
+        if remove_images_without_annotations:
+            ids = [i for i in ids if _has_valid_annotation(self.anns_by_image[i])]
+        self.ids = ids
+
+    @property
+    def num_classes(self):
+        """Classes the model predicts, background included."""
+        return len(self.class_names)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def image_uri(self, index):
+        return self.fs.unstrip_protocol(posixpath.join(self.images_root, self.images[self.ids[index]]["file_name"]))
+
+    def __getitem__(self, index):
+        info = self.images[self.ids[index]]
+        path = posixpath.join(self.images_root, info["file_name"])
+        with Image.open(io.BytesIO(self.fs.cat_file(path))) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        h, w = rgb.shape[:2]
+        if (w, h) != (info["width"], info["height"]):
+            raise ValueError(f"{path} is {w}x{h} but annotations say {info['width']}x{info['height']}")
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
+        target = convert_annotations(self.anns_by_image[info["id"]], h, w, self.category_to_label)
+        target["image_id"] = info["id"]
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate_fn(batch):
+    """Lists of images and targets, as torchvision detection models take them."""
+    return tuple(zip(*batch))
+
+
+# -------------------------------------------------------------------------- transforms
+def hflip(image, target):
+    """Mirror an image [C,H,W] and its boxes and masks left-right."""
+    width = image.shape[-1]
+    image = image.flip(-1)
+    target = dict(target)
+    if "boxes" in target:
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
+        target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image, target
+
+
+class RandomHorizontalFlip:
+    """hflip with probability p (torch RNG, so DataLoader workers get distinct draws)."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image, target):
+        if torch.rand(1).item() < self.p:
+            return hflip(image, target)
+        return image, target
+
+
+# ---------------------------------------------------------------------------- sharding
+def shard_indices(n, rank, world_size, *, seed=None, epoch=0, pad=False):
+    """Indices of n items that worker ``rank`` of ``world_size`` reads.
+
+    Without ``pad`` the shards partition range(n) exactly (sizes differ by at most one).
+    With ``seed``, items are shuffled first by a permutation that all ranks compute alike
+    (seeded by seed + epoch), so the partition still holds. ``pad=True`` repeats items from
+    the start so every rank gets ceil(n / world_size), as DistributedSampler does: DDP ranks
+    must run the same number of steps.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if seed is None:
+        order = list(range(n))
+    else:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    if pad and n:
+        total = -(-n // world_size) * world_size
+        order = (order * (total // n + 1))[:total]
+    return order[rank::world_size]
+
+
+def shard(dataset, rank, world_size, **kwargs):
+    """The Subset of ``dataset`` that worker ``rank`` reads (see shard_indices)."""
+    return torch.utils.data.Subset(dataset, shard_indices(len(dataset), rank, world_size, **kwargs))
