@@ -34,7 +34,7 @@ def _want_cuda() -> bool:
 
 def extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is chosen by torch
     define_macros = []
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

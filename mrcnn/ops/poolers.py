@@ -1,0 +1,90 @@
+"""Multi-level RoIAlign for FPN features, pooled in one kernel launch.
+
+Same constructor, forward and results as ``torchvision.ops.MultiScaleRoIAlign``; the
+difference is how: torchvision loops over levels in Python and gathers the RoIs of
+each level (a host sync per level on CUDA); here every RoI carries its level index
+and one op pools them all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from ._registration import ops
+from .roi_align import boxes_to_rois
+
+
+def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
+    # The scale is a power of two: round log2(feature size / image size).
+    approx = float(feature.shape[-2]) / float(original_size[0])
+    return 2.0 ** float(torch.tensor(approx).log2().round())
+
+
+class LevelMapper:
+    """FPN level of each box, Eq. (1) of Lin et al. (2017), as torchvision computes it."""
+
+    def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
+                 eps: float = 1e-6):
+        self.k_min, self.k_max = k_min, k_max
+        self.s0, self.lvl0, self.eps = canonical_scale, canonical_level, eps
+
+    def __call__(self, boxes: list[Tensor]) -> Tensor:
+        cat = torch.cat(boxes, dim=0)
+        s = torch.sqrt((cat[:, 2] - cat[:, 0]) * (cat[:, 3] - cat[:, 1]))
+        target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
+        target = torch.clamp(target, min=self.k_min, max=self.k_max)
+        return target.to(torch.int64) - self.k_min
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over a set of FPN feature maps; each box is pooled from the level
+    matching its size (canonical box ``canonical_scale`` px maps to ``canonical_level``).
+
+    forward(x: dict[str, Tensor], boxes: list[Tensor[L, 4]], image_shapes: list[(H, W)])
+    returns (sum L, C, *output_size). Like torchvision, level scales are inferred from
+    the first call's feature and image sizes.
+    """
+
+    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = featmap_names
+        self.sampling_ratio = sampling_ratio
+        self.output_size = tuple(_pair(output_size))
+        self.scales: Optional[list[float]] = None
+        self.map_levels: Optional[LevelMapper] = None
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def _setup_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> None:
+        if not image_shapes:
+            raise ValueError("image_shapes is empty: pass the (H, W) of every image in the batch")
+        original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        self.scales = [_infer_scale(f, original) for f in features]
+        k_min = int(-math.log2(self.scales[0]))
+        k_max = int(-math.log2(self.scales[-1]))
+        self.map_levels = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        # Dictionary order, as torchvision's _filter_input.
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (keys: {list(x)})")
+        if self.scales is None or self.map_levels is None:
+            self._setup_scales(features, image_shapes)
+        rois = boxes_to_rois(boxes)
+        ph, pw = self.output_size
+        if len(features) == 1:
+            return ops.roi_align(features[0], rois, self.scales[0], ph, pw, self.sampling_ratio, False)
+        levels = self.map_levels(list(boxes))
+        return ops.multilevel_roi_align(features, rois, levels, self.scales, ph, pw, self.sampling_ratio, False)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
+                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})")
