@@ -1,0 +1,193 @@
+"""Decode untrusted image bytes into an RGB uint8 array, or a one-line reason why not.
+
+``decode_image(data, max_pixels=..., max_aspect=...)`` returns an H x W x 3 uint8 array
+(C-contiguous, writable) or raises :class:`DecodeError`. Every failure caused by the
+input is a DecodeError, so a caller turns it into an error row and moves on; anything
+else escaping is a bug.
+
+Decisions:
+
+* Accepted formats are JPEG (and MPO, the multi-picture JPEG that phones write), PNG,
+  WebP, TIFF and BMP. Pillow is only allowed to probe with those plugins, which also keeps
+  its rarer parsers away from hostile bytes. Other files get "unsupported format X" when
+  their magic bytes are recognised (GIF, ICO, SVG, PDF, HEIC/AVIF, JPEG 2000, JPEG XL,
+  PSD), else "not a recognised image". Multi-frame files (TIFF pages, animated WebP)
+  give their first frame.
+* Limits are checked from the header, before any pixel is decoded: ``max_pixels``
+  (width * height) and ``max_aspect`` (long side / short side). Pillow's own global
+  ``Image.MAX_IMAGE_PIXELS`` check still runs inside ``Image.open`` (it cannot be turned
+  off per call without changing global state); its DecompressionBombError is reported the
+  same way, so the effective limit is ``min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)``.
+* Truncated files fail: Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
+  False, and decode_image refuses to run (RuntimeError) if some code turned it on,
+  because truncated images would otherwise decode silently with grey fill.
+* EXIF orientation is applied (``ImageOps.exif_transpose``). A broken EXIF block is
+  ignored rather than failing the image: the pixels are still good.
+* Colour: 1-bit, L, P, CMYK, YCbCr, HSV, RGBX go through Pillow's ``convert("RGB")``
+  (no ICC colour management). 16-bit (I;16*, I) keeps the top 8 bits of 0..65535.
+  Float images (mode F) are rejected: they have no defined display range.
+* Alpha (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto white,
+  which is what a viewer shows; dropping alpha instead exposes whatever colour the
+  encoder left under transparent pixels (often black), which is not what the image shows.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Pillow plugin names; the JPEG plugin also opens MPO (multi-picture JPEG) files.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+DEFAULT_MAX_PIXELS = 50_000_000  # below Pillow's 89.5 Mpx warning threshold
+DEFAULT_MAX_ASPECT = 20.0
+
+# Image.open only loads the plugins it needs lazily when formats=None; with an explicit
+# list (WEBP, TIFF are not in Pillow's preinit set) they must be registered first.
+Image.init()
+
+# Magic bytes of formats we recognise but do not accept: gives a better reason than
+# "not a recognised image" without running the parsers of those formats.
+_KNOWN_MAGIC = (
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"%PDF", "PDF"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+)
+
+
+class DecodeError(Exception):
+    """The bytes are not a usable image. ``reason`` is one line; ``size`` is (w, h) if known."""
+
+    def __init__(self, reason: str, size: tuple[int, int] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.size = size
+
+
+def _sniff(data: bytes) -> str | None:
+    for offset, magic, name in _KNOWN_MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    head = data[:512].lstrip()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:4096]):
+        return "SVG"
+    return None
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 32 or b in (9, 10, 13) for b in head)
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: keep the top byte of 0..65535 (convert("L") would clip at 255).
+        grey = np.asarray(im).astype(np.int64)
+        grey = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise DecodeError("unsupported pixel mode F (32-bit float has no display range)", im.size)
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    try:
+        if has_alpha:
+            return _composite_on_white(np.asarray(im.convert("RGBA")))
+        if mode != "RGB":
+            im = im.convert("RGB")
+        return np.asarray(im)
+    except (ValueError, OSError) as e:
+        raise DecodeError(f"cannot convert pixel mode {mode} to RGB: {e}", im.size) from e
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> np.ndarray:
+    """Decode ``data`` to an H x W x 3 uint8 RGB array; raise DecodeError for bad input."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would decode "
+            "silently; something in this process changed it"
+        )
+    if max_pixels <= 0 or max_aspect < 1:
+        raise ValueError("max_pixels must be > 0 and max_aspect >= 1")
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below replaces Pillow's global warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"decompression bomb: {e}") from e
+    except UnidentifiedImageError:
+        fmt = _sniff(data)
+        if fmt:
+            raise DecodeError(f"unsupported format {fmt} (accepted: JPEG, PNG, WebP, TIFF, BMP)")
+        kind = "text" if _looks_like_text(data) else "binary data"
+        raise DecodeError(f"not a recognised image ({len(data)} bytes of {kind})")
+    except Exception as e:  # noqa: BLE001  (any parser failure on hostile bytes)
+        raise DecodeError(f"corrupt image header: {type(e).__name__}: {e}") from e
+
+    with im:
+        width, height = im.size
+        size = (width, height)
+        if width <= 0 or height <= 0:
+            raise DecodeError(f"image has no pixels ({width}x{height})", size)
+        if width * height > max_pixels:
+            raise DecodeError(
+                f"decompression bomb: {width}x{height} = {width * height} pixels "
+                f"exceeds the limit of {max_pixels}",
+                size,
+            )
+        aspect = max(width, height) / min(width, height)
+        if aspect > max_aspect:
+            raise DecodeError(
+                f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1 > {max_aspect:g}:1)", size
+            )
+        try:
+            im.load()
+        except Image.DecompressionBombError as e:
+            raise DecodeError(f"decompression bomb: {e}", size) from e
+        except Exception as e:  # noqa: BLE001
+            raise DecodeError(f"corrupt or truncated {im.format} data: {type(e).__name__}: {e}", size) from e
+        try:
+            oriented = ImageOps.exif_transpose(im)
+        except Exception:  # noqa: BLE001  (broken EXIF: keep the stored orientation)
+            oriented = im
+        try:
+            rgb = _to_rgb(oriented)
+        finally:
+            if oriented is not im:
+                oriented.close()
+    rgb = np.array(rgb, dtype=np.uint8, order="C", copy=True)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DecodeError(f"decoded to unexpected shape {rgb.shape}", size)
+    return rgb
