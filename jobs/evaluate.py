@@ -1,0 +1,254 @@
+"""COCO box and mask AP of the batch job's predictions against a COCO ground-truth file.
+
+    python -m jobs.evaluate --gt s3://bucket/shapes/val/annotations.json --pred s3://bucket/out/ --out metrics.json
+    python -m jobs.evaluate --gt .../val/annotations.json --pred model.pt      # runs the model first
+
+``--pred`` is the Parquet output of the batch job (a file or a folder, read with pyarrow.dataset
+through fsspec; names starting with ``_`` or ``.`` are skipped) or, when it ends in .pt/.pth/.ckpt,
+a checkpoint to run over the ground-truth images first (``evaluate_checkpoint``).
+
+How predictions meet the ground truth:
+
+- Rows match GT images by name: the row's ``image_uri`` ends with the GT ``file_name``
+  (``.../images/000017.png`` matches ``images/000017.png``); failing that, its basename equals
+  the basename of exactly one GT ``file_name``. Rows of images outside the GT are counted
+  (``unmatched_rows``) and ignored.
+- Rows with ``status`` 'error' carry no predictions: they are counted and skipped. When an
+  image has several 'ok' rows (re-runs), the latest ``processed_at`` wins.
+- Categories are matched by name: each instance's ``label_name`` must be a GT category name;
+  its COCO id comes from the GT file, so the model's own label numbering does not matter.
+- Every GT image is evaluated; images without an 'ok' row count as having no detections
+  (``missing_images``). ``--only-predicted`` restricts evaluation to images that have one.
+
+Metrics are pycocotools COCOeval's twelve numbers for ``bbox`` and ``segm`` (the box results
+carry no masks and the mask results no boxes, so each area range uses the right area, as
+detectron2 does), written as JSON with the names AP, AP50, AP75, APs, APm, APl, AR1, AR10,
+AR100, ARs, ARm, ARl, plus the counts above.
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import posixpath
+
+import fsspec
+import numpy as np
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+PRED_COLUMNS = ["image_uri", "width", "height", "status", "instances"]
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _quiet_coco(doc):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_gt(gt_json_uri, storage_options=None):
+    """The ground-truth COCO object of a local or fsspec annotation file."""
+    with fsspec.open(gt_json_uri, "rb", **(storage_options or {})) as f:
+        doc = json.load(f)
+    for key in ("images", "annotations", "categories"):
+        if key not in doc:
+            raise ValueError(f"{gt_json_uri} is not a COCO detection file: no '{key}'")
+    return _quiet_coco(doc)
+
+
+class _ImageMatcher:
+    """Finds the GT image of an image URI by file_name suffix, then by unique basename."""
+
+    def __init__(self, images):
+        self.by_base = {}
+        for img in images:
+            name = img["file_name"].replace("\\", "/")
+            name = name[2:] if name.startswith("./") else name
+            self.by_base.setdefault(posixpath.basename(name), []).append((name, img))
+
+    def __call__(self, uri):
+        uri = uri.replace("\\", "/")
+        candidates = self.by_base.get(posixpath.basename(uri), [])
+        for name, img in candidates:
+            if uri == name or uri.endswith("/" + name):
+                return img
+        return candidates[0][1] if len(candidates) == 1 else None
+
+
+def _category_ids(gt, rows_instances):
+    names = {}
+    for c in gt.dataset["categories"]:
+        if c["name"] in names:
+            raise ValueError(f"GT category name {c['name']!r} is used by two categories: cannot match predictions by name")
+        names[c["name"]] = c["id"]
+    used = {inst.get("label_name") for insts in rows_instances for inst in insts}
+    unknown = sorted(map(str, used - set(names)))
+    if unknown:
+        raise ValueError(f"prediction label_name(s) {unknown} are not GT categories {sorted(names)}: "
+                         "the model's class names must match the GT category names")
+    return names
+
+
+def _summarize(gt, results, iou_type, img_ids):
+    from pycocotools.cocoeval import COCOeval
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if results:
+            dt = gt.loadRes(copy.deepcopy(results))
+        else:  # loadRes cannot take an empty list: an empty result set scores 0
+            dt = _quiet_coco({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
+        ev = COCOeval(gt, dt, iou_type)
+        ev.params.imgIds = img_ids
+        ev.evaluate()
+        ev.accumulate()
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        ev.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}, table.getvalue()
+
+
+def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storage_options=None):
+    """COCO bbox and segm metrics of prediction rows (dicts in the batch job's schema).
+
+    gt_json_uri may also be a pycocotools COCO object. Returns {"bbox": {AP..ARl},
+    "segm": {...}, "counts": {...}, "tables": {"bbox": text, "segm": text}}.
+    """
+    gt = gt_json_uri if hasattr(gt_json_uri, "dataset") else load_gt(gt_json_uri, storage_options)
+    match = _ImageMatcher(gt.dataset["images"])
+    counts = dict(rows=0, error_rows=0, unmatched_rows=0, duplicate_rows=0)
+    latest = {}  # GT image id -> row
+    for row in pred_rows:
+        counts["rows"] += 1
+        if row.get("status") != "ok":
+            counts["error_rows"] += 1
+            continue
+        img = match(row["image_uri"])
+        if img is None:
+            counts["unmatched_rows"] += 1
+            continue
+        if (row.get("width"), row.get("height")) != (img["width"], img["height"]):
+            raise ValueError(f"{row['image_uri']}: prediction row is {row.get('width')}x{row.get('height')} but GT image "
+                             f"{img['file_name']} is {img['width']}x{img['height']}")
+        prev = latest.get(img["id"])
+        if prev is not None:
+            counts["duplicate_rows"] += 1
+            if _later(row, prev):  # the latest run wins
+                latest[img["id"]] = row
+        else:
+            latest[img["id"]] = row
+
+    names = _category_ids(gt, [r.get("instances") or [] for r in latest.values()])
+    boxes, segms, no_mask = [], [], 0
+    for img_id, row in latest.items():
+        h, w = row["height"], row["width"]
+        for inst in row.get("instances") or []:
+            cat, score = names[inst["label_name"]], float(inst["score"])
+            x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
+            boxes.append({"image_id": img_id, "category_id": cat, "score": score, "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            if inst.get("mask_rle"):
+                segms.append({"image_id": img_id, "category_id": cat, "score": score,
+                              "segmentation": {"size": [h, w], "counts": inst["mask_rle"]}})
+            else:
+                no_mask += 1
+
+    gt_ids = sorted(gt.getImgIds())
+    img_ids = sorted(latest) if only_predicted else gt_ids
+    counts.update(gt_images=len(gt_ids), evaluated_images=len(img_ids), predicted_images=len(latest),
+                  missing_images=len(set(gt_ids) - set(latest)), detections=len(boxes), detections_without_mask=no_mask)
+    result = {"counts": counts, "tables": {}}
+    for iou_type, results in (("bbox", boxes), ("segm", segms)):
+        result[iou_type], result["tables"][iou_type] = _summarize(gt, results, iou_type, img_ids)
+    return result
+
+
+def _later(row, prev):
+    """Is row processed after prev? Rows with a processed_at beat rows without one."""
+    a, b = row.get("processed_at"), prev.get("processed_at")
+    if a is None:
+        return False
+    return b is None or a > b
+
+
+def read_prediction_rows(pred_uri, storage_options=None):
+    """Rows of the batch job's Parquet output (a file or a folder) as dicts."""
+    import pyarrow.dataset as pads
+
+    fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no predictions at {pred_uri}")
+    dataset = pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
+    missing = [c for c in PRED_COLUMNS if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"{pred_uri} lacks column(s) {missing}: not the batch job's output schema")
+    columns = PRED_COLUMNS + (["processed_at"] if "processed_at" in dataset.schema.names else [])
+    return dataset.to_table(columns=columns).to_pylist()
+
+
+def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None):
+    """evaluate_predictions over the batch job's Parquet output at pred_uri."""
+    return evaluate_predictions(gt, read_prediction_rows(pred_uri, storage_options),
+                                only_predicted=only_predicted, storage_options=storage_options)
+
+
+def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, storage_options=None,
+                        **predictor_kwargs):
+    """Run a checkpoint over every GT image, then evaluate its predictions.
+
+    Images are read from images_root (default: the GT file's folder) joined with each file_name.
+    Uses mrcnn.predictor.Predictor (imported here, so evaluating Parquet needs no model code).
+    """
+    from mrcnn.predictor import Predictor
+
+    gt_coco = load_gt(gt, storage_options)
+    fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
+    root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))[1] if images_root else posixpath.dirname(gt_path)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, **predictor_kwargs)
+    images = gt_coco.dataset["images"]
+    rows = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        uris = [fs.unstrip_protocol(posixpath.join(root, img["file_name"])) for img in batch]
+        rows += predictor.predict_uris(uris)
+    return evaluate_predictions(gt_coco, rows)
+
+
+def format_report(result):
+    c = result["counts"]
+    lines = [
+        f"images: {c['gt_images']} in GT, {c['evaluated_images']} evaluated, {c['predicted_images']} with predictions, "
+        f"{c['missing_images']} without; rows: {c['rows']} read, {c['error_rows']} status=error, "
+        f"{c['duplicate_rows']} duplicates, {c['unmatched_rows']} not in GT; detections: {c['detections']}",
+    ]
+    for iou_type in ("bbox", "segm"):
+        lines += [f"--- {iou_type} ---", result["tables"][iou_type].rstrip()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--gt", required=True, help="COCO annotation JSON (local or fsspec URI)")
+    p.add_argument("--pred", required=True, help="batch job Parquet output (file or folder), or a checkpoint (.pt/.pth/.ckpt)")
+    p.add_argument("--out", help="write the metrics as JSON here (local or fsspec URI)")
+    p.add_argument("--only-predicted", action="store_true", help="evaluate only the GT images that have an 'ok' prediction row")
+    p.add_argument("--images-root", help="with a checkpoint: folder the GT file_names are relative to (default: the GT file's folder)")
+    p.add_argument("--device", default="cpu", help="with a checkpoint: torch device")
+    args = p.parse_args(argv)
+    if args.pred.rstrip("/").endswith(CHECKPOINT_SUFFIXES):
+        result = evaluate_checkpoint(args.gt, args.pred, images_root=args.images_root, device=args.device)
+    else:
+        result = evaluate_parquet(args.gt, args.pred, only_predicted=args.only_predicted)
+    print(format_report(result))
+    if args.out:
+        with fsspec.open(args.out, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "tables"}, f, indent=2)
+        print(f"metrics written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
