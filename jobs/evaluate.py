@@ -196,13 +196,18 @@ def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None
                                 only_predicted=only_predicted, storage_options=storage_options)
 
 
-def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, storage_options=None,
-                        **predictor_kwargs):
+def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, only_predicted=False,
+                        storage_options=None, **predictor_kwargs):
     """Run a checkpoint over every GT image, then evaluate its predictions.
 
     Images are read from images_root (default: the GT file's folder) joined with each file_name.
-    Uses mrcnn.predictor.Predictor (imported here, so evaluating Parquet needs no model code).
+    Uses ``mrcnn.predictor.Predictor`` (imported here, so evaluating Parquet needs no model code):
+    ``Predictor.from_checkpoint(checkpoint, device=..., **predictor_kwargs)`` and
+    ``predictor.predict(list of HxWx3 uint8 RGB arrays)`` -> one result per image with boxes,
+    scores, label_names and masks (COCO RLE dicts), the result format ``jobs.infer.schema.ok_row`` takes.
     """
+    from PIL import Image
+
     from mrcnn.predictor import Predictor
 
     gt_coco = load_gt(gt, storage_options)
@@ -213,9 +218,27 @@ def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch
     rows = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        uris = [fs.unstrip_protocol(posixpath.join(root, img["file_name"])) for img in batch]
-        rows += predictor.predict_uris(uris)
-    return evaluate_predictions(gt_coco, rows)
+        paths = [posixpath.join(root, img["file_name"]) for img in batch]
+        arrays = []
+        for path in paths:
+            with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        for path, arr, res in zip(paths, arrays, predictor.predict(arrays)):
+            h, w = arr.shape[:2]
+            rows.append({"image_uri": fs.unstrip_protocol(path), "width": w, "height": h, "status": "ok",
+                         "instances": _instances(res)})
+    return evaluate_predictions(gt_coco, rows, only_predicted=only_predicted)
+
+
+def _instances(result):
+    """Instances (schema column layout) of one predictor result."""
+    boxes = np.asarray(result["boxes"], dtype=np.float32).reshape(-1, 4)
+    out = []
+    for i in range(len(boxes)):
+        counts = result["masks"][i]["counts"]
+        out.append({"label_name": result["label_names"][i], "score": float(result["scores"][i]),
+                    "bbox": boxes[i].tolist(), "mask_rle": counts.decode("ascii") if isinstance(counts, bytes) else counts})
+    return out
 
 
 def format_report(result):
@@ -240,7 +263,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="with a checkpoint: torch device")
     args = p.parse_args(argv)
     if args.pred.rstrip("/").endswith(CHECKPOINT_SUFFIXES):
-        result = evaluate_checkpoint(args.gt, args.pred, images_root=args.images_root, device=args.device)
+        result = evaluate_checkpoint(args.gt, args.pred, images_root=args.images_root, device=args.device,
+                                     only_predicted=args.only_predicted)
     else:
         result = evaluate_parquet(args.gt, args.pred, only_predicted=args.only_predicted)
     print(format_report(result))

@@ -181,3 +181,37 @@ def test_reads_gt_and_predictions_from_s3(s3_bucket, gt_path):
     result = evaluate.evaluate_parquet(f"s3://{s3_bucket}/gt/annotations.json", f"s3://{s3_bucket}/pred/")
     assert result["counts"]["predicted_images"] == 5
     assert result["bbox"]["AP"] == result["segm"]["AP"] == 1.0
+
+
+def test_checkpoint_path_plumbing_with_stand_in_predictor(gt_path, monkeypatch):
+    # Only the plumbing of evaluate_checkpoint (image reading, rows, evaluation): the real
+    # mrcnn.predictor.Predictor is replaced by one that returns the GT of each image it gets.
+    import sys
+    import types
+
+    gt = evaluate.load_gt(str(gt_path))
+    expected = _rows_from_gt(gt)
+    seen = []
+
+    class StandIn:
+        @classmethod
+        def from_checkpoint(cls, path, device):
+            assert (path, device) == ("model.pt", "cpu")
+            return cls()
+
+        def predict(self, images):
+            out = []
+            for arr in images:
+                row = expected[len(seen)]
+                assert arr.shape == (row["height"], row["width"], 3) and arr.dtype == np.uint8
+                seen.append(arr)
+                insts = row["instances"]
+                out.append({"boxes": [i["bbox"] for i in insts], "scores": [i["score"] for i in insts],
+                            "label_names": [i["label_name"] for i in insts],
+                            "masks": [{"size": [row["height"], row["width"]], "counts": i["mask_rle"].encode()} for i in insts]})
+            return out
+
+    monkeypatch.setitem(sys.modules, "mrcnn.predictor", types.SimpleNamespace(Predictor=StandIn))
+    result = evaluate.evaluate_checkpoint(str(gt_path), "model.pt", batch_size=2)
+    assert len(seen) == 5 and result["counts"]["predicted_images"] == 5
+    assert result["bbox"]["AP"] == result["segm"]["AP"] == 1.0
