@@ -1,0 +1,77 @@
+"""Anchor boxes for the RPN: one set of cell anchors per feature level, tiled over its grid."""
+import torch
+from torch import nn, Tensor
+
+from .image_list import ImageList
+
+
+class AnchorGenerator(nn.Module):
+    """Generates anchors for a list of feature maps.
+
+    ``sizes[i]`` and ``aspect_ratios[i]`` (height / width) give the cell anchors of level ``i``;
+    each level gets ``len(sizes[i]) * len(aspect_ratios[i])`` anchors per location. Cell anchors are
+    zero-centred and rounded to whole pixels; the stride of a level is the padded image size
+    divided (integer division) by the feature map size.
+    """
+
+    def __init__(self, sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5):
+        super().__init__()
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        if len(sizes) != len(aspect_ratios):
+            raise ValueError(f"sizes ({len(sizes)} levels) and aspect_ratios ({len(aspect_ratios)}) must match")
+        self.sizes = sizes
+        self.aspect_ratios = aspect_ratios
+        self.cell_anchors = [self.generate_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
+
+    @staticmethod
+    def generate_anchors(scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        aspect_ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(aspect_ratios)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).view(-1)
+        base_anchors = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return base_anchors.round()
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
+
+    def grid_anchors(self, grid_sizes, strides, cell_anchors) -> list[Tensor]:
+        anchors = []
+        for (grid_height, grid_width), (stride_height, stride_width), base_anchors in zip(
+            grid_sizes, strides, cell_anchors
+        ):
+            device = base_anchors.device
+            shifts_x = torch.arange(0, grid_width, dtype=torch.int32, device=device) * stride_width
+            shifts_y = torch.arange(0, grid_height, dtype=torch.int32, device=device) * stride_height
+            shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+            shift_x = shift_x.reshape(-1)
+            shift_y = shift_y.reshape(-1)
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+            # every (location, cell anchor) pair, location-major
+            anchors.append((shifts.view(-1, 1, 4) + base_anchors.view(1, -1, 4)).reshape(-1, 4))
+        return anchors
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        """Anchors of all levels concatenated, one tensor per image (all images share them)."""
+        if len(feature_maps) != len(self.cell_anchors):
+            raise ValueError(
+                f"got {len(feature_maps)} feature maps but the anchor generator has {len(self.cell_anchors)} levels"
+            )
+        padded_size = image_list.tensors.shape[-2:]
+        grid_sizes = [fm.shape[-2:] for fm in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [
+            [
+                torch.empty((), dtype=torch.int64, device=device).fill_(padded_size[0] // g[0]),
+                torch.empty((), dtype=torch.int64, device=device).fill_(padded_size[1] // g[1]),
+            ]
+            for g in grid_sizes
+        ]
+        cell_anchors = [a.to(dtype=dtype, device=device) for a in self.cell_anchors]
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides, cell_anchors))
+        return [anchors for _ in image_list.image_sizes]

@@ -1,0 +1,63 @@
+"""ResNet + FPN feature extractor: FPN outputs '0'..'3' (strides 4..32) plus 'pool' (stride 64).
+
+Built from torchvision's ResNet and FPN layers, the same modules torchvision's Mask R-CNN uses,
+so state_dict keys (``backbone.body.*``, ``backbone.fpn.*``) match.
+"""
+import warnings
+from typing import Callable, Optional
+
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+
+_RESNETS = {"resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
+
+
+def validate_trainable_layers(is_trained: bool, trainable_layers: Optional[int], max_value: int = 5, default: int = 3) -> int:
+    """torchvision's rule: without pretrained weights every layer trains; otherwise default to 3."""
+    if not is_trained:
+        # a randomly initialised backbone has nothing worth freezing
+        if trainable_layers is not None:
+            warnings.warn(
+                "trainable_backbone_layers has no effect without weights or weights_backbone; "
+                f"all {max_value} backbone layers are trainable"
+            )
+        return max_value
+    if trainable_layers is None:
+        trainable_layers = default
+    if not 0 <= trainable_layers <= max_value:
+        raise ValueError(f"trainable_backbone_layers should be in [0, {max_value}], got {trainable_layers}")
+    return trainable_layers
+
+
+def resnet_fpn_backbone(
+    name: str = "resnet50",
+    *,
+    weights_backbone: Optional[str] = None,
+    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+    trainable_layers: int = 3,
+    fpn_norm_layer: Optional[Callable[..., nn.Module]] = None,
+) -> BackboneWithFPN:
+    """ResNet-50/101 with an FPN on layer1-4 and a LastLevelMaxPool 'pool' level (256 channels).
+
+    Args:
+        name: "resnet50" or "resnet101".
+        weights_backbone: path or fsspec URI of an ImageNet ResNet state_dict, loaded (strict) into
+            the ResNet before the classifier is dropped.
+        norm_layer: normalisation in the ResNet (FrozenBatchNorm2d for v1 with pretrained weights).
+        trainable_layers: how many of layer4, layer3, layer2, layer1, conv1 (from the top) train.
+        fpn_norm_layer: normalisation inside the FPN convs (v2 uses BatchNorm2d).
+    """
+    if name not in _RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
+    body = _RESNETS[name](weights=None, norm_layer=norm_layer)
+    if weights_backbone is not None:
+        from .checkpoint import load_state_dict_file
+
+        state_dict = load_state_dict_file(weights_backbone)
+        try:
+            body.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
+    return _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm_layer)

@@ -1,0 +1,274 @@
+"""Loading and saving Mask R-CNN weights without unpickling code.
+
+Two file kinds are read, from local paths or fsspec URIs (``s3://...``):
+
+- a torchvision Mask R-CNN ``state_dict`` (v1, v2 or our ResNet-101 variant), including the published
+  v1 COCO file, whose older key names are remapped on load by the modules themselves
+  (``_load_from_state_dict`` of the FPN, RPN head and mask head, as torchvision does);
+- our own checkpoint: ``{"format": FORMAT, "format_version": 1, "metadata": {...}, "state_dict": {...}}``
+  written by :func:`save_checkpoint`; the metadata records the architecture, classes, thresholds and
+  the builder keyword arguments so :func:`load_model` rebuilds the same model.
+
+Every file is read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+"""
+import os
+from typing import Any, Optional
+
+import fsspec
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from .mask_rcnn import ARCHITECTURES, MaskRCNN, build_model
+
+FORMAT = "mrcnn-batch/maskrcnn"
+FORMAT_VERSION = 1
+
+# Keys the published v1 COCO file (and other files from torchvision < 0.13) uses for modules that
+# torchvision later renamed; their presence marks such a file.
+_LEGACY_KEY_MARKERS = ("rpn.head.conv.weight", "roi_heads.mask_head.mask_fcn1.weight", "backbone.fpn.inner_blocks.0.weight")
+# The published v1 COCO weights were trained with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
+_V1_COCO_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e"
+
+
+
+
+def load_state_dict_file(path) -> Any:
+    """``torch.load(weights_only=True)`` of a local path or fsspec URI, with errors that name the file."""
+    path = os.fspath(path)
+    try:
+        with fsspec.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # pickle refusal, truncated zip, not a torch file, ...
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only torch checkpoint (tensors and plain containers "
+            f"only; arbitrary pickled objects are refused): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+
+
+def _is_our_format(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def detect_architecture(state_dict: dict) -> str:
+    """Which builder made a torchvision-style Mask R-CNN state_dict."""
+    if "roi_heads.box_head.0.0.weight" in state_dict:
+        return "maskrcnn_resnet50_fpn_v2"
+    if "roi_heads.box_head.fc6.weight" in state_dict:
+        # ResNet-50 has layer3.0-5, ResNet-101 layer3.0-22
+        return "maskrcnn_resnet101_fpn" if "backbone.body.layer3.6.conv1.weight" in state_dict else "maskrcnn_resnet50_fpn"
+    raise ValueError("not a Mask R-CNN state_dict (no roi_heads.box_head weights)")
+
+
+def _num_classes(state_dict: dict) -> int:
+    try:
+        return int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])
+    except KeyError:
+        raise ValueError("not a Mask R-CNN state_dict (no roi_heads.box_predictor.cls_score.weight)") from None
+
+
+def _has_legacy_keys(state_dict: dict) -> bool:
+    return any(k in state_dict for k in _LEGACY_KEY_MARKERS)
+
+
+def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
+    """torchvision's ``overwrite_eps``: eps is not in the state_dict, so it is set after loading."""
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = eps
+
+
+def _frozen_bn_eps(model: nn.Module) -> Optional[float]:
+    eps = {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
+    if len(eps) > 1:
+        raise ValueError(f"FrozenBatchNorm2d layers have different eps values {sorted(eps)}; cannot record one")
+    return eps.pop() if eps else None
+
+
+def _unwrap(obj: Any, path: str) -> tuple[dict, dict]:
+    """(state_dict, metadata) of either file kind; metadata is {} for a plain torchvision state_dict."""
+    if _is_our_format(obj):
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported {FORMAT} format_version {obj.get('format_version')!r}")
+        return obj["state_dict"], dict(obj["metadata"])
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ValueError(
+        f"{path}: neither a Mask R-CNN state_dict nor a {FORMAT} checkpoint "
+        f"(top-level keys: {sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__})"
+    )
+
+
+def _apply_state_dict(model: nn.Module, state_dict: dict, path: str, *, legacy_eps_rule: bool) -> None:
+    # load_state_dict remaps legacy keys in place through the module hooks: work on a shallow copy
+    sd = type(state_dict)(state_dict)
+    if hasattr(state_dict, "_metadata"):
+        sd._metadata = state_dict._metadata
+    legacy = _has_legacy_keys(sd)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit this architecture: {e}") from None
+    if legacy_eps_rule and (legacy or _V1_COCO_FILE in os.path.basename(path)):
+        set_frozen_bn_eps(model, 0.0)
+
+
+def load_weights_into(model: nn.Module, path) -> dict:
+    """Load a checkpoint file of either kind into ``model`` (strict); returns the file's metadata."""
+    path = os.fspath(path)
+    state_dict, metadata = _unwrap(load_state_dict_file(path), path)
+    _check_architecture(model, state_dict, metadata, path)
+    _apply_state_dict(model, state_dict, path, legacy_eps_rule=not metadata)
+    if metadata.get("frozen_bn_eps") is not None:
+        set_frozen_bn_eps(model, float(metadata["frozen_bn_eps"]))
+    return metadata
+
+
+def _check_architecture(model: nn.Module, state_dict: dict, metadata: dict, path: str) -> None:
+    expected = getattr(model, "architecture", None)
+    found = metadata.get("architecture") or detect_architecture(state_dict)
+    if expected is not None and found != expected:
+        raise ValueError(f"{path}: holds a {found} checkpoint, but the model is {expected}")
+
+
+def model_config(model: nn.Module) -> dict:
+    """The builder keyword arguments that reproduce ``model``'s current settings (plain values only)."""
+    t, rpn, rh = model.transform, model.rpn, model.roi_heads
+    return {
+        "min_size": list(t.min_size),
+        "max_size": int(t.max_size),
+        "image_mean": [float(v) for v in t.image_mean],
+        "image_std": [float(v) for v in t.image_std],
+        "size_divisible": int(t.size_divisible),
+        "rpn_pre_nms_top_n_train": int(rpn._pre_nms_top_n["training"]),
+        "rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
+        "rpn_post_nms_top_n_train": int(rpn._post_nms_top_n["training"]),
+        "rpn_post_nms_top_n_test": int(rpn._post_nms_top_n["testing"]),
+        "rpn_nms_thresh": float(rpn.nms_thresh),
+        "rpn_fg_iou_thresh": float(rpn.proposal_matcher.high_threshold),
+        "rpn_bg_iou_thresh": float(rpn.proposal_matcher.low_threshold),
+        "rpn_batch_size_per_image": int(rpn.fg_bg_sampler.batch_size_per_image),
+        "rpn_positive_fraction": float(rpn.fg_bg_sampler.positive_fraction),
+        "rpn_score_thresh": float(rpn.score_thresh),
+        "box_score_thresh": float(rh.score_thresh),
+        "box_nms_thresh": float(rh.nms_thresh),
+        "box_detections_per_img": int(rh.detections_per_img),
+        "box_fg_iou_thresh": float(rh.proposal_matcher.high_threshold),
+        "box_bg_iou_thresh": float(rh.proposal_matcher.low_threshold),
+        "box_batch_size_per_image": int(rh.fg_bg_sampler.batch_size_per_image),
+        "box_positive_fraction": float(rh.fg_bg_sampler.positive_fraction),
+        "bbox_reg_weights": [float(w) for w in rh.box_coder.weights],
+    }
+
+
+def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional[dict] = None) -> None:
+    """Write ``model``'s weights and settings to ``path`` (local or fsspec URI) in our format.
+
+    ``class_names``: one name per class index, index 0 being the background. ``extra_meta``: any
+    further plain values (str, numbers, bools, None, lists, dicts) to keep with the weights.
+    """
+    path = os.fspath(path)
+    architecture = getattr(model, "architecture", None)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"save_checkpoint needs a model made by one of the builders {ARCHITECTURES}; "
+            f"this one has architecture={architecture!r}"
+        )
+    num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != num_classes:
+        raise ValueError(f"class_names has {len(class_names)} entries but the model has {num_classes} classes")
+    config = model_config(model)
+    metadata = {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "class_names": class_names,
+        "score_thresh": config["box_score_thresh"],
+        "min_size": config["min_size"],
+        "max_size": config["max_size"],
+        "frozen_bn_eps": _frozen_bn_eps(model),
+        "builder_kwargs": config,
+        "extra": dict(extra_meta or {}),
+        "torch_version": torch.__version__,
+    }
+    _check_plain(metadata, "metadata")
+    state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata, "state_dict": state_dict}
+    with fsspec.open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    # only what weights_only loading accepts back, so save never writes an unloadable file
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: keys must be strings, got {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where}: {type(value).__name__} is not a plain value (str, number, bool, None, list, dict)")
+
+
+def read_metadata(path) -> dict:
+    """Metadata of a checkpoint; for a plain torchvision state_dict, what can be inferred from its keys."""
+    path = os.fspath(path)
+    state_dict, metadata = _unwrap(load_state_dict_file(path), path)
+    if metadata:
+        return {"format": FORMAT, **metadata}
+    return _torchvision_metadata(state_dict, path)
+
+
+def _torchvision_metadata(state_dict: dict, path: str) -> dict:
+    try:
+        architecture = detect_architecture(state_dict)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    legacy = _has_legacy_keys(state_dict)
+    return {
+        "format": "torchvision",
+        "architecture": architecture,
+        "num_classes": _num_classes(state_dict),
+        "class_names": None,
+        "frozen_bn_eps": 0.0 if legacy or _V1_COCO_FILE in os.path.basename(path) else None,
+        "legacy_keys": legacy,
+    }
+
+
+def load_model(path, **overrides) -> MaskRCNN:
+    """Build the model a checkpoint describes and load its weights (strict).
+
+    Accepts our format and plain torchvision state_dicts. ``overrides`` are builder keyword arguments
+    (e.g. ``box_score_thresh=0.5``, ``min_size=640``) that replace the recorded ones. The result
+    has ``model.class_names`` (None if the file does not say) and ``model.checkpoint_metadata``.
+    """
+    path = os.fspath(path)
+    state_dict, metadata = _unwrap(load_state_dict_file(path), path)
+    if metadata:
+        architecture = metadata.get("architecture")
+        kwargs = dict(metadata.get("builder_kwargs", {}))
+    else:
+        architecture = _torchvision_metadata(state_dict, path)["architecture"]
+        kwargs = {}
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path}: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+    num_classes = _num_classes(state_dict)
+    if overrides.get("num_classes") not in (None, num_classes):
+        raise ValueError(f"{path}: has {num_classes} classes; num_classes={overrides['num_classes']} cannot be loaded")
+    overrides.pop("num_classes", None)
+    kwargs.update(overrides)
+
+    model = build_model(architecture, num_classes=num_classes, pretrained=True, **kwargs)
+    _apply_state_dict(model, state_dict, path, legacy_eps_rule=not metadata)
+    if metadata.get("frozen_bn_eps") is not None:
+        set_frozen_bn_eps(model, float(metadata["frozen_bn_eps"]))
+    model.class_names = metadata.get("class_names")
+    model.checkpoint_metadata = {"format": FORMAT, **metadata} if metadata else _torchvision_metadata(state_dict, path)
+    return model

@@ -1,0 +1,357 @@
+"""Second stage: box classification/regression and mask prediction on RPN proposals.
+
+Features are pooled with our RoIAlign operators (``mrcnn.ops``); everything else follows
+torchvision.models.detection.roi_heads so that outputs and losses agree.
+"""
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+from torch import nn, Tensor
+from torch.nn import functional as F
+from torchvision.ops import Conv2dNormActivation, boxes as box_ops
+
+from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from .ops import roi_align
+
+
+class TwoMLPHead(nn.Module):
+    """v1 box head: flatten, fc6 + ReLU, fc7 + ReLU."""
+
+    def __init__(self, in_channels: int, representation_size: int):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(start_dim=1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class FastRCNNConvFCHead(nn.Sequential):
+    """v2 box head: 3x3 conv+norm+ReLU layers, flatten, then fc+ReLU layers."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int, int],
+        conv_layers: list[int],
+        fc_layers: list[int],
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+    ):
+        in_channels, in_height, in_width = input_size
+        blocks = []
+        previous = in_channels
+        for channels in conv_layers:
+            blocks.append(Conv2dNormActivation(previous, channels, norm_layer=norm_layer))
+            previous = channels
+        blocks.append(nn.Flatten())
+        previous = previous * in_height * in_width
+        for features in fc_layers:
+            blocks.append(nn.Linear(previous, features))
+            blocks.append(nn.ReLU(inplace=True))
+            previous = features
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits (``num_classes``) and per-class box deltas (``num_classes * 4``)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() == 4 and list(x.shape[2:]) != [1, 1]:
+            raise ValueError(f"expected box features of shape [N, C] or [N, C, 1, 1], got {list(x.shape)}")
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskRCNNHeads(nn.Sequential):
+    """Mask head: 3x3 conv (+ optional norm) + ReLU layers on the 14x14 pooled features."""
+
+    # version 2 renamed ``mask_fcn{i+1}.{weight,bias}`` to ``{i}.0.{weight,bias}``
+    _version = 2
+
+    def __init__(self, in_channels: int, layers, dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None):
+        blocks = []
+        previous = in_channels
+        for channels in layers:
+            blocks.append(
+                Conv2dNormActivation(
+                    previous, channels, kernel_size=3, stride=1, padding=dilation, dilation=dilation, norm_layer=norm_layer
+                )
+            )
+            previous = channels
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if local_metadata.get("version", None) is None or local_metadata["version"] < 2:
+            for i in range(len(self)):
+                for kind in ("weight", "bias"):
+                    old_key, new_key = f"{prefix}mask_fcn{i + 1}.{kind}", f"{prefix}{i}.0.{kind}"
+                    if old_key in state_dict:
+                        state_dict[new_key] = state_dict.pop(old_key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class MaskRCNNPredictor(nn.Sequential):
+    """2x2 stride-2 transposed conv + ReLU (14 -> 28), then a 1x1 conv to one mask logit map per class."""
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+        super().__init__(
+            OrderedDict(
+                [
+                    ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
+                ]
+            )
+        )
+        for name, param in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+
+
+def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
+    """Cross-entropy over all sampled RoIs; smooth L1 (beta 1/9) on the GT class deltas of positives."""
+    labels = torch.cat(labels, dim=0)
+    regression_targets = torch.cat(regression_targets, dim=0)
+    classification_loss = F.cross_entropy(class_logits, labels)
+
+    pos = torch.where(labels > 0)[0]
+    labels_pos = labels[pos]
+    N = class_logits.shape[0]
+    box_regression = box_regression.reshape(N, box_regression.size(-1) // 4, 4)
+    box_loss = F.smooth_l1_loss(box_regression[pos, labels_pos], regression_targets[pos], beta=1 / 9, reduction="sum")
+    return classification_loss, box_loss / labels.numel()
+
+
+def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, M: int) -> Tensor:
+    """Crop each matched GT mask to its proposal box and resample it to ``M x M`` (RoIAlign, scale 1)."""
+    matched_idxs = matched_idxs.to(boxes)
+    rois = torch.cat([matched_idxs[:, None], boxes], dim=1)
+    gt_masks = gt_masks[:, None].to(rois)
+    return roi_align(gt_masks, rois, (M, M), 1.0)[:, 0]
+
+
+def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs):
+    """Per-pixel BCE between the GT class's mask logits and the projected GT masks of positive RoIs."""
+    M = mask_logits.shape[-1]
+    labels = [gt_label[idxs] for gt_label, idxs in zip(gt_labels, mask_matched_idxs)]
+    mask_targets = [project_masks_on_boxes(m, p, i, M) for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)]
+    labels = torch.cat(labels, dim=0)
+    mask_targets = torch.cat(mask_targets, dim=0)
+    if mask_targets.numel() == 0:
+        # no positive RoI: a zero loss that still depends on the logits
+        return mask_logits.sum() * 0
+    return F.binary_cross_entropy_with_logits(
+        mask_logits[torch.arange(labels.shape[0], device=labels.device), labels], mask_targets
+    )
+
+
+def maskrcnn_inference(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
+    """Sigmoid of the predicted class's mask logits, ``[D_i, 1, M, M]`` per image."""
+    mask_prob = mask_logits.sigmoid()
+    boxes_per_image = [label.shape[0] for label in labels]
+    labels = torch.cat(labels)
+    index = torch.arange(mask_logits.shape[0], device=labels.device)
+    return mask_prob[index, labels][:, None].split(boxes_per_image, dim=0)
+
+
+class RoIHeads(nn.Module):
+    """Box and mask heads with training-time RoI sampling and eval-time post-processing."""
+
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        # training
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: Optional[tuple[float, float, float, float]],
+        # inference
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+        # mask
+        mask_roi_pool: Optional[nn.Module] = None,
+        mask_head: Optional[nn.Module] = None,
+        mask_predictor: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        if bbox_reg_weights is None:
+            bbox_reg_weights = (10.0, 10.0, 5.0, 5.0)
+        self.box_coder = BoxCoder(bbox_reg_weights)
+        self.box_roi_pool = box_roi_pool
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.mask_roi_pool = mask_roi_pool
+        self.mask_head = mask_head
+        self.mask_predictor = mask_predictor
+
+    def has_mask(self) -> bool:
+        return self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None
+
+    # ---- training-time sampling -------------------------------------------------------------
+
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
+        matched_idxs, labels = [], []
+        for proposals_in_image, gt_boxes_in_image, gt_labels_in_image in zip(proposals, gt_boxes, gt_labels):
+            device = proposals_in_image.device
+            if gt_boxes_in_image.numel() == 0:
+                # an image without objects: every proposal is background
+                clamped = torch.zeros((proposals_in_image.shape[0],), dtype=torch.int64, device=device)
+                labels_in_image = torch.zeros((proposals_in_image.shape[0],), dtype=torch.int64, device=device)
+            else:
+                matched = self.proposal_matcher(box_ops.box_iou(gt_boxes_in_image, proposals_in_image))
+                clamped = matched.clamp(min=0)
+                labels_in_image = gt_labels_in_image[clamped].to(dtype=torch.int64)
+                labels_in_image[matched == Matcher.BELOW_LOW_THRESHOLD] = 0
+                labels_in_image[matched == Matcher.BETWEEN_THRESHOLDS] = -1  # ignored by the sampler
+            matched_idxs.append(clamped)
+            labels.append(labels_in_image)
+        return matched_idxs, labels
+
+    def subsample(self, labels: list[Tensor]) -> list[Tensor]:
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        return [torch.where(pos | neg)[0] for pos, neg in zip(sampled_pos, sampled_neg)]
+
+    def check_targets(self, targets) -> None:
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        for i, t in enumerate(targets):
+            for key in ("boxes", "labels") + (("masks",) if self.has_mask() else ()):
+                if key not in t:
+                    raise ValueError(f"target {i} has no {key!r} entry")
+
+    def select_training_samples(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]):
+        """Add the GT boxes to the proposals, match, and sample ``batch_size_per_image`` RoIs per image."""
+        self.check_targets(targets)
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+
+        proposals = [torch.cat((p, gt)) for p, gt in zip(proposals, gt_boxes)]
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        sampled_inds = self.subsample(labels)
+
+        matched_gt_boxes = []
+        for img_id in range(len(proposals)):
+            inds = sampled_inds[img_id]
+            proposals[img_id] = proposals[img_id][inds]
+            labels[img_id] = labels[img_id][inds]
+            matched_idxs[img_id] = matched_idxs[img_id][inds]
+            gt_boxes_in_image = gt_boxes[img_id]
+            if gt_boxes_in_image.numel() == 0:
+                gt_boxes_in_image = torch.zeros((1, 4), dtype=dtype, device=device)
+            matched_gt_boxes.append(gt_boxes_in_image[matched_idxs[img_id]])
+        regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
+        return proposals, matched_idxs, labels, regression_targets
+
+    # ---- inference-time post-processing -----------------------------------------------------
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """Softmax, per-class decode, clip, drop background, score > thresh, drop tiny boxes,
+        per-class NMS, and keep the ``detections_per_img`` best."""
+        device = class_logits.device
+        num_classes = class_logits.shape[-1]
+        boxes_per_image = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_scores = F.softmax(class_logits, -1)
+
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(
+            pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
+        ):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+
+            # every (RoI, foreground class) pair becomes its own candidate
+            boxes = boxes[:, 1:].reshape(-1, 4)
+            scores = scores[:, 1:].reshape(-1)
+            labels = labels[:, 1:].reshape(-1)
+
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
+            keep = keep[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: Optional[list[dict[str, Tensor]]] = None,
+    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if targets is not None:
+            for i, t in enumerate(targets):
+                if not t["boxes"].is_floating_point():
+                    raise TypeError(f"target {i} boxes must be floating point, got {t['boxes'].dtype}")
+                if t["labels"].dtype != torch.int64:
+                    raise TypeError(f"target {i} labels must be int64, got {t['labels'].dtype}")
+
+        if self.training:
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+
+        box_features = self.box_roi_pool(features, proposals, image_shapes)
+        box_features = self.box_head(box_features)
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        result: list[dict[str, Tensor]] = []
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        else:
+            boxes, scores, det_labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+            result = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, det_labels, scores)]
+
+        if self.has_mask():
+            if self.training:
+                # the mask branch trains on positive RoIs only
+                mask_proposals, pos_matched_idxs = [], []
+                for img_id in range(len(proposals)):
+                    pos = torch.where(labels[img_id] > 0)[0]
+                    mask_proposals.append(proposals[img_id][pos])
+                    pos_matched_idxs.append(matched_idxs[img_id][pos])
+            else:
+                mask_proposals = [r["boxes"] for r in result]
+
+            mask_features = self.mask_roi_pool(features, mask_proposals, image_shapes)
+            mask_features = self.mask_head(mask_features)
+            mask_logits = self.mask_predictor(mask_features)
+
+            if self.training:
+                gt_masks = [t["masks"] for t in targets]
+                gt_labels = [t["labels"] for t in targets]
+                losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
+            else:
+                for mask_prob, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+                    r["masks"] = mask_prob
+        return result, losses
