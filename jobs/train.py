@@ -1,0 +1,495 @@
+"""Train Mask R-CNN on a COCO-format dataset with Ray Train (DDP over workers).
+
+    python -m jobs.train --data s3://bucket/shapes --output s3://bucket/runs/shapes --num-workers 2
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m jobs.train --data s3://bucket/shapes --output s3://bucket/runs/shapes --num-workers 8 --use-gpu
+
+Data: ``DATA/annotations.json`` + images (local or any fsspec URI), read by ``jobs.coco_data``; each
+worker reads its own shard (``shard_indices(..., pad=True)``, reshuffled every epoch). When
+``DATA/val/annotations.json`` exists, rank 0 evaluates on it (COCO bbox/segm AP) every
+``--eval-every`` steps and at the end; evaluation runs the model in-process, image by image, so on
+CPU keep the val split small or set ``--eval-every 0`` (evaluate at the end only).
+
+Recipe (torchvision's references/detection): SGD momentum 0.9, weight decay 1e-4, linear warm-up
+from ``--warmup-factor``, step decay by ``--lr-gamma`` at ``--lr-steps`` (iterations), horizontal
+flips, multi-scale training through the model's ``min_size`` tuple (``--min-size 480 512 ... 800``;
+evaluation uses the last one), AMP on GPU. ``--lr`` defaults to the linear scaling rule
+0.02 * global batch / 16. Initialisation: ``--weights`` (a torchvision Mask R-CNN state_dict, e.g.
+the COCO file, or our checkpoint; the box and mask predictors are replaced when the class count
+differs), ``--weights-backbone`` (ImageNet ResNet state_dict), or nothing (from scratch; all
+backbone layers then train, as in torchvision).
+
+Output, all under ``--output`` (local or s3://; ``AWS_ENDPOINT_URL`` is honoured):
+
+- ``train/checkpoint_*``: Ray Train checkpoints every ``--checkpoint-every`` steps and at the end
+  (``model.pt`` in mrcnn.checkpoint's format, ``train_state.pt`` with optimizer, scheduler, scaler
+  state and the step, ``meta.json``). ``RunConfig(storage_path=OUTPUT, name="train")`` is derived
+  from ``--output`` only, so re-submitting the same command resumes from the latest checkpoint;
+  ``FailureConfig(max_failures=...)`` restarts the worker group from it when a worker dies.
+- ``metrics.jsonl``: one JSON line per logged step (rank 0): losses averaged over the interval
+  and the workers, lr, images/s, and ``bbox_AP``, ``segm_AP50``, ... at evaluation steps. A resumed
+  run drops the lines after its checkpoint's step before logging again, so no step repeats;
+  ``start_step`` says which checkpoint step the attempt that logged a line started from.
+- ``model_final.pt``: the final model (mrcnn.checkpoint format, ``class_names`` included), what the
+  batch job's ``--weights`` takes; then ``final.json`` ({"step", "model"}) marks the run finished.
+  A re-submitted finished run (same ``--max-iters``) sees it and exits without starting Ray.
+"""
+
+import argparse
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from typing import Optional
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+import torch
+
+ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
+         "resnet101_fpn": "maskrcnn_resnet101_fpn"}
+RUN_NAME = "train"
+
+
+# ------------------------------------------------------------------------------- arguments
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="dataset root holding annotations.json (local or fsspec URI)")
+    p.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, model_final.pt")
+    p.add_argument("--num-workers", type=int, default=1, help="DDP workers (Ray Train)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, AMP")
+    p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (torch threads on CPU)")
+    p.add_argument("--max-iters", type=int, default=1000, help="training iterations (optimizer steps)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per worker per step")
+    p.add_argument("--lr", type=float, default=None, help="base lr (default 0.02 * num_workers * batch_size / 16)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=None, help="default min(1000, max_iters // 10)")
+    p.add_argument("--warmup-factor", type=float, default=1e-3)
+    p.add_argument("--lr-steps", type=int, nargs="*", default=None,
+                   help="iterations where lr is multiplied by --lr-gamma (default 16/26 and 22/26 of max-iters)")
+    p.add_argument("--lr-gamma", type=float, default=0.1)
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (off by default)")
+    p.add_argument("--weights", default=None, help="initial full-model weights (torchvision state_dict or our checkpoint)")
+    p.add_argument("--weights-backbone", default=None, help="ImageNet ResNet state_dict for the backbone")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50_fpn")
+    p.add_argument("--min-size", type=int, nargs="+", default=[800], help="one or more sizes (multi-scale training)")
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--trainable-backbone-layers", type=int, default=None, help="0-5 (default 3 with pretrained weights)")
+    p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on DATA/val every N steps (default: --checkpoint-every; 0: at the end only)")
+    p.add_argument("--eval-max-images", type=int, default=None, help="evaluate on the first N val images only")
+    p.add_argument("--log-every", type=int, default=20, help="metrics line every N steps")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per worker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the latest checkpoint")
+    p.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept in storage")
+    # test hook: rank 1 dies (os._exit) once at this step; the marker file makes it one-shot
+    p.add_argument("--fail-once-at", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    for name in ("num_workers", "max_iters", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.loader_workers < 0:
+        p.error("--loader-workers must be >= 0")
+    if args.eval_every is None:
+        args.eval_every = args.checkpoint_every
+    if args.lr is None:
+        args.lr = 0.02 * args.num_workers * args.batch_size / 16
+    if args.warmup_iters is None:
+        args.warmup_iters = min(1000, args.max_iters // 10)
+    if args.lr_steps is None:
+        args.lr_steps = [int(args.max_iters * 16 / 26), int(args.max_iters * 22 / 26)]
+    if sorted(args.lr_steps) != args.lr_steps:
+        p.error(f"--lr-steps must be increasing, got {args.lr_steps}")
+    if args.trainable_backbone_layers is not None and not 0 <= args.trainable_backbone_layers <= 5:
+        p.error(f"--trainable-backbone-layers must be in 0..5, got {args.trainable_backbone_layers}")
+    if args.weights and args.weights_backbone:
+        p.error("give --weights or --weights-backbone, not both")
+    args.data = args.data.rstrip("/")
+    args.output = args.output.rstrip("/")
+    return args
+
+
+# --------------------------------------------------------------------------------- storage
+def _join(uri, *parts):
+    return posixpath.join(uri, *parts) if "://" in uri else os.path.join(uri, *parts)
+
+
+def storage_for(output: str):
+    """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours AWS_ENDPOINT_URL."""
+    if output.startswith("s3://"):
+        from pyarrow import fs as pafs
+        from urllib.parse import urlparse
+
+        kwargs = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            u = urlparse(endpoint)
+            kwargs.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return output[len("s3://"):], pafs.S3FileSystem(**kwargs)
+    if "://" in output and not output.startswith("file://"):
+        return output, None  # let Ray resolve other schemes (gs://, ...)
+    return os.path.abspath(output.removeprefix("file://")), None
+
+
+def read_json(uri) -> Optional[dict]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+
+
+def write_bytes(uri, data: bytes) -> None:
+    """Whole-file write; local files go through a rename so readers never see half a file."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+class MetricsLog:
+    """OUTPUT/metrics.jsonl kept by rank 0, rewritten whole at each log (object stores cannot append).
+
+    Lines logged after ``start_step`` by an earlier attempt are dropped: training redoes those steps.
+    """
+
+    def __init__(self, uri, start_step):
+        self.uri = uri
+        fs, path = fsspec.core.url_to_fs(uri)
+        self.lines = []
+        if fs.exists(path):
+            with fs.open(path, "rt") as f:
+                self.lines = [json.loads(line) for line in f if line.strip()]
+        self.lines = [m for m in self.lines if m["step"] <= start_step]
+
+    def log(self, record):
+        self.lines.append(record)
+        write_bytes(self.uri, "".join(json.dumps(m) + "\n" for m in self.lines).encode())
+
+
+# ----------------------------------------------------------------------------------- model
+def lr_factor(step, warmup_iters, warmup_factor, milestones, gamma):
+    """Linear warm-up times step decay: the factor of the base lr at iteration ``step``."""
+    warm = 1.0
+    if step < warmup_iters:
+        alpha = step / warmup_iters
+        warm = warmup_factor * (1 - alpha) + alpha
+    return warm * gamma ** sum(step >= m for m in milestones)
+
+
+def build_model(cfg, num_classes):
+    """The model of ``cfg`` with ``num_classes`` outputs, initialised as the recipe says."""
+    from mrcnn.checkpoint import load_weights_into, read_metadata
+    from mrcnn.mask_rcnn import build_model as build
+    from mrcnn.roi_heads import FastRCNNPredictor, MaskRCNNPredictor
+
+    arch = ARCHS[cfg["arch"]]
+    kwargs = dict(min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
+                  trainable_backbone_layers=cfg["trainable_backbone_layers"])
+    if not cfg["weights"]:
+        return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
+    file_classes = int(read_metadata(cfg["weights"])["num_classes"])
+    model = build(arch, num_classes=file_classes, pretrained=True, **kwargs)
+    load_weights_into(model, cfg["weights"])
+    if file_classes != num_classes:
+        # fine-tuning on other classes: new predictors, as torchvision's tutorial does
+        rh = model.roi_heads
+        rh.box_predictor = FastRCNNPredictor(rh.box_predictor.cls_score.in_features, num_classes)
+        conv = rh.mask_predictor.conv5_mask
+        rh.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
+    return model
+
+
+# ------------------------------------------------------------------------------ evaluation
+def evaluate_model(model, gt_uri, class_names, *, device="cpu", max_images=None):
+    """COCO bbox/segm metrics of ``model`` (any mode; restored after) on a COCO annotation file.
+
+    Runs the in-memory model image by image and scores with jobs.evaluate.evaluate_predictions,
+    matching categories by name (``class_names[label]``).
+    """
+    import io
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from jobs.evaluate import evaluate_predictions, load_gt
+
+    gt = load_gt(gt_uri)
+    fs, gt_path = fsspec.core.url_to_fs(gt_uri)
+    root = posixpath.dirname(gt_path)
+    images = gt.dataset["images"]
+    if max_images is not None:
+        images = images[:max_images]
+        gt.dataset["images"] = images  # evaluate on these only
+        keep = {im["id"] for im in images}
+        gt.dataset["annotations"] = [a for a in gt.dataset["annotations"] if a["image_id"] in keep]
+        gt.createIndex()
+    was_training, mask_output = model.training, model.mask_output
+    model.eval()
+    model.mask_output = "binary"
+    rows = []
+    try:
+        with torch.no_grad():
+            for img in images:
+                path = posixpath.join(root, img["file_name"])
+                with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+                x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255).to(device)
+                out = model([x])[0]
+                masks = out["masks"][:, 0].cpu().numpy().astype(np.uint8)
+                instances = []
+                for i in range(len(out["scores"])):
+                    rle = mask_utils.encode(np.asfortranarray(masks[i]))
+                    instances.append({"label_name": class_names[int(out["labels"][i])], "score": float(out["scores"][i]),
+                                      "bbox": out["boxes"][i].tolist(), "mask_rle": rle["counts"].decode("ascii")})
+                rows.append({"image_uri": fs.unstrip_protocol(path), "width": rgb.shape[1], "height": rgb.shape[0],
+                             "status": "ok", "instances": instances})
+    finally:
+        model.train(was_training)
+        model.mask_output = mask_output
+    return evaluate_predictions(gt, rows)
+
+
+def flat_eval_metrics(result):
+    return {f"{t}_{k}": round(v, 5) for t in ("bbox", "segm") for k, v in result[t].items()}
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def save_train_checkpoint(directory, model, optimizer, scheduler, scaler, step, cfg, class_names):
+    from mrcnn.checkpoint import save_checkpoint
+
+    save_checkpoint(model, os.path.join(directory, "model.pt"), class_names=class_names,
+                    extra_meta={"step": step, "train_config": cfg})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step}, os.path.join(directory, "train_state.pt"))
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump({"step": step, "class_names": class_names}, f)
+
+
+def read_checkpoint_meta(directory):
+    with open(os.path.join(directory, "meta.json")) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- training loop
+def _batches(dataset, rank, world, cfg, start_step):
+    """(step, images, targets) from start_step + 1 on, epoch after epoch, this rank's shard only."""
+    from jobs.coco_data import collate_fn, shard_indices
+
+    bs = cfg["batch_size"]
+    per_rank = len(shard_indices(len(dataset), rank, world, pad=True))
+    steps_per_epoch = per_rank // bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training images over {world} workers give {per_rank} per worker, "
+                         f"fewer than --batch-size {bs}")
+    step = start_step
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        indices = shard_indices(len(dataset), rank, world, seed=cfg["seed"], epoch=epoch, pad=True)
+        indices = indices[offset * bs: steps_per_epoch * bs]  # resume mid-epoch where the checkpoint was
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, indices), batch_size=bs, shuffle=False, drop_last=True,
+            collate_fn=collate_fn, num_workers=cfg["loader_workers"],
+            persistent_workers=False)
+        for images, targets in loader:
+            step += 1
+            yield step, epoch, images, targets
+        epoch, offset = epoch + 1, 0
+
+
+def train_loop(cfg):
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from jobs.coco_data import CocoDetection, RandomHorizontalFlip
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_amp = device.type == "cuda"
+    out = cfg["output"]
+
+    # state to resume from: class order comes from the checkpoint so labels keep their meaning
+    ckpt = ray.train.get_checkpoint()
+    resume_dir, start_step, class_names = None, 0, None
+    if ckpt is not None:
+        resume_dir = ckpt.to_directory()  # local copy, read below
+        meta = read_checkpoint_meta(resume_dir)
+        start_step, class_names = int(meta["step"]), meta["class_names"]
+
+    dataset = CocoDetection(cfg["data"], transforms=RandomHorizontalFlip(cfg["hflip"]) if cfg["hflip"] else None,
+                            class_names=class_names[1:] if class_names else None)
+    class_names = dataset.class_names
+
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg, dataset.num_classes)
+    torch.manual_seed(cfg["seed"] * 1000 + rank + start_step)  # flips differ per rank and per attempt
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, cfg["warmup_iters"], cfg["warmup_factor"], cfg["lr_steps"], cfg["lr_gamma"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if resume_dir is not None:
+        from mrcnn.checkpoint import load_weights_into
+
+        load_weights_into(model, os.path.join(resume_dir, "model.pt"))
+        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+
+    val_uri = _join(cfg["data"], "val", "annotations.json")
+    has_val = rank == 0 and fsspec.core.url_to_fs(val_uri)[0].exists(fsspec.core.url_to_fs(val_uri)[1])
+    raw_model = model
+    if start_step >= cfg["max_iters"]:
+        # a finished run submitted again: nothing to train, only make sure the final files exist
+        if rank == 0:
+            _write_final(raw_model, out, class_names, start_step, cfg)
+        return
+
+    model = ray.train.torch.prepare_model(model)
+    log = MetricsLog(_join(out, "metrics.jsonl"), start_step) if rank == 0 else None
+    if rank == 0:
+        print(f"[train] {len(dataset)} images, {dataset.num_classes - 1} classes {class_names[1:]}, "
+              f"{world} worker(s), steps {start_step + 1}..{cfg['max_iters']}", flush=True)
+
+    model.train()
+    sums, count, t0 = None, 0, time.perf_counter()
+    for step, epoch, images, targets in _batches(dataset, rank, world, cfg, start_step):
+        if cfg.get("fail_once_at") == step and rank == min(1, world - 1):
+            marker = _join(out, "_fail_once_marker")
+            fs, mpath = fsspec.core.url_to_fs(marker)
+            if not fs.exists(mpath):
+                fs.pipe_file(mpath, b"failed once\n")
+                print(f"[train] rank {rank}: simulated worker loss at step {step}", flush=True)
+                os._exit(1)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step} (rank {rank}): {dict((k, v.item()) for k, v in loss_dict.items())}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg["clip_grad_norm"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in loss_dict.values()])
+        sums = vals if sums is None else sums + vals
+        count += 1
+        last = step >= cfg["max_iters"]
+        do_ckpt = last or step % cfg["checkpoint_every"] == 0
+        do_eval = has_val and (last or (cfg["eval_every"] and step % cfg["eval_every"] == 0))
+        if last or do_ckpt or step % cfg["log_every"] == 0:
+            if world > 1:  # every rank reaches here at the same steps
+                torch.distributed.all_reduce(sums)
+                sums /= world
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                      "loss": round(sums[0].item() / count, 5),
+                      **{k: round(v / count, 5) for k, v in zip(loss_dict, sums[1:].tolist())},
+                      "images_per_s": round(count * world * cfg["batch_size"] / elapsed, 3),
+                      "start_step": start_step, "time": round(time.time(), 3)}
+            if do_eval:
+                result = evaluate_model(raw_model, val_uri, class_names, device=device,
+                                        max_images=cfg["eval_max_images"])
+                record.update(flat_eval_metrics(result))
+            if rank == 0:
+                log.log(record)
+                print("[train] " + json.dumps(record), flush=True)
+            sums, count, t0 = None, 0, time.perf_counter()
+        if do_ckpt:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    save_train_checkpoint(d, raw_model, optimizer, scheduler, scaler, step, cfg, class_names)
+                    checkpoint = Checkpoint.from_directory(d)
+                ray.train.report({"step": step}, checkpoint=checkpoint)
+        if last:
+            break
+    if rank == 0:
+        _write_final(raw_model, out, class_names, cfg["max_iters"], cfg)
+
+
+def _write_final(model, out, class_names, step, cfg):
+    from mrcnn.checkpoint import save_checkpoint
+
+    final = _join(out, "model_final.pt")
+    save_checkpoint(model, final, class_names=class_names, extra_meta={"step": step, "train_config": cfg})
+    write_bytes(_join(out, "final.json"), json.dumps({"step": step, "model": final}).encode())
+    print(f"[train] final model: {final}", flush=True)
+
+
+# -------------------------------------------------------------------------------- driver
+def run(args) -> dict:
+    """Train (or resume, or notice the run is done); returns {"step", "model", "skipped"}."""
+    done = read_json(_join(args.output, "final.json"))
+    if done is not None and done["step"] >= args.max_iters:
+        print(f"[train] already finished at step {done['step']}: final model {done['model']}", flush=True)
+        return {**done, "skipped": True}
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.coco_data import CocoDetection
+
+    CocoDetection(args.data)  # fail here, with the dataset's own error, rather than inside every worker
+    started = not ray.is_initialized()
+    if started:
+        ray.init()  # joins RAY_ADDRESS (ray job submit) or starts a local instance
+    try:
+        storage_path, storage_fs = storage_for(args.output)
+        cfg = {k: v for k, v in vars(args).items()}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=cfg,
+            scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                         resources_per_worker={"CPU": args.cpus_per_worker,
+                                                               **({"GPU": 1} if args.use_gpu else {})}),
+            torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=args.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=args.num_to_keep),
+            ),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    done = read_json(_join(args.output, "final.json"))
+    if done is None:
+        raise RuntimeError(f"training ended without writing {_join(args.output, 'final.json')}")
+    return {**done, "skipped": False}
+
+
+def main(argv=None):
+    result = run(parse_args(argv))
+    print(f"[train] done: step {result['step']}, final model {result['model']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
