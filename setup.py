@@ -32,6 +32,21 @@ def _want_cuda() -> bool:
     return have
 
 
+def _cuda_library_includes() -> list:
+    """ATen's CUDA headers include cuSPARSE/cuBLAS headers. A bare toolkit may lack them;
+    torch's nvidia-* wheels ship them, so use those when the toolkit has none."""
+    if os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += glob.glob(os.path.join(base, "*", "include"))
+    return sorted(d for d in found if glob.glob(os.path.join(d, "cusparse*.h")) or glob.glob(os.path.join(d, "cublas*.h")))
+
+
 def extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is chosen by torch
@@ -42,7 +57,7 @@ def extensions():
         sources += sorted(glob.glob(os.path.join(CSRC, "*.cu")))
         define_macros.append(("MRCNN_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
-            "mrcnn._C", sources, define_macros=define_macros,
+            "mrcnn._C", sources, define_macros=define_macros, include_dirs=_cuda_library_includes(),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"])
     else:
