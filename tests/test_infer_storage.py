@@ -189,7 +189,7 @@ def test_s3_listing_streams_pages_with_etags_and_sizes(s3_bucket, monkeypatch):
 
 
 def test_s3_list_file_and_read(s3_bucket):
-    put_objects(s3_bucket, {"a/x.png": b"12345", "a/y.jpg": b"1"})
+    put_objects(s3_bucket, {"a/x.png": b"12345", "a/y.jpg": b"1", "a/empty.jpg": b""})
     listing = f"s3://{s3_bucket}/a/x.png\ns3://{s3_bucket}/a/gone.jpg\ns3a://{s3_bucket}/a/y.jpg\n"
     put_objects(s3_bucket, {"lists/in.txt": listing.encode()})
     got = list(storage.list_inputs(f"s3://{s3_bucket}/lists/in.txt"))
@@ -201,6 +201,7 @@ def test_s3_list_file_and_read(s3_bucket):
     assert got[0].etag == hashlib.md5(b"12345").hexdigest() and got[0].size == 5
     assert got[1].error.startswith("source not found")
     assert storage.read_object(got[0].uri) == b"12345"
+    assert storage.read_object(f"s3://{s3_bucket}/a/empty.jpg") == b""  # S3 gives 416 for its range
     with pytest.raises(ReadError, match="file too large"):
         storage.read_object(got[0].uri, max_bytes=4)
     with pytest.raises(ReadError, match="source not found"):

@@ -297,7 +297,15 @@ def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """
     try:
         fs, path = resolve(uri)
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        try:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # S3 answers a ranged GET of a zero-byte object with 416 (range not satisfiable).
+            if fs.info(path).get("size") == 0:
+                return b""
+            raise
     except FileNotFoundError:
         raise ReadError(f"source not found: {uri}") from None
     except Exception as e:  # noqa: BLE001

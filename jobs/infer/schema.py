@@ -1,0 +1,309 @@
+"""The output schema of the batch-inference job: the one place that defines it.
+
+One Parquet row per input image. Every writer builds rows with :func:`ok_row` or
+:func:`error_row`, turns them into a table with :func:`rows_to_table`, and writes with
+:data:`PARQUET_WRITE_OPTIONS`; :func:`validate_table` checks a table against the contract.
+
+Columns (``SCHEMA`` carries the same text as field metadata, key ``description``):
+
+========================  ===================================================================
+image_uri (string)        canonical URI of the source image (``s3://b/k``, ``gs://...``,
+                          ``file:///abs/path``); never null
+source_etag (string)      opaque change token of the source (S3 ETag without quotes; local
+                          files ``mtime_ns-size``, see ``storage.py``); null if not known
+source_size (int64)       source size in bytes; null if not known (e.g. missing object)
+width, height (int32)     size of the decoded image after EXIF orientation; null when the
+                          image could not be decoded and the header gave no size
+status (string)           ``'ok'`` or ``'error'``; never null
+error (string)            one-line reason when status is ``'error'``, else null
+instances (list<struct>)  detections of an ok row ([] when there are none); null for errors:
+  label (int32)             model class index
+  label_name (string)       class name
+  score (float32)           confidence in [0, 1]
+  bbox (list<float32>)      [x0, y0, x1, y1] in pixels of the decoded image
+  area (int64)              mask area in pixels
+  mask_rle (string)         COCO compressed RLE ``counts`` of a height x width mask
+                            (column-major, as pycocotools writes it); decode with
+                            ``{"size": [height, width], "counts": mask_rle}``
+model_name (string)       name of the model that produced the row
+checkpoint_sha256 (str)   SHA-256 (hex) of the checkpoint file
+run_id (string)           the run that wrote the row (also the Hive partition ``run_id=``)
+processed_at (timestamp)  when the row was produced: timestamp[us, tz=UTC]; never null
+========================  ===================================================================
+
+Types are chosen for Spark, DuckDB and Arrow alike: no float16, no unsigned ints, no
+nanosecond timestamps, no fixed-size lists or tensor extension types.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+MAX_ERROR_CHARS = 500  # error strings are one line, capped so a hostile input cannot bloat rows
+
+
+def _f(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": description})
+
+
+INSTANCE_TYPE = pa.struct(
+    [
+        _f("label", pa.int32(), "model class index"),
+        _f("label_name", pa.string(), "class name"),
+        _f("score", pa.float32(), "confidence in [0, 1]"),
+        _f("bbox", pa.list_(pa.float32()), "[x0, y0, x1, y1] in pixels"),
+        _f("area", pa.int64(), "mask area in pixels"),
+        _f("mask_rle", pa.string(), "COCO compressed RLE counts of a height x width mask"),
+    ]
+)
+
+SCHEMA = pa.schema(
+    [
+        _f("image_uri", pa.string(), "canonical URI of the source image", nullable=False),
+        _f("source_etag", pa.string(), "opaque change token of the source object"),
+        _f("source_size", pa.int64(), "source size in bytes"),
+        _f("width", pa.int32(), "decoded width after EXIF orientation"),
+        _f("height", pa.int32(), "decoded height after EXIF orientation"),
+        _f("status", pa.string(), "'ok' or 'error'", nullable=False),
+        _f("error", pa.string(), "one-line reason when status is 'error'"),
+        _f("instances", pa.list_(INSTANCE_TYPE), "detections; [] if none, null on error"),
+        _f("model_name", pa.string(), "model that produced the row"),
+        _f("checkpoint_sha256", pa.string(), "SHA-256 of the checkpoint file"),
+        _f("run_id", pa.string(), "run that wrote the row", nullable=False),
+        _f("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced", nullable=False),
+    ]
+)
+
+# Passed to pyarrow.parquet.write_table by every writer. Microsecond timestamps because
+# Spark cannot read timestamp[ns]; zstd is read by Spark 3+, DuckDB and Arrow.
+PARQUET_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "coerce_timestamps": "us",
+    "allow_truncated_timestamps": False,
+    "store_schema": True,
+}
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace to single spaces and cap the length: error reasons are one line."""
+    text = " ".join(str(text).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return text
+
+
+def _utc(ts: _dt.datetime | None) -> _dt.datetime:
+    if ts is None:
+        return _dt.datetime.now(_dt.timezone.utc)
+    if ts.tzinfo is None:
+        raise ValueError("processed_at must be timezone-aware (UTC)")
+    return ts.astimezone(_dt.timezone.utc)
+
+
+def _counts_str(counts: Any) -> str:
+    # pycocotools returns bytes; the column is a string.
+    if isinstance(counts, bytes):
+        return counts.decode("ascii")
+    if isinstance(counts, str):
+        return counts
+    raise ValueError(f"mask counts must be a COCO compressed RLE string, got {type(counts).__name__}")
+
+
+def ok_row(
+    result: Mapping[str, Any],
+    *,
+    image_uri: str,
+    source_etag: str | None,
+    source_size: int | None,
+    width: int,
+    height: int,
+    model_name: str,
+    checkpoint_sha256: str,
+    run_id: str,
+    processed_at: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A row for a decoded image from one Predictor result.
+
+    ``result`` holds ``boxes`` (N,4) float, ``labels`` (N,) int, ``scores`` (N,) float,
+    ``label_names`` list[str], ``areas`` (N,) int and ``masks``: N COCO RLE dicts whose
+    ``size`` must be ``[height, width]``. Inconsistent results raise ValueError: they are a
+    model bug, not bad input.
+    """
+    boxes = np.asarray(result["boxes"], dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(result["labels"]).reshape(-1)
+    scores = np.asarray(result["scores"], dtype=np.float32).reshape(-1)
+    areas = np.asarray(result["areas"]).reshape(-1)
+    names = list(result["label_names"])
+    masks = list(result["masks"])
+    n = len(boxes)
+    lengths = {"labels": len(labels), "scores": len(scores), "areas": len(areas),
+               "label_names": len(names), "masks": len(masks)}
+    bad = {k: v for k, v in lengths.items() if v != n}
+    if bad:
+        raise ValueError(f"predictor result has {n} boxes but {bad}")
+    if n and not np.isfinite(boxes).all():
+        raise ValueError("predictor result has non-finite boxes")
+    if n and not np.isfinite(scores).all():
+        raise ValueError("predictor result has non-finite scores")
+    if n and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
+        raise ValueError("labels do not fit int32")
+    instances = []
+    for i in range(n):
+        size = list(masks[i]["size"])
+        if size != [height, width]:
+            raise ValueError(f"mask {i} has size {size}, image is [{height}, {width}] (H, W)")
+        instances.append(
+            {
+                "label": int(labels[i]),
+                "label_name": str(names[i]),
+                "score": float(scores[i]),
+                "bbox": [float(v) for v in boxes[i]],
+                "area": int(areas[i]),
+                "mask_rle": _counts_str(masks[i]["counts"]),
+            }
+        )
+    return {
+        "image_uri": image_uri,
+        "source_etag": source_etag,
+        "source_size": None if source_size is None else int(source_size),
+        "width": int(width),
+        "height": int(height),
+        "status": STATUS_OK,
+        "error": None,
+        "instances": instances,
+        "model_name": model_name,
+        "checkpoint_sha256": checkpoint_sha256,
+        "run_id": run_id,
+        "processed_at": _utc(processed_at),
+    }
+
+
+def error_row(
+    *,
+    image_uri: str,
+    source_etag: str | None,
+    source_size: int | None,
+    reason: str,
+    model_name: str,
+    checkpoint_sha256: str,
+    run_id: str,
+    width: int | None = None,
+    height: int | None = None,
+    processed_at: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A row for an image that could not be processed; ``reason`` is made one line."""
+    reason = one_line(reason)
+    if not reason:
+        raise ValueError("an error row needs a non-empty reason")
+    return {
+        "image_uri": image_uri,
+        "source_etag": source_etag,
+        "source_size": None if source_size is None else int(source_size),
+        "width": None if width is None else int(width),
+        "height": None if height is None else int(height),
+        "status": STATUS_ERROR,
+        "error": reason,
+        "instances": None,
+        "model_name": model_name,
+        "checkpoint_sha256": checkpoint_sha256,
+        "run_id": run_id,
+        "processed_at": _utc(processed_at),
+    }
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows (from ok_row / error_row) as a table with exactly :data:`SCHEMA`."""
+    return pa.Table.from_pylist(list(rows), schema=SCHEMA)
+
+
+def rle_counts_stats(counts: str) -> tuple[int, int]:
+    """(total pixels, foreground pixels) of a COCO compressed RLE counts string.
+
+    Mirrors ``rleFrString`` in pycocotools' maskApi.c (6-bit chunks offset by 48, sign bit
+    0x10, runs after the second stored as deltas); used to check that a mask really has
+    height x width pixels, which pycocotools itself does not verify.
+    """
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise ValueError("RLE counts string ends inside a number")
+            c = ord(counts[p]) - 48
+            if c < 0 or c > 63:
+                raise ValueError(f"invalid RLE counts character {counts[p]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise ValueError("negative run in RLE counts")
+        runs.append(x)
+    return sum(runs), sum(runs[1::2])
+
+
+def validate_table(table: pa.Table, *, check_masks: bool = True) -> None:
+    """Raise ValueError naming every way ``table`` breaks the output contract.
+
+    Checks the schema (names, types, order), required columns, status/error/instances
+    consistency, bbox length and, with ``check_masks``, that every mask_rle decodes to
+    exactly height x width pixels with the stated area.
+    """
+    problems: list[str] = []
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        problems.append(f"schema differs from SCHEMA:\n{table.schema}")
+        raise ValueError("; ".join(problems))
+    for field in SCHEMA:
+        if not field.nullable and table.column(field.name).null_count:
+            problems.append(f"column {field.name} has {table.column(field.name).null_count} nulls")
+    for i, row in enumerate(table.to_pylist()):
+        where = f"row {i} ({row['image_uri']})"
+        status = row["status"]
+        if status == STATUS_OK:
+            if row["error"] is not None:
+                problems.append(f"{where}: ok row with an error")
+            if row["instances"] is None or row["width"] is None or row["height"] is None:
+                problems.append(f"{where}: ok row without instances/width/height")
+                continue
+            if row["width"] <= 0 or row["height"] <= 0:
+                problems.append(f"{where}: non-positive size")
+            for j, inst in enumerate(row["instances"]):
+                bbox = inst["bbox"]
+                if bbox is None or len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
+                    problems.append(f"{where} instance {j}: bbox must be 4 finite numbers")
+                if check_masks:
+                    try:
+                        total, area = rle_counts_stats(inst["mask_rle"] or "")
+                    except ValueError as e:
+                        problems.append(f"{where} instance {j}: {e}")
+                        continue
+                    if total != row["width"] * row["height"]:
+                        problems.append(
+                            f"{where} instance {j}: mask has {total} pixels, "
+                            f"image is {row['height']}x{row['width']}"
+                        )
+                    if inst["area"] != area:
+                        problems.append(f"{where} instance {j}: area {inst['area']} != mask area {area}")
+        elif status == STATUS_ERROR:
+            err = row["error"]
+            if not err or "\n" in err or "\r" in err:
+                problems.append(f"{where}: error row needs a one-line reason")
+            if row["instances"] is not None:
+                problems.append(f"{where}: error row with instances")
+        else:
+            problems.append(f"{where}: status {status!r} is not 'ok' or 'error'")
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s): " + "; ".join(problems[:20]))
+

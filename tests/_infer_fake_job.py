@@ -1,0 +1,89 @@
+"""A model-free driver of the batch job's pipeline, for the commit-protocol tests.
+
+It wires the real pieces (storage listing, planning, content-defined shards, decode,
+schema rows, staging, commit, finish) exactly as the Ray job does, with a fake predictor
+in place of Mask R-CNN. Run as a script it does one run and can kill itself with SIGKILL
+at a chosen protocol step: ``python tests/_infer_fake_job.py IN OUT CKPT [--full]`` with
+``CRASH_AT=step:n`` (the n-th time ``step`` is reached, counting from 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from jobs.infer import commit, schema
+from jobs.infer.decode import DecodeError, decode_image
+from jobs.infer.storage import ReadError, list_inputs, read_object
+
+MODEL = "fake-maskrcnn"
+
+
+def fake_predict(img: np.ndarray) -> dict:
+    """One instance: the top-left quarter of the image."""
+    h, w = img.shape[:2]
+    m = np.zeros((h, w, 1), np.uint8, order="F")
+    m[: max(1, h // 2), : max(1, w // 2)] = 1
+    rle = mask_utils.encode(m)[0]
+    return {
+        "boxes": np.array([[0, 0, max(1, w // 2), max(1, h // 2)]], np.float32),
+        "labels": np.array([1], np.int64),
+        "scores": np.array([0.9], np.float32),
+        "label_names": ["thing"],
+        "areas": np.array([int(mask_utils.area(rle))], np.int64),
+        "masks": [{"size": [h, w], "counts": rle["counts"]}],
+    }
+
+
+def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None, stats=None):
+    """One run of the job; returns (run, manifest). ``calls`` collects processed URIs."""
+    params = {"input": input_uri, "checkpoint_sha256": ckpt, "model": MODEL, "full": full}
+    run = commit.begin_run(output_uri, params)
+    state = commit.committed_state(output_uri, run_id=run.run_id)
+    items = commit.plan_work(list_inputs(input_uri), state, ckpt, full, run_id=run.run_id, stats=stats)
+    for shard in commit.make_shards(items, checkpoint_sha256=ckpt, target_size=shard_size):
+        if not run.is_staged(shard):
+            rows = []
+            for obj in shard.items:
+                if calls is not None:
+                    calls.append(obj.uri)
+                meta = dict(image_uri=obj.uri, source_etag=obj.etag, source_size=obj.size,
+                            model_name=MODEL, checkpoint_sha256=ckpt, run_id=run.run_id)
+                try:
+                    if obj.error:
+                        raise ReadError(obj.error)
+                    img = decode_image(read_object(obj.uri), max_pixels=10_000_000, max_aspect=20)
+                    rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
+                except (ReadError, DecodeError) as e:
+                    rows.append(schema.error_row(reason=e.reason, **meta))
+            run.stage(shard, schema.rows_to_table(rows))
+        run.commit(shard.shard_id)
+    return run, run.finish()
+
+
+def _install_crash_hook(spec: str, delay: float) -> None:
+    step, n = spec.split(":")
+    seen = {"n": 0}
+
+    def hook(name, detail):
+        if delay:
+            time.sleep(delay)
+        if name == step:
+            if seen["n"] == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+            seen["n"] += 1
+
+    commit.STEP_HOOK = hook
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if os.environ.get("CRASH_AT") or os.environ.get("STEP_DELAY"):
+        _install_crash_hook(os.environ.get("CRASH_AT", "never:0"), float(os.environ.get("STEP_DELAY", "0")))
+    run_job(args[0], args[1], args[2], full="--full" in sys.argv)
+    print("finished")
