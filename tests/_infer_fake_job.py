@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from jobs.infer import commit, schema
+from jobs.infer.summary import RunSummary
 from jobs.infer.decode import DecodeError, decode_image
 from jobs.infer.storage import ReadError, list_inputs, read_object
 
@@ -44,10 +45,14 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
     """One run of the job; returns (run, manifest). ``calls`` collects processed URIs."""
     params = {"input": input_uri, "checkpoint_sha256": ckpt, "model": MODEL, "full": full}
     run = commit.begin_run(output_uri, params)
+    summary = RunSummary(run.run_id, resumed=run.resumed)
+    stats = stats if stats is not None else commit.PlanStats()
     state = commit.committed_state(output_uri, run_id=run.run_id)
     items = commit.plan_work(list_inputs(input_uri), state, ckpt, full, run_id=run.run_id, stats=stats)
     for shard in commit.make_shards(items, checkpoint_sha256=ckpt, target_size=shard_size):
-        if not run.is_staged(shard):
+        if run.is_staged(shard):
+            summary.add_shard(run.read_staged(shard.shard_id), reused=True)
+        else:
             rows = []
             for obj in shard.items:
                 if calls is not None:
@@ -61,8 +66,13 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
                     rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
                 except (ReadError, DecodeError) as e:
                     rows.append(schema.error_row(reason=e.reason, **meta))
-            run.stage(shard, schema.rows_to_table(rows))
+            table = schema.rows_to_table(rows)
+            run.stage(shard, table)
+            summary.add_shard(table)
         run.commit(shard.shard_id)
+    summary.add_plan(stats)
+    summary.finish().write(output_uri)
+    print(summary.format())
     return run, run.finish()
 
 

@@ -82,7 +82,7 @@ def _is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _write_atomic(fs, path: str, data: bytes) -> None:
+def write_atomic(fs, path: str, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or all of the new, never a part."""
     if _is_local(fs):
         os.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -398,6 +398,11 @@ class Run:
         kv = md.metadata or {}
         return md.num_rows == len(shard.items) and kv.get(b"mrcnn.shard_id") == shard.shard_id.encode()
 
+    def read_staged(self, shard_id: str) -> pa.Table:
+        fs = self._fs_root[0]
+        with fs.open(self.staged_path(shard_id), "rb") as f:
+            return pq.read_table(f)
+
     def stage(self, shard: Shard, table: pa.Table) -> str:
         """Write the shard's rows to its staged file (atomically); return the path."""
         if not table.schema.equals(schema.SCHEMA, check_metadata=False):
@@ -420,7 +425,7 @@ class Run:
         pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
         fs = self._fs_root[0]
         path = self.staged_path(shard.shard_id)
-        _write_atomic(fs, path, sink.getvalue().to_pybytes())
+        write_atomic(fs, path, sink.getvalue().to_pybytes())
         _step("staged", shard.shard_id)
         return path
 
@@ -485,7 +490,7 @@ class Run:
             "finished_at": _now().isoformat(),
             **(dict(extra) if extra else {}),
         }
-        _write_atomic(fs, self.run_path("manifest.json"), _json_bytes(manifest))
+        write_atomic(fs, self.run_path("manifest.json"), _json_bytes(manifest))
         _step("manifest", self.run_id)
         _create_exclusive(fs, self.run_path(SUCCESS_NAME), _json_bytes({"run_id": self.run_id, "rows": total}))
         _step("success", self.run_id)

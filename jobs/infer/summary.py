@@ -1,0 +1,127 @@
+"""The end-of-run summary: counts, throughput, wall time; printed and saved as JSON.
+
+The job fills a :class:`RunSummary` as it goes (``add_plan`` once the listing is
+planned, ``add_shard`` for every shard table it stages or finds already staged), then
+calls ``finish()`` and ``write(output_uri)`` before :meth:`commit.Run.finish`, so the
+summary sits at ``_runs/<run_id>/summary.json`` next to the run's manifest.
+
+Counts are for this invocation. After a resume, images committed by the killed attempt
+show up as ``skipped_done_in_run``, not as ok/error again; the manifest's ``rows`` is the
+run's total.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import schema
+from .commit import PlanStats, RUNS_DIR, write_atomic
+from .storage import join, resolve
+
+TOP_ERRORS = 10
+
+
+def _reason_kind(reason: str) -> str:
+    # "corrupt or truncated JPEG data: OSError: ..." -> "corrupt or truncated JPEG data"
+    return reason.split(":", 1)[0][:80]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    resumed: bool = False
+    listed: int = 0
+    duplicates: int = 0
+    skipped_unchanged: int = 0
+    skipped_done_in_run: int = 0
+    planned: int = 0
+    ok: int = 0
+    error: int = 0
+    instances: int = 0
+    shards_computed: int = 0
+    shards_reused: int = 0
+    wall_s: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+
+    # -- filling in
+    def add_plan(self, stats: PlanStats) -> None:
+        self.listed = stats.listed
+        self.duplicates = stats.duplicates
+        self.skipped_unchanged = stats.unchanged
+        self.skipped_done_in_run = stats.done_in_run
+        self.planned = stats.planned
+
+    def add_shard(self, table: pa.Table, *, reused: bool = False) -> None:
+        """Count a shard's rows (a table with the output schema)."""
+        status = table.column("status")
+        ok = pc.sum(pc.equal(status, schema.STATUS_OK)).as_py() or 0
+        self.ok += ok
+        self.error += table.num_rows - ok
+        lengths = pc.list_value_length(table.column("instances"))
+        self.instances += pc.sum(lengths).as_py() or 0
+        kinds = Counter(self.error_kinds)
+        for reason in table.column("error").drop_null().to_pylist():
+            kinds[_reason_kind(reason)] += 1
+        self.error_kinds = dict(kinds)
+        if reused:
+            self.shards_reused += 1
+        else:
+            self.shards_computed += 1
+
+    def finish(self) -> "RunSummary":
+        self.wall_s = time.time() - self.started_at
+        return self
+
+    # -- derived
+    @property
+    def processed(self) -> int:
+        return self.ok + self.error
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_unchanged + self.skipped_done_in_run + self.duplicates
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        top = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_ERRORS]
+        d["error_kinds"] = dict(top)
+        d.update(processed=self.processed, skipped=self.skipped, images_per_s=round(self.images_per_s, 3))
+        return d
+
+    def format(self) -> str:
+        lines = [
+            f"run {self.run_id}{' (resumed)' if self.resumed else ''}",
+            f"  listed {self.listed}, planned {self.planned}, skipped {self.skipped} "
+            f"(unchanged {self.skipped_unchanged}, done before resume {self.skipped_done_in_run}, "
+            f"duplicates {self.duplicates})",
+            f"  ok {self.ok}, error {self.error}, instances {self.instances}",
+            f"  shards computed {self.shards_computed}, reused {self.shards_reused}",
+            f"  wall {self.wall_s:.1f} s, {self.images_per_s:.2f} images/s",
+        ]
+        for kind, n in self.to_dict()["error_kinds"].items():
+            lines.append(f"  error {n:>6} x {kind}")
+        return "\n".join(lines)
+
+    def write(self, output_uri: str) -> str:
+        """Save as ``_runs/<run_id>/summary.json`` under the output root; returns the path."""
+        fs, root = resolve(output_uri)
+        path = join(root, RUNS_DIR, self.run_id, "summary.json")
+        write_atomic(fs, path, (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+        return path
+
+
+def read_summary(output_uri: str, run_id: str) -> dict:
+    fs, root = resolve(output_uri)
+    with fs.open(join(root, RUNS_DIR, run_id, "summary.json"), "rb") as f:
+        return json.loads(f.read())

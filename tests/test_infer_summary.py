@@ -1,0 +1,81 @@
+"""jobs.infer.summary: counts of a real (fake-model) run, written next to the run's manifest."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.infer import commit
+from jobs.infer.summary import read_summary
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _infer_fake_job import run_job  # noqa: E402
+from test_infer_commit import CKPT, _local_write, input_files  # noqa: E402
+
+
+class Crash(BaseException):
+    pass
+
+
+def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
+    inp = tmp_path / "in"
+    for rel, data in input_files().items():
+        _local_write(inp, rel, data)
+    out = str(tmp_path / "out")
+
+    def crash_after_first_commit(name, detail):
+        if name == "committed":
+            raise Crash()
+
+    monkeypatch.setattr(commit, "STEP_HOOK", crash_after_first_commit)
+    with pytest.raises(Crash):
+        run_job(str(inp), out, CKPT)
+    monkeypatch.setattr(commit, "STEP_HOOK", None)
+    first = commit.committed_files(out)
+    assert len(first) == 1
+    done = commit.committed_state(out)
+    assert 2 <= len(done) < 12
+
+    run, manifest = run_job(str(inp), out, CKPT)
+    s = read_summary(out, run.run_id)
+    assert s["resumed"] is True and s["listed"] == 12
+    assert s["skipped_done_in_run"] == len(done) and s["skipped"] == len(done)
+    assert s["processed"] == s["planned"] == 12 - len(done)
+    assert s["ok"] + s["error"] == s["processed"]
+    assert manifest["rows"] == 12
+    # The fake model finds one instance per decodable image; the two bad inputs are errors.
+    bad = [u for u in done if u.endswith(("empty.jpg", "notes.png"))]
+    assert s["error"] == 2 - len(bad) and s["instances"] == s["ok"]
+    assert sum(s["error_kinds"].values()) == s["error"]
+    assert s["wall_s"] > 0 and s["images_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert f"run {run.run_id} (resumed)" in printed and f"ok {s['ok']}, error {s['error']}" in printed
+
+    # A fresh output: every count from scratch.
+    run2, _ = run_job(str(inp), str(tmp_path / "out2"), CKPT)
+    s2 = read_summary(str(tmp_path / "out2"), run2.run_id)
+    assert (s2["ok"], s2["error"], s2["instances"], s2["skipped"]) == (10, 2, 10, 0)
+    assert s2["error_kinds"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
+    assert s2["shards_computed"] == len(commit.committed_files(str(tmp_path / "out2"))) and s2["shards_reused"] == 0
+
+
+def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
+    inp = tmp_path / "in"
+    for rel, data in input_files().items():
+        _local_write(inp, rel, data)
+    out = str(tmp_path / "out")
+
+    def crash_once_staged(name, detail):
+        if name == "staged":
+            raise Crash()
+
+    monkeypatch.setattr(commit, "STEP_HOOK", crash_once_staged)
+    with pytest.raises(Crash):
+        run_job(str(inp), out, CKPT)
+    monkeypatch.setattr(commit, "STEP_HOOK", None)
+    calls = []
+    run, manifest = run_job(str(inp), out, CKPT, calls=calls)
+    s = read_summary(out, run.run_id)
+    assert s["shards_reused"] == 1 and s["shards_computed"] >= 1
+    assert s["processed"] == 12 == manifest["rows"]
+    assert len(calls) < 12  # the reused shard's images were not decoded again
