@@ -206,3 +206,18 @@ def test_s3_list_file_and_read(s3_bucket):
         storage.read_object(got[0].uri, max_bytes=4)
     with pytest.raises(ReadError, match="source not found"):
         storage.read_object(got[1].uri)
+
+
+def test_other_fsspec_filesystems_use_walk(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/t-{tmp_path.name}"
+    fs.pipe_file(f"{root}/a/x.jpg", b"12")
+    fs.pipe_file(f"{root}/a/b/y.PNG", b"123")
+    fs.pipe_file(f"{root}/a/readme.md", b"1")
+    got = list(storage.list_inputs(f"memory://{root}/a"))
+    assert sorted(o.uri for o in got) == [f"memory://{root}/a/b/y.PNG", f"memory://{root}/a/x.jpg"]
+    assert sorted(o.size for o in got) == [2, 3]
+    assert all(o.etag and o.etag.startswith("mtime-") for o in got)  # no ETag: creation time + size
+    assert storage.read_object(f"memory://{root}/a/x.jpg") == b"12"
