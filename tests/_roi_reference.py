@@ -5,6 +5,7 @@ neither Ray nor pycocotools (the lent GPU machine).
 """
 
 import math
+import random
 
 import torch
 import torchvision
@@ -18,6 +19,10 @@ TOLERANCES = {
     torch.float16: dict(rtol=2.0**-10, atol=1e-4),
     torch.bfloat16: dict(rtol=2.0**-7, atol=1e-4),
 }
+
+
+SAMPLING_RATIOS = [-1, 0, 1, 2, 3]
+SPATIAL_SCALES = [1.0, 0.5, 0.25, 0.125, 1.0 / 3.0]
 
 
 def assert_close_counted(actual, expected, *, rtol, atol, what=""):
@@ -107,3 +112,55 @@ def boxes_all_scales(gen, image_shapes, per_image, sizes, dtype):
         y0 = torch.rand(n, generator=gen, dtype=torch.float64) * (h - bh).clamp(min=1) - 0.1 * bh
         out.append(torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).to(dtype))
     return out
+
+
+def random_case(seed):
+    """A seeded random roi_align call: shapes, arguments, features and RoIs (fp64, to be cast)."""
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n, c = rnd.randint(1, 3), rnd.randint(1, 4)
+    h, w = rnd.choice([1, 2, 5, 9, 16, 23]), rnd.choice([1, 3, 7, 12, 20, 31])
+    k = rnd.choice([1, 3, 6, 10, 14])
+    ph, pw = rnd.randint(1, 7), rnd.randint(1, 7)
+    scale = rnd.choice(SPATIAL_SCALES)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    rois = random_rois(gen, n_images=n, height=h, width=w, k=k, spatial_scale=scale, dtype=torch.float64)
+    output_size = ph if ph == pw and rnd.random() < 0.5 else (ph, pw)
+    return x, rois, output_size, scale
+
+
+def edge_rois(h, w, scale, dtype):
+    """Hand-picked RoIs (image coordinates) for a map of h x w at ``scale``."""
+    H, W = h / scale, w / scale
+    px = 1 / scale  # one feature-map pixel, in image coordinates
+    return torch.tensor(
+        [
+            [0, -0.3 * W, -0.2 * H, 0.4 * W, 0.5 * H],  # partly outside, top-left
+            [0, 0.6 * W, 0.7 * H, 1.5 * W, 1.4 * H],  # partly outside, bottom-right
+            [0, -0.5 * W, 0.1 * H, 1.5 * W, 0.9 * H],  # wider than the map
+            [0, W + 3 * px, H + 2 * px, 1.9 * W + 4 * px, 2.0 * H + 3 * px],  # fully outside, past the far edge
+            [0, -3.0 * W - 5 * px, -2.0 * H - 4 * px, -3 * px, -2.5 * px],  # fully outside, before the origin
+            [0, 0.3 * W, 0.4 * H, 0.3 * W, 0.8 * H],  # zero width
+            [0, 0.2 * W, 0.5 * H, 0.7 * W, 0.5 * H],  # zero height
+            [0, 0.45 * W, 0.55 * H, 0.45 * W, 0.55 * H],  # a point
+            [0, 0.8 * W, 0.3 * H, 0.2 * W, 0.9 * H],  # inverted x
+            [0, 0.1 * W, 0.9 * H, 0.6 * W, 0.2 * H],  # inverted y
+            [0, 0.7 * W, 0.8 * H, 0.1 * W, 0.1 * H],  # inverted both
+            [0, 0.0, 0.0, W, H],  # exactly the map
+        ],
+        dtype=dtype,
+    )
+
+
+def strided_views(x, gen):
+    """Views with the values of ``x`` and unusual strides."""
+    n, c, h, w = x.shape
+    big = torch.randn(n, 2 * c, h + 3, w + 4, generator=gen, dtype=x.dtype).to(x.device)
+    big[:, ::2, 1 : h + 1, 2 : w + 2] = x
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "transposed": transposed,
+        "sliced": big[:, ::2, 1 : h + 1, 2 : w + 2],
+        "batch_expanded": x[:1].expand(n, c, h, w),
+    }

@@ -6,33 +6,22 @@ Every comparison counts the output elements it compared, and each test asserts t
 test cannot pass by comparing empty tensors.
 """
 
-import random
-
 import pytest
 import torch
 import torchvision
 
 import mrcnn.ops
-from _roi_reference import TOLERANCES, assert_close_counted, random_rois, rois_to_list, tv_roi_align
-
-SAMPLING_RATIOS = [-1, 0, 1, 2, 3]
-SPATIAL_SCALES = [1.0, 0.5, 0.25, 0.125, 1.0 / 3.0]
-
-
-def _random_case(seed):
-    """A seeded random roi_align call: shapes, arguments, features and RoIs (fp64, to be cast)."""
-    rnd = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    n, c = rnd.randint(1, 3), rnd.randint(1, 4)
-    h, w = rnd.choice([1, 2, 5, 9, 16, 23]), rnd.choice([1, 3, 7, 12, 20, 31])
-    k = rnd.choice([1, 3, 6, 10, 14])
-    ph, pw = rnd.randint(1, 7), rnd.randint(1, 7)
-    scale = rnd.choice(SPATIAL_SCALES)
-    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
-    rois = random_rois(gen, n_images=n, height=h, width=w, k=k, spatial_scale=scale, dtype=torch.float64)
-    output_size = ph if ph == pw and rnd.random() < 0.5 else (ph, pw)
-    return x, rois, output_size, scale
-
+from _roi_reference import (
+    SAMPLING_RATIOS,
+    TOLERANCES,
+    assert_close_counted,
+    edge_rois,
+    random_case,
+    random_rois,
+    rois_to_list,
+    strided_views,
+    tv_roi_align,
+)
 
 @pytest.mark.parametrize("boxes_as", ["tensor", "list"])
 @pytest.mark.parametrize("aligned", [False, True])
@@ -42,7 +31,7 @@ def test_forward_matches_torchvision_random(dtype, sampling_ratio, aligned, boxe
     compared = nonzero = 0
     for i in range(12):
         seed = 1000 * SAMPLING_RATIOS.index(sampling_ratio) + 100 * aligned + i
-        x, rois, output_size, scale = _random_case(seed)
+        x, rois, output_size, scale = random_case(seed)
         x, rois = x.to(dtype), rois.to(dtype)
         boxes = rois if boxes_as == "tensor" else rois_to_list(rois, x.shape[0])
         what = f"seed={seed} x={tuple(x.shape)} K={len(rois)} output_size={output_size} scale={scale}"
@@ -58,7 +47,7 @@ def test_forward_matches_torchvision_random(dtype, sampling_ratio, aligned, boxe
 
 
 def test_roi_align_module_matches_torchvision():
-    x, rois, _, _ = _random_case(7)
+    x, rois, _, _ = random_case(7)
     x, rois = x.float(), rois.float()
     ours = mrcnn.ops.RoIAlign((5, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)
     theirs = torchvision.ops.RoIAlign((5, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)
@@ -67,7 +56,7 @@ def test_roi_align_module_matches_torchvision():
 
 
 def test_output_size_int_tuple_and_list_are_equivalent():
-    x, rois, _, _ = _random_case(11)
+    x, rois, _, _ = random_case(11)
     a = mrcnn.ops.roi_align(x, rois, 4, 0.5, 2)
     b = mrcnn.ops.roi_align(x, rois, (4, 4), 0.5, 2)
     c = mrcnn.ops.roi_align(x, rois, [4, 4], 0.5, 2)
@@ -89,29 +78,6 @@ def test_constant_map_pools_to_the_constant():
 # ---------------------------------------------------------------- edge cases
 
 
-def _edge_rois(h, w, scale, dtype):
-    """Hand-picked RoIs (image coordinates) for a map of h x w at ``scale``."""
-    H, W = h / scale, w / scale
-    px = 1 / scale  # one feature-map pixel, in image coordinates
-    return torch.tensor(
-        [
-            [0, -0.3 * W, -0.2 * H, 0.4 * W, 0.5 * H],  # partly outside, top-left
-            [0, 0.6 * W, 0.7 * H, 1.5 * W, 1.4 * H],  # partly outside, bottom-right
-            [0, -0.5 * W, 0.1 * H, 1.5 * W, 0.9 * H],  # wider than the map
-            [0, W + 3 * px, H + 2 * px, 1.9 * W + 4 * px, 2.0 * H + 3 * px],  # fully outside, past the far edge
-            [0, -3.0 * W - 5 * px, -2.0 * H - 4 * px, -3 * px, -2.5 * px],  # fully outside, before the origin
-            [0, 0.3 * W, 0.4 * H, 0.3 * W, 0.8 * H],  # zero width
-            [0, 0.2 * W, 0.5 * H, 0.7 * W, 0.5 * H],  # zero height
-            [0, 0.45 * W, 0.55 * H, 0.45 * W, 0.55 * H],  # a point
-            [0, 0.8 * W, 0.3 * H, 0.2 * W, 0.9 * H],  # inverted x
-            [0, 0.1 * W, 0.9 * H, 0.6 * W, 0.2 * H],  # inverted y
-            [0, 0.7 * W, 0.8 * H, 0.1 * W, 0.1 * H],  # inverted both
-            [0, 0.0, 0.0, W, H],  # exactly the map
-        ],
-        dtype=dtype,
-    )
-
-
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -120,7 +86,7 @@ def test_edge_rois_match_torchvision(hw, dtype, sampling_ratio, aligned):
     h, w = hw
     gen = torch.Generator().manual_seed(h * 100 + w)
     x = torch.randn(1, 3, h, w, generator=gen, dtype=torch.float64).to(dtype)
-    rois = _edge_rois(h, w, 0.5, dtype)
+    rois = edge_rois(h, w, 0.5, dtype)
     out = mrcnn.ops.roi_align(x, rois, (3, 2), 0.5, sampling_ratio, aligned)
     # torchvision's CPU kernel cannot pool an RoI inverted along exactly one axis with aligned=True
     # and adaptive sampling (its sample grid is then negative x positive and it raises "cannot create
@@ -158,30 +124,16 @@ def test_list_with_empty_images_matches_torchvision():
     assert assert_close_counted(out, ref, **TOLERANCES[torch.float32]) == 2 * 2 * 9
 
 
-def _strided_views(x, gen):
-    """Views with the values of ``x`` and unusual strides."""
-    n, c, h, w = x.shape
-    big = torch.randn(n, 2 * c, h + 3, w + 4, generator=gen, dtype=x.dtype)
-    big[:, ::2, 1 : h + 1, 2 : w + 2] = x
-    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
-    return {
-        "channels_last": x.contiguous(memory_format=torch.channels_last),
-        "transposed": transposed,
-        "sliced": big[:, ::2, 1 : h + 1, 2 : w + 2],
-        "batch_expanded": x[:1].expand(n, c, h, w),
-    }
-
-
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "batch_expanded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_strided_inputs_match_torchvision(layout, dtype):
     compared = 0
     for seed in range(3):
-        x, rois, output_size, scale = _random_case(500 + seed)
+        x, rois, output_size, scale = random_case(500 + seed)
         x, rois = x.to(dtype), rois.to(dtype)
         if layout == "batch_expanded":
             x = x[:1].expand_as(x).contiguous()
-        view = _strided_views(x, torch.Generator().manual_seed(seed))[layout]
+        view = strided_views(x, torch.Generator().manual_seed(seed))[layout]
         if layout not in ("batch_expanded",) and min(x.shape[1:]) > 1:
             assert not view.is_contiguous()
         # non-contiguous rois too: every other column of a wider tensor
@@ -218,7 +170,7 @@ def test_large_adaptive_rois(aligned):
 def test_reduced_precision_matches_fp32_reference(dtype, rois_dtype):
     compared = 0
     for seed in range(6):
-        x, rois, output_size, scale = _random_case(700 + seed)
+        x, rois, output_size, scale = random_case(700 + seed)
         xr = x.to(dtype)
         rr = rois.float() if rois_dtype == "float32" else rois.to(dtype)
         sr, aligned = [(-1, False), (2, True), (0, True)][seed % 3]
@@ -260,10 +212,10 @@ def test_gradgradcheck(aligned):
 def test_input_grad_matches_torchvision(dtype, layout):
     compared = 0
     for seed in range(4):
-        x, rois, output_size, scale = _random_case(900 + seed)
+        x, rois, output_size, scale = random_case(900 + seed)
         x, rois = x.to(dtype), rois.to(dtype)
         sr, aligned = [(-1, False), (2, True), (0, True), (1, False)][seed]
-        view = x if layout == "contiguous" else _strided_views(x, torch.Generator().manual_seed(seed))[layout]
+        view = x if layout == "contiguous" else strided_views(x, torch.Generator().manual_seed(seed))[layout]
         ours_in = view.detach().requires_grad_()
         ref_in = x.detach().clone().requires_grad_()
         out = mrcnn.ops.roi_align(ours_in, rois, output_size, scale, sr, aligned)
@@ -276,7 +228,7 @@ def test_input_grad_matches_torchvision(dtype, layout):
 
 
 def test_backward_op_matches_torchvision_backward():
-    x, rois, _, scale = _random_case(31)
+    x, rois, _, scale = random_case(31)
     n, c, h, w = x.shape
     grad = torch.randn(len(rois), c, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for aligned in (False, True):
@@ -291,7 +243,7 @@ def test_backward_op_matches_torchvision_backward():
 
 
 def test_forward_and_backward_are_deterministic():
-    x, rois, output_size, scale = _random_case(41)
+    x, rois, output_size, scale = random_case(41)
     x, rois = x.float(), rois.float()
     results = []
     for _ in range(2):
@@ -308,7 +260,7 @@ def test_forward_and_backward_are_deterministic():
 
 
 def test_inference_mode():
-    x, rois, output_size, scale = _random_case(51)
+    x, rois, output_size, scale = random_case(51)
     with torch.inference_mode():
         out = mrcnn.ops.roi_align(x, rois, output_size, scale, 2, False)
         assert out.is_inference()
@@ -317,7 +269,7 @@ def test_inference_mode():
 
 
 def test_autocast_cpu_bf16():
-    x, rois, output_size, scale = _random_case(52)
+    x, rois, output_size, scale = random_case(52)
     xb, rf = x.to(torch.bfloat16), rois.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mrcnn.ops.roi_align(xb, rf, output_size, scale, 2, False)
@@ -339,7 +291,7 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
     compared = 0
     for seed in (61, 62):  # two calls with different K: the second exercises dynamic shapes
-        x, rois, _, _ = _random_case(seed)
+        x, rois, _, _ = random_case(seed)
         x, rois = x.float(), rois.float()
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
         eager, comp = pool(xe, rois), compiled(xc, rois)
