@@ -1,0 +1,71 @@
+"""``python -m jobs.infer --input URI --output URI --weights PATH_OR_URI [options]``.
+
+Runs on the Ray cluster named by RAY_ADDRESS (``ray job submit --working-dir . --
+python -m jobs.infer ...``) or, without it, on an embedded local Ray. Exit status 0 on
+success (per-image failures are error rows, not failures), 2 on an infrastructure or
+usage error (storage unreachable, bad credentials, missing or corrupt weights), with a
+one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .commit import DEFAULT_SHARD_SIZE
+from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from .pipeline import InfraError, JobConfig, run_job
+
+
+def parse_args(argv=None) -> JobConfig:
+    p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="image prefix/directory or list file (s3://... or local)")
+    p.add_argument("--output", required=True, help="output root (s3://... or local)")
+    p.add_argument("--weights", required=True, help="checkpoint path or URI")
+    p.add_argument("--full", action="store_true", help="process every image, not only new or changed ones")
+    p.add_argument("--num-actors", type=int, default=1, help="model actors (default 1)")
+    p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU actors")
+    p.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (torch threads on CPU)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model call")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
+    p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
+    p.add_argument("--run-id", default=None, help="resume or create this run id")
+    a = p.parse_args(argv)
+    for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.num_gpus_per_actor < 0 or a.num_cpus_per_actor <= 0:
+        p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
+    return JobConfig(
+        input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
+        num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
+        batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
+        images_per_shard=a.images_per_shard, run_id=a.run_id,
+    )
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (set by `ray job submit`) or an embedded local cluster
+        started = True
+    try:
+        summary, manifest = run_job(cfg)
+    except (InfraError, ValueError, PermissionError, FileNotFoundError) as e:
+        print(f"jobs.infer: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    print(summary.format())
+    print(json.dumps({"run_id": summary.run_id, "rows": manifest["rows"], **summary.to_dict()}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The per-batch work of the inference job, as plain functions and classes (no Ray import).
+
+Ray Data calls :func:`decode_batch` in a CPU task pool and :class:`PredictorActor` in an
+actor pool (see ``pipeline.py``); both take and return column batches, so they run the
+same way without Ray (the GPU benchmark and tests call them directly).
+
+Input rows (the plan manifest): ``uri, etag, size, error, shard_id``; ``size`` -1 and
+``etag`` null mean unknown, ``error`` is set when the object could not be stat'ed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from . import schema
+from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .storage import ReadError, read_object
+
+SHARD_COLUMN = "shard_id"
+# Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.
+_NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def _opt_size(v: Any) -> int | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    v = int(v)
+    return None if v < 0 else v
+
+
+def decode_batch(
+    batch: Mapping[str, np.ndarray],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> dict[str, np.ndarray]:
+    """Read and decode each row's object; failures become ``decode_error`` strings."""
+    n = len(batch["uri"])
+    images = np.empty(n, dtype=object)
+    errors = np.empty(n, dtype=object)
+    for i in range(n):
+        stat_error = _opt_str(batch["error"][i])
+        try:
+            if stat_error:
+                raise ReadError(stat_error)
+            images[i] = decode_image(read_object(str(batch["uri"][i])), max_pixels=max_pixels, max_aspect=max_aspect)
+            errors[i] = ""
+        except (ReadError, DecodeError) as e:
+            images[i] = _NO_IMAGE
+            errors[i] = schema.one_line(e.reason) or type(e).__name__
+    out = {k: batch[k] for k in ("uri", "etag", "size", SHARD_COLUMN)}
+    out["decode_error"] = errors.astype(str)
+    out["image"] = images
+    return out
+
+
+class PredictorActor:
+    """Loads the checkpoint once; turns decoded batches into output rows (a pyarrow Table).
+
+    The returned table has the output schema (:data:`schema.SCHEMA`) plus ``shard_id``.
+    ``micro_batch`` bounds how many images go through one model call. On CPU,
+    ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
+    unless told otherwise, which would waste the CPUs the actor reserved).
+    """
+
+    def __init__(
+        self,
+        weights: str,
+        *,
+        model_name: str,
+        checkpoint_sha256: str,
+        run_id: str,
+        device: str | None = None,
+        micro_batch: int = 4,
+        num_threads: int | None = None,
+        score_thresh: float | None = None,
+    ):
+        import torch
+
+        from mrcnn.predictor import Predictor
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh)
+        self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id)
+        self.micro_batch = max(1, int(micro_batch))
+
+    def _predict(self, images: list[np.ndarray]) -> list[dict | str]:
+        """Results per image; a failed model call is retried one image at a time so one
+        bad image becomes one error row (its message) instead of failing the batch."""
+        try:
+            return list(self.predictor(images))
+        except Exception:  # noqa: BLE001
+            if len(images) == 1:
+                raise
+        out: list[dict | str] = []
+        for img in images:
+            try:
+                out.append(self.predictor([img])[0])
+            except Exception as e:  # noqa: BLE001
+                out.append(f"model failed: {type(e).__name__}: {schema.one_line(str(e))}")
+        return out
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        now = _dt.datetime.now(_dt.timezone.utc)
+        rows: list[dict] = [None] * n  # type: ignore[list-item]
+        todo = [i for i in range(n) if not batch["decode_error"][i]]
+        for i in range(n):
+            if batch["decode_error"][i]:
+                rows[i] = self._error(batch, i, str(batch["decode_error"][i]), now)
+        for c0 in range(0, len(todo), self.micro_batch):
+            idx = todo[c0 : c0 + self.micro_batch]
+            # zero_copy batches are read-only views: the Predictor copies them to tensors.
+            images = [np.asarray(batch["image"][i]) for i in idx]
+            try:
+                results = self._predict(images)
+            except Exception as e:  # noqa: BLE001  (single image failed)
+                results = [f"model failed: {type(e).__name__}: {schema.one_line(str(e))}"]
+            for i, img, res in zip(idx, images, results):
+                if isinstance(res, str):
+                    rows[i] = self._error(batch, i, res, now, img)
+                else:
+                    rows[i] = schema.ok_row(
+                        res, width=img.shape[1], height=img.shape[0], processed_at=now, **self._ids(batch, i)
+                    )
+        table = schema.rows_to_table(rows)
+        return table.append_column(SHARD_COLUMN, pa.array([str(s) for s in batch[SHARD_COLUMN]], pa.string()))
+
+    def _ids(self, batch, i: int) -> dict:
+        return dict(
+            image_uri=str(batch["uri"][i]),
+            source_etag=_opt_str(batch["etag"][i]),
+            source_size=_opt_size(batch["size"][i]),
+            **self.meta,
+        )
+
+    def _error(self, batch, i: int, reason: str, now, img: np.ndarray | None = None) -> dict:
+        wh = {} if img is None else {"width": img.shape[1], "height": img.shape[0]}
+        return schema.error_row(reason=reason, processed_at=now, **wh, **self._ids(batch, i))
