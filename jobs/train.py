@@ -373,13 +373,6 @@ def train_loop(cfg):
     model.train()
     sums, count, t0 = None, 0, time.perf_counter()
     for step, epoch, images, targets in _batches(dataset, rank, world, cfg, start_step):
-        if cfg.get("fail_once_at") == step and rank == min(1, world - 1):
-            marker = _join(out, "_fail_once_marker")
-            fs, mpath = fsspec.core.url_to_fs(marker)
-            if not fs.exists(mpath):
-                fs.pipe_file(mpath, b"failed once\n")
-                print(f"[train] rank {rank}: simulated worker loss at step {step}", flush=True)
-                os._exit(1)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         with torch.autocast(device.type, enabled=use_amp):
@@ -395,6 +388,8 @@ def train_loop(cfg):
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if cfg.get("fail_once_at") == step and rank == min(1, world - 1):
+            _fail_once(out, rank, step)
 
         vals = torch.stack([loss.detach().float()] + [v.detach().float() for v in loss_dict.values()])
         sums = vals if sums is None else sums + vals
@@ -431,6 +426,21 @@ def train_loop(cfg):
             break
     if rank == 0:
         _write_final(raw_model, out, class_names, cfg["max_iters"], cfg)
+
+
+def _fail_once(out, rank, step):
+    """Test hook: this worker process dies once (a marker file in OUTPUT makes it one-shot).
+
+    It waits first: Ray Train registers a checkpoint only after its controller (polling every
+    2 s) has taken every worker's report, so a worker that dies right after reporting loses it.
+    """
+    fs, marker = fsspec.core.url_to_fs(_join(out, "_fail_once_marker"))
+    if fs.exists(marker):
+        return
+    fs.pipe_file(marker, b"failed once\n")
+    time.sleep(6)
+    print(f"[train] rank {rank}: simulated worker loss after step {step}", flush=True)
+    os._exit(1)
 
 
 def _write_final(model, out, class_names, step, cfg):
