@@ -216,12 +216,43 @@ def test_opcheck_multilevel_roi_align_backward():
             torch.library.opcheck(torch.ops.mrcnn.multilevel_roi_align_backward.default, args)
 
 
-def test_multilevel_op_rejects_mismatched_scales():
+def test_multilevel_op_bad_calls():
     feats, rois, levels, scales = _direct_case(44)
-    with pytest.raises((RuntimeError, ValueError), match=r"(?i)(scale|level|feature)"):
-        torch.ops.mrcnn.multilevel_roi_align(feats, rois, levels, scales[:2], 4, 3, 2, False)
-    with pytest.raises((RuntimeError, ValueError), match=r"(?i)(level|shape|size|\[K\])"):
-        torch.ops.mrcnn.multilevel_roi_align(feats, rois, levels[:-1], scales, 4, 3, 2, False)
+    op = torch.ops.mrcnn.multilevel_roi_align
+    errors = (RuntimeError, ValueError)
+    with pytest.raises(errors, match=r"(?i)(scale|level|feature)"):
+        op(feats, rois, levels, scales[:2], 4, 3, 2, False)
+    with pytest.raises(errors, match=r"(?i)(level|shape|size|\[K\])"):
+        op(feats, rois, levels[:-1], scales, 4, 3, 2, False)
+    for bad_level in (3, -1):  # a level with no feature map: an error, not a read out of bounds
+        lv = levels.clone()
+        lv[0] = bad_level
+        with pytest.raises(errors, match=r"(?i)level"):
+            op(feats, rois, lv, scales, 4, 3, 2, False)
+    with pytest.raises(errors, match=r"(?i)(int64|long|dtype|type)"):
+        op(feats, rois, levels.int(), scales, 4, 3, 2, False)
+    with pytest.raises(errors, match=r"(?i)(channel|shape|batch)"):
+        op([feats[0], feats[1][:, :2]], rois, levels.clamp(max=1), scales[:2], 4, 3, 2, False)
+    with pytest.raises(errors, match=r"(?i)(dtype|type)"):
+        op([feats[0], feats[1].double()], rois, levels.clamp(max=1), scales[:2], 4, 3, 2, False)
+    bad_rois = rois.clone()
+    bad_rois[0, 0] = 2  # batch of 2 images
+    with pytest.raises(errors, match=r"(?i)batch.?(index|idx|ind)"):
+        op(feats, bad_rois, levels, scales, 4, 3, 2, False)
+    bad_rois = rois.clone()
+    bad_rois[0, 2] = float("nan")
+    with pytest.raises(errors, match=r"(?i)(finite|nan)"):
+        op(feats, bad_rois, levels, scales, 4, 3, 2, False)
+
+
+def test_module_bad_calls():
+    names, feats, boxes, shapes, kw = _make("4levels_small", torch.float32, seed=45)
+    with pytest.raises(ValueError, match=r"(?i)image"):
+        mrcnn.ops.MultiScaleRoIAlign(names, 7, 2, **kw)(feats, boxes, [])
+    with pytest.raises(ValueError, match=r"(?i)(feature|featmap|name)"):
+        mrcnn.ops.MultiScaleRoIAlign(["p2", "p3"], 7, 2, **kw)(feats, boxes, shapes)
+    with pytest.raises((ValueError, RuntimeError), match=r"(?i)(boxes|rois)"):
+        mrcnn.ops.MultiScaleRoIAlign(names, 7, 2, **kw)(feats, [torch.cat([b, b[:, :1]], 1) for b in boxes], shapes)
 
 
 # ---------------------------------------------------------------- one fused call, no per-level loop

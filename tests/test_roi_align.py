@@ -256,6 +256,33 @@ def test_forward_and_backward_are_deterministic():
     assert results[0][0].numel() > 0
 
 
+def test_parallel_backward_is_deterministic():
+    # Enough RoIs and channels for the CPU kernels to split the work across threads; many RoIs
+    # overlap, so their gradients land on the same input pixels.
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 32, 24, 30, generator=gen)
+    rois = random_rois(gen, n_images=2, height=24, width=30, k=300, spatial_scale=0.25)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last, torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=layout).requires_grad_()
+        out = mrcnn.ops.roi_align(xi, rois, 7, 0.25, 2, False)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(xi.grad.contiguous())
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])
+    assert int(torch.count_nonzero(grads[0])) > x.numel() // 2
+
+
+def test_boxes_get_no_gradient():
+    x, rois, output_size, scale = random_case(43)
+    xi, ri = x.clone().requires_grad_(), rois.clone().requires_grad_()
+    out = mrcnn.ops.roi_align(xi, ri, output_size, scale, 2, True)
+    out.sum().backward()
+    assert ri.grad is None
+    xr = x.clone().requires_grad_()
+    tv_roi_align(xr, rois, output_size, scale, 2, True).sum().backward()
+    assert assert_close_counted(xi.grad, xr.grad, **TOLERANCES[torch.float64]) == x.numel()
+
+
 # ---------------------------------------------------------------- modes: inference, autocast, compile
 
 
