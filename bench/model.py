@@ -1,0 +1,131 @@
+"""Our Mask R-CNN against torchvision's: same weights, same images, same run.
+
+Both models get the same seeded random weights (torchvision's state_dict loaded into ours
+with strict=True) and the score threshold lowered to 0 so each image yields the full 100
+detections: the mask paste then costs what it costs on real weights. Before timing, the
+outputs are compared (boxes, labels, scores, masks > 0.5).
+
+    python bench/model.py                          # CPU
+    python bench/model.py --device cuda --batch 8  # GPU: fp32 both, and ours bf16 + channels_last
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+
+sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
+import mrcnn  # noqa: E402
+
+SIZES = [(480, 640), (640, 427), (427, 640), (512, 512), (375, 500), (640, 480), (333, 500), (500, 375)]
+
+
+def build(arch: str, device: str):
+    torch.manual_seed(0)
+    kw = dict(weights=None, weights_backbone=None, num_classes=91, box_score_thresh=0.0)
+    tv = getattr(torchvision.models.detection, f"maskrcnn_{arch}")(**kw)
+    ours = getattr(mrcnn, f"maskrcnn_{arch}")(num_classes=91, box_score_thresh=0.0)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    return tv.eval().to(device), ours.eval().to(device)
+
+
+def images(n: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        base = torch.rand(3, 1, 1, generator=g) * 0.6 + 0.2
+        out.append((base + 0.2 * torch.rand(3, h, w, generator=g)).clamp(0, 1).to(device))
+    return out
+
+
+def compare(tv_out, ours_out) -> str:
+    n = boxes = masks = 0
+    worst_box = worst_score = 0.0
+    worst_iou = 1.0
+    for a, b in zip(tv_out, ours_out):
+        if len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["labels"], b["labels"]):
+            return f"MISMATCH: detections differ ({len(a['boxes'])} vs {len(b['boxes'])})"
+        n += len(a["boxes"])
+        worst_box = max(worst_box, (a["boxes"] - b["boxes"]).abs().max().item() if len(a["boxes"]) else 0.0)
+        worst_score = max(worst_score, (a["scores"] - b["scores"]).abs().max().item() if len(a["boxes"]) else 0.0)
+        ma, mb = a["masks"][:, 0] > 0.5, b["masks"][:, 0] > 0.5
+        inter = (ma & mb).flatten(1).sum(1).float()
+        union = (ma | mb).flatten(1).sum(1).float()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        worst_iou = min(worst_iou, iou.min().item() if len(iou) else 1.0)
+        boxes += len(a["boxes"])
+        masks += len(iou)
+    return (f"{n} detections compared: max |box diff| {worst_box:.2e} px, max |score diff| {worst_score:.2e}, "
+            f"min mask IoU {worst_iou:.4f}")
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", default="resnet50_fpn", choices=["resnet50_fpn", "resnet50_fpn_v2"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    dev = args.device
+    tv, ours = build(args.arch, dev)
+    imgs = images(args.batch, dev)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.machine()}, "
+          f"{torch.get_num_threads()} CPU threads" + (f", GPU {torch.cuda.get_device_name()}" if dev == "cuda" else ""))
+    print(f"{args.arch}, batch of {args.batch} images, sizes {[tuple(i.shape[1:]) for i in imgs]}")
+
+    with torch.inference_mode():
+        print("outputs, fp32:", compare(tv(imgs), ours(imgs)))
+        rows = []
+        t_tv = timed(lambda: tv(imgs), dev, args.repeat)
+        t_ours = timed(lambda: ours(imgs), dev, args.repeat)
+        rows.append(("torchvision fp32", t_tv, None))
+        rows.append(("ours fp32 (float masks, as torchvision)", t_ours, None))
+        ours.mask_output = "binary"
+        rows.append(("ours fp32, binary masks", timed(lambda: ours(imgs), dev, args.repeat), None))
+        ours.mask_output = "probs"
+        if dev == "cuda":
+            rows[0] = rows[0][:2] + (peak_memory(lambda: tv(imgs)),)
+            rows[1] = rows[1][:2] + (peak_memory(lambda: ours(imgs)),)
+            fast = ours.to(memory_format=torch.channels_last)
+            fast.mask_output = "binary"
+
+            def bf16():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return fast(imgs)
+            rows.append(("ours bf16 + channels_last, binary masks", timed(bf16, dev, args.repeat), peak_memory(bf16)))
+
+    print("\n| model | ms / batch | images/s | vs torchvision | peak MiB |\n|---|---|---|---|---|")
+    for name, t, mem in rows:
+        print(f"| {name} | {t * 1e3:.0f} | {args.batch / t:.2f} | {t_tv / t:.2f}x | {'' if mem is None else f'{mem:.0f}'} |")
+
+
+if __name__ == "__main__":
+    main()
