@@ -1,0 +1,203 @@
+"""Batch inference: RGB uint8 images in, numpy detections with pasted masks out.
+
+The Predictor runs one model call per batch under ``torch.inference_mode``; on CUDA it
+uses channels-last weights and bf16 autocast. With our model it asks for the raw 28 x 28
+mask probabilities (``model.mask_output = "raw"``) and pastes them itself with
+:mod:`mrcnn.paste`, thresholded at 0.5, so no N x H x W float tensor is ever built. A
+torchvision Mask R-CNN (which always pastes float masks) is accepted too.
+
+No Ray here, and pycocotools is imported only for ``mask_format="rle"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .coco_categories import COCO_CATEGORY_NAMES, label_names
+from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
+
+__all__ = ["Predictor", "MASK_FORMATS"]
+
+MASK_FORMATS = ("rle", "bool")
+MASK_THRESHOLD = 0.5
+
+
+class Predictor:
+    """Run a Mask R-CNN over batches of images.
+
+    Args:
+        model: our ``mrcnn`` Mask R-CNN or a torchvision one.
+        device: where to run; default CUDA when available, else CPU.
+        class_names: one name per label index (index 0 = background). Default: the
+            model's ``class_names`` attribute, else COCO's names for a 91-class model,
+            else ``str(label)``.
+        score_thresh: when given, replaces the model's box score threshold
+            (``model.roi_heads.score_thresh``: detections need score > score_thresh).
+        mask_format: "rle" (COCO compressed RLE dicts) or "bool" (N x H x W ndarray).
+        amp: bf16 autocast; default on for CUDA, off for CPU.
+
+    ``predictor(images)`` takes H x W x 3 uint8 RGB arrays (sizes may differ) and returns,
+    per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
+    ``scores`` float32 (N,), ``label_names`` list[str], ``areas`` int64 (N,) mask pixel
+    counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being probability > 0.5.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: Optional[Any] = None,
+        class_names: Optional[Sequence[str]] = None,
+        score_thresh: Optional[float] = None,
+        mask_format: str = "rle",
+        amp: Optional[bool] = None,
+    ):
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.mask_format = mask_format
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if score_thresh is not None:
+            if not hasattr(getattr(model, "roi_heads", None), "score_thresh"):
+                raise ValueError("score_thresh given, but the model has no roi_heads.score_thresh to set")
+            model.roi_heads.score_thresh = float(score_thresh)
+        self.model = model
+        self.num_classes = _num_classes(model)
+        if class_names is None:
+            class_names = getattr(model, "class_names", None)
+        if class_names is None and self.num_classes == len(COCO_CATEGORY_NAMES):
+            class_names = COCO_CATEGORY_NAMES
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if self.num_classes is not None and len(class_names) != self.num_classes:
+                raise ValueError(f"class_names has {len(class_names)} names but the model has {self.num_classes} classes")
+        self.class_names = class_names
+
+    @classmethod
+    def from_checkpoint(cls, path_or_uri, device=None, *, model_overrides: Optional[dict] = None, **kwargs) -> "Predictor":
+        """Load a checkpoint (local path or fsspec URI) with :func:`mrcnn.checkpoint.load_model`.
+
+        Class names and the score threshold come from the checkpoint's metadata unless
+        given in ``kwargs``; ``model_overrides`` go to the model builder (e.g. ``min_size``).
+        """
+        from .checkpoint import load_model
+
+        model = load_model(path_or_uri, **(model_overrides or {}))
+        kwargs.setdefault("class_names", getattr(model, "class_names", None))
+        return cls(model, device=device, **kwargs)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[dict]:
+        tensors = [self._to_tensor(i, img) for i, img in enumerate(images)]
+        return self.predict_tensors(tensors)
+
+    def _to_tensor(self, i: int, img: Any) -> Tensor:
+        if not isinstance(img, np.ndarray):
+            raise TypeError(f"image {i}: expected a numpy H x W x 3 uint8 RGB array, got {type(img).__name__}")
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(
+                f"image {i}: expected an H x W x 3 RGB array, got shape {img.shape} "
+                "(convert grayscale, palette or RGBA images to RGB before the Predictor)"
+            )
+        if img.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected dtype uint8, got {img.dtype}")
+        if img.shape[0] < 1 or img.shape[1] < 1:
+            raise ValueError(f"image {i}: empty image of shape {img.shape}")
+        # Move uint8 (4x smaller than float) and convert on the device.
+        t = torch.from_numpy(np.ascontiguousarray(img)).to(self.device, non_blocking=True)
+        return t.permute(2, 0, 1).float().div_(255.0)
+
+    def predict_tensors(self, images: Sequence[Tensor]) -> list[dict]:
+        """Like ``__call__`` for CHW float tensors in 0..1 (already on any device)."""
+        images = [img.to(self.device) for img in images]
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
+                raise ValueError(f"image {i}: expected a 3 x H x W float tensor, got {img.dtype} {tuple(img.shape)}")
+        if not images:
+            return []
+        raw = hasattr(self.model, "mask_output")
+        with torch.inference_mode(), self._autocast(), _mask_output(self.model, "raw" if raw else None):
+            outputs = self.model(list(images))
+            return [self._finish(out, tuple(img.shape[-2:]), raw) for out, img in zip(outputs, images)]
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _finish(self, out: dict, image_size: tuple[int, int], raw: bool) -> dict:
+        boxes = out["boxes"].float()
+        labels = out["labels"].to(torch.int64)
+        masks = out["masks"]
+        with torch.autocast(self.device.type, enabled=False):
+            if raw:
+                # N x 1 x 28 x 28 probabilities and boxes in image pixels: paste them here.
+                if self.mask_format == "rle":
+                    mask_out = paste_masks_to_rle(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)
+                else:
+                    mask_out = paste_masks(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)[:, 0].cpu().numpy()
+            else:
+                # torchvision already pasted float probabilities N x 1 x H x W.
+                binary = masks[:, 0] > MASK_THRESHOLD
+                mask_out = _encode(binary, image_size) if self.mask_format == "rle" else binary.cpu().numpy()
+        if self.mask_format == "rle":
+            areas = rle_area(mask_out)
+        else:
+            areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
+        labels_np = labels.cpu().numpy()
+        if self.class_names is not None:
+            names = label_names(labels_np, self.class_names)
+        else:
+            names = [str(int(v)) for v in labels_np]
+        return {
+            "boxes": boxes.cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4),
+            "labels": labels_np.astype(np.int64, copy=False),
+            "scores": out["scores"].float().cpu().numpy().astype(np.float32, copy=False),
+            "label_names": names,
+            "areas": np.asarray(areas, dtype=np.int64),
+            "masks": mask_out,
+        }
+
+
+def _encode(binary: Tensor, image_size: tuple[int, int]) -> list[dict]:
+    """COCO RLE of bool N x H x W masks, a bounded chunk at a time."""
+    from pycocotools import mask as mask_util
+
+    rles = []
+    step = rle_chunk_size(image_size)
+    for c0 in range(0, binary.shape[0], step):
+        # (K, W, H) C-contiguous is (H, W, K) in Fortran order, what pycocotools encodes.
+        chunk = binary[c0 : c0 + step].to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy()
+        for rle in mask_util.encode(chunk.transpose(2, 1, 0)):
+            rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    return rles
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    try:
+        return int(model.roi_heads.box_predictor.cls_score.out_features)
+    except AttributeError:
+        return None
+
+
+@contextlib.contextmanager
+def _mask_output(model: nn.Module, value: Optional[str]):
+    """Temporarily set ``model.mask_output`` (our model only)."""
+    if value is None:
+        yield
+        return
+    previous = model.mask_output
+    model.mask_output = value
+    try:
+        yield
+    finally:
+        model.mask_output = previous
