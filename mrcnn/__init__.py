@@ -11,3 +11,8 @@ __all__ = [
     "read_metadata",
     "save_checkpoint",
 ]
+from .coco_categories import COCO_CATEGORY_NAMES, label_names
+from .paste import paste_masks, paste_masks_to_rle, rle_area
+from .predictor import Predictor
+
+__all__ += ["Predictor", "paste_masks", "paste_masks_to_rle", "rle_area", "COCO_CATEGORY_NAMES", "label_names"]
