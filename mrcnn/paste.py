@@ -26,6 +26,7 @@ not been checked bit for bit.
 
 from __future__ import annotations
 
+import platform
 from typing import Callable, Optional
 
 import numpy as np
@@ -48,9 +49,11 @@ _SMALL_OUTPUT_SUM = 128
 
 
 def _aten_cpu_uses_fma() -> bool:
-    # ATen's CPU kernels for AVX2/AVX512 (and aarch64 builds) are compiled with FMA
-    # contraction; the x86 DEFAULT build is not.
-    return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    # ATen's x86 CPU kernels for AVX2/AVX512 are compiled with FMA contraction, its x86
+    # DEFAULT build is not; aarch64 compilers contract by default.
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    return True
 
 
 def _make_fma(fused: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
