@@ -19,9 +19,10 @@ from .roi_align import boxes_to_rois
 
 
 def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
-    # The scale is a power of two: round log2(feature size / image size).
+    # The scale is a power of two: round log2(feature size / image size). Plain Python
+    # math (no tensor round-trip) keeps the first call traceable with fullgraph=True.
     approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** float(torch.tensor(approx).log2().round())
+    return 2.0 ** round(math.log2(approx))
 
 
 class LevelMapper:
