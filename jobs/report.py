@@ -38,8 +38,8 @@ from jobs.infer.summary import read_summary
 
 CLASS_SCORE_THRESHOLD = 0.5  # counts per class: instances with score > this (strict, as in the README)
 HIST_BINS = 20
-DEFAULT_MAX_OVERLAYS = 48
-THUMB_MAX_SIDE = 480
+DEFAULT_MAX_OVERLAYS = 24  # embedded PNGs: ~100-300 KB each for photos at 400 px
+THUMB_MAX_SIDE = 400
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}

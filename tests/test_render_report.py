@@ -335,3 +335,17 @@ def test_report_on_s3_output(dataset, s3_bucket, tmp_path):
     paths = render.render_results(root, f"s3://{s3_bucket}/png", limit=3)
     assert len(paths) == 3 and all(fs.exists(p) for p in paths)
     assert json.loads(fs.cat_file(f"{root}/_runs/r1/summary.json"))["ok"] == 4
+
+
+def test_report_cli_other_run_and_bad_run(dataset, tmp_path, capsys):
+    out, _ = dataset
+    dest = tmp_path / "r0.html"
+    assert report.main(["--results", str(out), "--run-id", "r0", "--out", str(dest)]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)
+    page = _Tables()
+    page.feed(dest.read_text(encoding="utf-8"))
+    assert page.tables["classes"][1:] == [["bird", "3", "1"]]  # r0's own row only
+    assert "errors" not in page.tables and page.images == 1
+    assert "No summary.json" in dest.read_text(encoding="utf-8")  # r0 has none
+    assert report.main(["--results", str(out), "--run-id", "nope"]) == 2
+    assert "run 'nope' has no committed rows" in capsys.readouterr().err
