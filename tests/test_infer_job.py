@@ -1,0 +1,268 @@
+"""End to end: `python -m jobs.infer` on a moto S3 server with a tiny seeded Mask R-CNN.
+
+Slow (Ray, Spark, subprocess CLI runs): one local Ray (4 logical CPUs) for the module;
+images are 64-160 px and the model resizes to 128-192 px.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from jobs.infer import commit
+from jobs.infer.__main__ import main
+from jobs.infer.decode import decode_image
+from jobs.infer.storage import resolve
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BROKEN = {"zero.jpg": "empty file", "truncated.jpg": "", "text.jpg": "text"}
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(moto_server):
+    import ray
+
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": moto_server}  # workers reach the moto server too
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import mrcnn
+    from mrcnn.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet50_fpn(num_classes=4, min_size=128, max_size=192, box_score_thresh=0.0)
+    with torch.no_grad():  # peaky class scores so that "score > 0.5" selects some instances
+        model.roi_heads.box_predictor.cls_score.weight.mul_(20)
+    path = str(tmp_path_factory.mktemp("w") / "tiny.pt")
+    save_checkpoint(model, path, class_names=["__background__", "cat", "dog", "car"])
+    return path
+
+
+def _image_bytes(rng, h, w, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _put_images(bucket, names, seed):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(names):
+        fmt = "PNG" if name.endswith(".png") else "JPEG"
+        fs.pipe_file(f"{bucket}/in/{name}", _image_bytes(rng, 64 + 8 * (i % 12), 96 + 6 * (i % 11), fmt))
+
+
+def _make_input(bucket):
+    import s3fs
+
+    _put_images(bucket, [f"img{i:02d}.{'png' if i % 2 else 'jpg'}" for i in range(9)], seed=1)
+    fs = s3fs.S3FileSystem()
+    good = _image_bytes(np.random.default_rng(5), 80, 80, "JPEG")
+    fs.pipe_file(f"{bucket}/in/zero.jpg", b"")
+    fs.pipe_file(f"{bucket}/in/truncated.jpg", good[: len(good) // 2])
+    fs.pipe_file(f"{bucket}/in/text.jpg", b"this is not an image\n" * 3)
+    fs.pipe_file(f"{bucket}/in/notes.json", b"{}")  # not an image extension: not an input
+    return f"s3://{bucket}/in", f"s3://{bucket}/out"
+
+
+def _rows(out, run_id=None):
+    fs, root = resolve(out)
+    fs.invalidate_cache()
+    table = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    rows = table.to_pylist()
+    return [r for r in rows if run_id is None or r["run_id"] == run_id]
+
+
+def _summary(out, run_id):
+    fs, root = resolve(out)
+    with fs.open(f"{root}/_runs/{run_id}/summary.json") as f:
+        return json.load(f)
+
+
+def _job(capsys, *args):
+    assert main(list(args)) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    return json.loads(line)
+
+
+def _direct(weights, uris):
+    """The Predictor run directly, one image per call (as the job runs with --batch-size 1)."""
+    from mrcnn.predictor import Predictor
+    from jobs.infer.storage import read_object
+
+    pred = Predictor.from_checkpoint(weights, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the job's 1-CPU actor: same kernels, same float sums
+    try:
+        return {u: pred([decode_image(read_object(u))])[0] for u in uris}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _label_counts(results):
+    c = Counter()
+    for r in results.values():
+        for label, score in zip(r["labels"], r["scores"]):
+            if score > 0.5:
+                c[int(label)] += 1
+    return dict(c)
+
+
+def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weights, s3_bucket, capsys, tmp_path):
+    inp, out = _make_input(s3_bucket)
+    args = ["--input", inp, "--output", out, "--weights", weights, "--images-per-shard", "4"]
+    s = _job(capsys, *args, "--batch-size", "1")
+    assert (s["listed"], s["processed"], s["ok"], s["error"], s["rows"]) == (12, 12, 9, 3, 12)
+    rows = _rows(out)
+    assert len(rows) == 12 and len({r["image_uri"] for r in rows}) == 12
+    by_uri = {r["image_uri"]: r for r in rows}
+    for name, hint in BROKEN.items():
+        r = by_uri[f"{inp}/{name}"]
+        assert r["status"] == "error" and r["error"] and hint in r["error"] and r["instances"] is None
+    ok = {u: r for u, r in by_uri.items() if r["status"] == "ok"}
+    assert len(ok) == 9
+
+    # Same instances as the Predictor run directly on the same decoded images.
+    direct = _direct(weights, sorted(ok))
+    compared = 0
+    for uri, res in direct.items():
+        inst = ok[uri]["instances"]
+        assert len(inst) == len(res["labels"]) > 0
+        assert [i["label"] for i in inst] == res["labels"].tolist()
+        assert [i["label_name"] for i in inst] == list(res["label_names"])
+        np.testing.assert_allclose([i["score"] for i in inst], res["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([i["bbox"] for i in inst], res["boxes"], rtol=1e-5, atol=1e-3)
+        h, w = ok[uri]["height"], ok[uri]["width"]
+        got = mask_utils.decode([{"size": [h, w], "counts": i["mask_rle"].encode()} for i in inst])
+        want = mask_utils.decode([{"size": m["size"], "counts": m["counts"].encode() if isinstance(m["counts"], str) else m["counts"]} for m in res["masks"]])
+        assert np.array_equal(got, want)
+        compared += 1
+    assert compared == 9
+    expected = _label_counts(direct)
+    assert sum(expected.values()) > 0
+
+    # The same query in pyarrow.dataset, DuckDB (on S3 via s3fs) and Spark (local copy).
+    got_pa = Counter(i["label"] for r in ok.values() for i in r["instances"] if i["score"] > 0.5)
+    assert dict(got_pa) == expected
+    import duckdb
+
+    fs, root = resolve(out)
+    con = duckdb.connect()
+    con.register_filesystem(fs)
+    q = ("SELECT i.label, count(*) FROM (SELECT unnest(instances) AS i FROM read_parquet('{}')) "
+         "WHERE i.score > 0.5 GROUP BY ALL")
+    assert dict(con.sql(q.format(f"{out}/{commit.VISIBLE_GLOB}")).fetchall()) == expected
+    local = tmp_path / "copy"
+    fs.get(root, str(local), recursive=True)
+    from pyspark.sql import SparkSession, functions as F
+
+    spark = (SparkSession.builder.master("local[1]").appName("t").config("spark.ui.enabled", "false")
+             .config("spark.sql.shuffle.partitions", "1").getOrCreate())
+    try:
+        df = spark.read.parquet(str(local)).select(F.explode("instances").alias("i"))
+        got_spark = {r["label"]: r["count"] for r in df.filter("i.score > 0.5").groupBy("i.label").count().collect()}
+    finally:
+        spark.stop()
+    assert got_spark == expected
+
+    # Incremental rerun: nothing new.
+    s2 = _job(capsys, *args, "--batch-size", "3")
+    assert s2["run_id"] != s["run_id"] and (s2["processed"], s2["skipped_unchanged"], s2["rows"]) == (0, 12, 0)
+
+    # Two new images and one changed: only those three are processed (batched 3 per call).
+    _put_images(s3_bucket, ["new1.jpg", "new2.png"], seed=7)
+    _put_images(s3_bucket, ["img03.png"], seed=8)
+    s3 = _job(capsys, *args, "--batch-size", "3")
+    processed = {r["image_uri"] for r in _rows(out, s3["run_id"])}
+    assert processed == {f"{inp}/new1.jpg", f"{inp}/new2.png", f"{inp}/img03.png"}
+    assert (s3["processed"], s3["ok"], s3["skipped_unchanged"]) == (3, 3, 11)
+
+    # --full reprocesses everything.
+    s4 = _job(capsys, *args, "--batch-size", "3", "--full")
+    assert (s4["processed"], s4["rows"]) == (14, 14)
+    assert len({r["image_uri"] for r in _rows(out, s4["run_id"])}) == 14
+
+
+def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_path, capsys):
+    inp, out = _make_input(s3_bucket)
+    missing = str(tmp_path / "nope.pt")
+    assert main(["--input", inp, "--output", out, "--weights", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "checkpoint not found" in err and missing in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["--input", inp, "--output", out, "--weights", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot load checkpoint" in err
+    assert main(["--input", f"s3://{s3_bucket}-missing/in", "--output", out, "--weights", weights]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "input not found" in err
+    fs, root = resolve(out)
+    assert not fs.exists(root)  # nothing written by failed starts
+
+
+_SLOW_COMMITS = """
+import sys, time
+from jobs.infer import commit
+commit.STEP_HOOK = lambda step, detail: time.sleep(2.0) if step == "committed" else None
+from jobs.infer.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_server):
+    inp, out = _make_input(s3_bucket)
+    args = ["--input", inp, "--output", out, "--weights", weights, "--images-per-shard", "2", "--batch-size", "2"]
+    env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "PYTHONPATH": ROOT, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    # The real entry point with a 2 s pause after each commit, so the kill lands mid-run.
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_COMMITS, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    fs, root = resolve(out)
+    deadline = time.time() + 150
+    parts = []
+    while time.time() < deadline and proc.poll() is None:
+        fs.invalidate_cache()
+        parts = fs.glob(f"{root}/run_id=*/part-*.parquet")
+        if parts:
+            break
+        time.sleep(0.2)
+    assert parts, f"no shard committed in time:\n{proc.stdout.read().decode()[-3000:] if proc.poll() is not None else ''}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    run_id = parts[0].split("run_id=")[1].split("/")[0]
+    assert not fs.exists(f"{root}/_runs/{run_id}/_SUCCESS")
+    before = {r["image_uri"] for r in _rows(out, run_id)}
+    assert 0 < len(before) < 12
+
+    res = subprocess.run([sys.executable, "-m", "jobs.infer", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    assert s["run_id"] == run_id and s["resumed"]
+    assert s["skipped_done_in_run"] == len(before) and s["processed"] == 12 - len(before)
+    rows = _rows(out, run_id)
+    assert len(rows) == 12 and Counter(r["image_uri"] for r in rows).most_common(1)[0][1] == 1
+    assert fs.exists(f"{root}/_runs/{run_id}/_SUCCESS")
