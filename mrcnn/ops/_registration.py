@@ -5,18 +5,59 @@ autograd need beyond that is registered here, once, on import.
 """
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import json
+import os
+import urllib.parse
+from typing import Optional
+
 import torch
 
-try:
-    from mrcnn import _C  # noqa: F401  (registers torch.ops.mrcnn.*)
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "mrcnn's compiled RoIAlign extension (mrcnn._C) is missing. Build it with "
-        "`bash scripts/bootstrap.sh` or `pip install --no-build-isolation -e .` "
-        f"in an environment that has torch. ({exc})"
-    ) from exc
 
-WITH_CUDA = bool(_C.with_cuda)
+def _installed_extension() -> Optional[str]:
+    """Path of the compiled extension of the installed mrcnn-batch distribution.
+
+    `ray job submit --working-dir .` ships the source tree without build outputs (Ray
+    honours .gitignore), and that copy shadows the installed package on sys.path: the
+    ops then come from the installed build (editable or regular) instead.
+    """
+    explicit = os.environ.get("MRCNN_EXTENSION")
+    if explicit:
+        return explicit
+    try:
+        dist = importlib.metadata.distribution("mrcnn-batch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    candidates = [str(dist.locate_file(f)) for f in (dist.files or [])
+                  if f.name.startswith("_C.") and f.parent.name == "mrcnn"]
+    direct_url = dist.read_text("direct_url.json")
+    if direct_url:  # editable install: the library sits in the source tree
+        url = json.loads(direct_url).get("url", "")
+        if url.startswith("file://"):
+            candidates += glob.glob(os.path.join(urllib.parse.unquote(url[7:]), "mrcnn", "_C.*"))
+    candidates = [c for c in candidates if os.path.isfile(c) and c.endswith((".so", ".pyd"))]
+    return candidates[0] if candidates else None
+
+
+def _load_extension() -> bool:
+    """Registers torch.ops.mrcnn.*; returns whether CUDA kernels were built."""
+    try:
+        from mrcnn import _C
+        return bool(_C.with_cuda)
+    except ImportError as exc:
+        path = _installed_extension()
+        if path is None:
+            raise ImportError(
+                "mrcnn's compiled RoIAlign extension (mrcnn._C) is missing. Build it with "
+                "`bash scripts/bootstrap.sh` or `pip install --no-build-isolation -e .` in an "
+                f"environment that has torch, or point MRCNN_EXTENSION at a built _C library. ({exc})"
+            ) from exc
+        torch.ops.load_library(path)
+        return torch._C._dispatch_has_kernel_for_dispatch_key("mrcnn::roi_align", "CUDA")
+
+
+WITH_CUDA = _load_extension()
 ops = torch.ops.mrcnn
 
 
