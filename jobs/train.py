@@ -142,6 +142,11 @@ def storage_for(output: str):
     return os.path.abspath(output.removeprefix("file://")), None
 
 
+def _exists(uri) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
 def read_json(uri) -> Optional[dict]:
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
@@ -356,7 +361,7 @@ def train_loop(cfg):
         scaler.load_state_dict(state["scaler"])
 
     val_uri = _join(cfg["data"], "val", "annotations.json")
-    has_val = rank == 0 and fsspec.core.url_to_fs(val_uri)[0].exists(fsspec.core.url_to_fs(val_uri)[1])
+    has_val = rank == 0 and _exists(val_uri)  # evaluation runs on rank 0 only
     raw_model = model
     if start_step >= cfg["max_iters"]:
         # a finished run submitted again: nothing to train, only make sure the final files exist
