@@ -1,0 +1,134 @@
+"""Throughput of the inference job vs a bare loop (read + decode + Predictor), same weights.
+
+    python bench/pipeline.py [--images 48] [--size 160x120] [--batch-size 4] [--weights W]
+    python bench/pipeline.py --no-ray [--device cuda]    # the actor's batch function alone
+
+Default: writes N random JPEGs to a temp dir and a seeded tiny ResNet-50 Mask R-CNN
+(4 classes, min_size 128 / max_size 192) unless ``--weights`` is given, then times
+
+* bare: ``read_object`` + ``decode_image`` + ``Predictor`` in this process, batches of B;
+* job: ``jobs.infer.pipeline.run_job`` (plan, Ray Data decode tasks, one model actor using
+  all CPUs, per-shard stage + commit, manifest), end to end including the actor's model
+  load, excluding ``ray.init``; the model stage's share is also reported;
+* ``--no-ray``: ``decode_batch`` + ``PredictorActor.__call__`` (row building included) in
+  this process, vs the bare loop (what a GPU machine without Ray can measure).
+
+Prints images/s and the ratio job / bare (goal >= 0.85).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.infer.decode import decode_image  # noqa: E402
+from jobs.infer.storage import list_inputs, read_object  # noqa: E402
+
+
+def make_inputs(d: str, n: int, h: int, w: int) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        # smooth noise: compresses like a photo, not like white noise
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(os.path.join(d, f"im{i:05d}.jpg"), quality=90)
+    return sorted(o.uri for o in list_inputs(d))
+
+
+def make_weights(path: str) -> str:
+    import mrcnn
+    from mrcnn.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet50_fpn(num_classes=4, min_size=128, max_size=192)
+    save_checkpoint(model, path, class_names=["__background__", "a", "b", "c"])
+    return path
+
+
+def bare_loop(weights: str, uris: list[str], batch: int, device: str) -> float:
+    from mrcnn.predictor import Predictor
+
+    pred = Predictor.from_checkpoint(weights, device=device)
+    pred([decode_image(read_object(uris[0]))])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(uris), batch):
+        pred([decode_image(read_object(u)) for u in uris[i : i + batch]])
+    return len(uris) / (time.perf_counter() - t0)
+
+
+def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> float:
+    from jobs.infer.model_stage import PredictorActor, decode_batch
+
+    actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
+                           device=device, micro_batch=batch)
+
+    def rows(us):
+        n = len(us)
+        return {"uri": np.array(us, dtype=object), "etag": np.array([None] * n, dtype=object),
+                "size": np.full(n, -1), "error": np.array([None] * n, dtype=object),
+                "shard_id": np.array(["s"] * n, dtype=object)}
+
+    actor(decode_batch(rows(uris[:1])))  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(uris), batch):
+        actor(decode_batch(rows(uris[i : i + batch])))
+    return len(uris) / (time.perf_counter() - t0)
+
+
+def job(weights: str, inp: str, out: str, batch: int) -> tuple[float, dict]:
+    import ray
+
+    from jobs.infer.pipeline import JobConfig, run_job
+
+    cpus = os.cpu_count() or 1
+    # One actor owning all cores (torch threads = cpus) plus room for the 0.5-CPU decode tasks.
+    ray.init(num_cpus=cpus + 1, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = JobConfig(input=inp, output=out, weights=weights, batch_size=batch, num_actors=1,
+                        num_cpus_per_actor=cpus, images_per_shard=max(8, batch * 4))
+        t0 = time.perf_counter()
+        summary, _ = run_job(cfg)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return summary.processed / wall, summary.to_dict()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--size", default="160x120", help="WxH of the generated images")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--no-ray", action="store_true", help="time the actor's batch function alone vs the bare loop")
+    p.add_argument("--device", default=None, help="--no-ray only; default cuda if available")
+    a = p.parse_args()
+    w, h = (int(v) for v in a.size.split("x"))
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = a.weights or make_weights(os.path.join(tmp, "w.pt"))
+        uris = make_inputs(os.path.join(tmp, "in"), a.images, h, w)
+        print(f"{len(uris)} images {w}x{h}, batch {a.batch_size}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        bare = bare_loop(weights, uris, a.batch_size, "cpu" if not a.no_ray else device)
+        print(f"bare loop (read+decode+Predictor):  {bare:8.2f} images/s")
+        if a.no_ray:
+            alone = actor_fn_alone(weights, uris, a.batch_size, device)
+            print(f"decode_batch + PredictorActor:      {alone:8.2f} images/s  ratio {alone / bare:.3f} ({device})")
+            return
+        rate, summary = job(weights, os.path.join(tmp, "in"), os.path.join(tmp, "out"), a.batch_size)
+        print(f"job end to end (incl. actor start): {rate:8.2f} images/s  ratio {rate / bare:.3f}")
+        print(f"  summary: {summary['processed']} processed, wall {summary['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
