@@ -1,4 +1,4 @@
-"""jobs.train end to end: Ray Train with two Gloo workers on CPU over tiny synthetic shapes.
+"""jobs.train: the lr schedule and metrics log (fast), then end to end: Ray Train with two Gloo workers on CPU over tiny synthetic shapes.
 
 Slow (each run starts Ray and a 2-worker DDP group, about 30-90 s on a loaded 2-core machine):
 tiny images (128-160 px), batch 1, a handful of steps. ResNet-50 from scratch is the smallest
@@ -14,8 +14,6 @@ import pytest
 
 from jobs import train
 from jobs.synthetic import generate
-
-pytestmark = pytest.mark.slow
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
 
@@ -49,6 +47,7 @@ def _checkpoints(output):
                   if e["type"] == "directory" and os.path.basename(e["name"]).startswith("checkpoint_"))
 
 
+@pytest.mark.slow
 def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ray4):
     from mrcnn.checkpoint import load_model
 
@@ -85,6 +84,7 @@ def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ra
     assert _checkpoints(out) == ckpts
 
 
+@pytest.mark.slow
 def test_train_from_s3_to_s3(s3_bucket, ray4):
     from mrcnn.checkpoint import load_model
 
@@ -102,6 +102,7 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
     assert model.class_names == CLASSES
 
 
+@pytest.mark.slow
 def test_lost_worker_resumes_from_last_checkpoint(tmp_path, ray4):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate(data, 8, seed=2, size="128/160")
@@ -116,3 +117,48 @@ def test_lost_worker_resumes_from_last_checkpoint(tmp_path, ray4):
     assert [m["start_step"] for m in lines] == [0, 0, 2, 2, 2, 2]
     with open(os.path.join(_checkpoints(out)[-1], "meta.json")) as f:
         assert json.load(f)["step"] == 6
+
+
+# ---------------------------------------------------------------------------------- fast checks
+def test_lr_factor_matches_torch_linear_warmup_then_multistep():
+    import torch
+
+    # torchvision's reference: LinearLR warm-up chained with MultiStepLR, stepped every iteration
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    chained = torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=10),
+        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[30, 45], gamma=0.1),
+    ])
+    compared = 0
+    for step in range(60):
+        assert train.lr_factor(step, 10, 1e-3, [30, 45], 0.1) * 0.1 == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        compared += 1
+        opt.step()
+        chained.step()
+    assert compared == 60
+
+
+def test_metrics_log_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    uri = str(tmp_path / "metrics.jsonl")
+    log = train.MetricsLog(uri, start_step=0)
+    for step in (1, 2, 3, 4):
+        log.log({"step": step, "start_step": 0})
+    # a restart from the step-2 checkpoint redoes steps 3-4: their old lines go
+    resumed = train.MetricsLog(uri, start_step=2)
+    resumed.log({"step": 3, "start_step": 2})
+    assert [(m["step"], m["start_step"]) for m in _metrics(str(tmp_path))] == [(1, 0), (2, 0), (3, 2)]
+
+
+def test_bad_arguments_are_named(capsys):
+    for argv, message in ((["--num-workers", "0"], "--num-workers must be >= 1"),
+                          (["--lr-steps", "50", "10"], "--lr-steps must be increasing"),
+                          (["--trainable-backbone-layers", "6"], "--trainable-backbone-layers must be in 0..5"),
+                          (["--weights", "a.pt", "--weights-backbone", "b.pt"], "not both")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--data", "d", "--output", "o", *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_fails_before_starting_ray(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
+        train.run(train.parse_args(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "run")]))
