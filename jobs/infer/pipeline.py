@@ -178,9 +178,12 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
     """Group streamed result rows by shard; stage + commit each shard once it is complete."""
     pending: dict[str, list[pa.Table]] = {}
     counts: dict[str, int] = {}
+    done: set[str] = set()
     for batch in batches:
         sids = batch.column(SHARD_COLUMN)
         for sid in set(sids.to_pylist()):
+            if sid in done:
+                continue  # a re-executed block repeating rows of a committed shard
             if sid not in expected:
                 raise RuntimeError(f"result row for unknown shard {sid}")
             part = batch.filter(pc.equal(sids, sid)).drop_columns([SHARD_COLUMN])
@@ -202,6 +205,7 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
                 run.commit(sid)
                 summary.add_shard(table)
                 del expected[sid], counts[sid]
+                done.add(sid)
     if expected:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
 

@@ -1,0 +1,70 @@
+"""jobs.infer.model_stage without Ray: decode errors become error rows, ok rows equal the Predictor."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.infer import schema
+from jobs.infer.model_stage import PredictorActor, decode_batch
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import mrcnn
+    from mrcnn.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet50_fpn(num_classes=3, min_size=64, max_size=96, box_detections_per_img=20)
+    path = str(tmp_path_factory.mktemp("w") / "tiny.pt")
+    save_checkpoint(model, path, class_names=["__background__", "a", "b"])
+    return path
+
+
+def test_model_stage_does_not_import_ray():
+    # The GPU test machine has no Ray: the batch functions must not need it.
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.infer.model_stage, jobs.infer.pipeline; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+
+
+def test_decode_batch_and_actor_rows(tmp_path, weights):
+    rng = np.random.default_rng(0)
+    good = []
+    for i, (h, w) in enumerate([(64, 80), (72, 64)]):
+        p = tmp_path / f"g{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        good.append(str(p))
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    uris = good + [str(tmp_path / "bad.jpg"), str(tmp_path / "missing.jpg")]
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "etag": np.array(["e0", None, "e2", None], dtype=object),
+        "size": np.array([10, -1, 0, -1]),
+        "error": np.array([None, None, None, "source not found: missing.jpg"], dtype=object),
+        "shard_id": np.array(["s1", "s1", "s2", "s2"], dtype=object),
+    }
+    decoded = decode_batch(batch)
+    assert list(decoded["decode_error"][:2]) == ["", ""]
+    assert "empty file" in decoded["decode_error"][2] and "source not found" in decoded["decode_error"][3]
+
+    actor = PredictorActor(weights, model_name="m", checkpoint_sha256="c" * 64, run_id="r1", micro_batch=1)
+    table = actor(decoded)
+    assert table.num_rows == 4 and table.column("shard_id").to_pylist() == ["s1", "s1", "s2", "s2"]
+    out = table.drop_columns(["shard_id"])
+    schema.validate_table(out)
+    rows = out.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "error"]
+    assert (rows[0]["source_etag"], rows[0]["source_size"], rows[1]["source_etag"], rows[1]["source_size"]) == ("e0", 10, None, None)
+    direct = [actor.predictor([decoded["image"][i]])[0] for i in range(2)]
+    compared = 0
+    for r, d in zip(rows[:2], direct):
+        assert [i["label"] for i in r["instances"]] == d["labels"].tolist()
+        assert [i["mask_rle"] for i in r["instances"]] == [m["counts"] for m in d["masks"]]
+        np.testing.assert_allclose([i["score"] for i in r["instances"]], d["scores"], rtol=1e-6)
+        compared += len(d["labels"])
+    assert compared > 0
