@@ -191,7 +191,7 @@ def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional
         "frozen_bn_eps": _frozen_bn_eps(model),
         "builder_kwargs": config,
         "extra": dict(extra_meta or {}),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion pickles as a class weights_only refuses
     }
     _check_plain(metadata, "metadata")
     state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
