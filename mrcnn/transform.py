@@ -10,16 +10,7 @@ from torch import nn, Tensor
 from torch.nn import functional as F
 
 from .image_list import ImageList
-
-try:
-    from .paste import paste_masks
-except ImportError:  # TEMPORARY until mrcnn/paste.py lands; torchvision's paste has the same results
-    from torchvision.models.detection.roi_heads import paste_masks_in_image as _tv_paste
-
-    def paste_masks(masks, boxes, image_size, *, threshold=None):
-        pasted = _tv_paste(masks, boxes, image_size)
-        return pasted if threshold is None else pasted > threshold
-
+from .paste import paste_masks
 
 MASK_OUTPUTS = ("probs", "binary", "raw")
 
