@@ -212,3 +212,19 @@ def test_bad_files_give_clear_errors(tv_model, tv_file, tmp_path):
         mrcnn.save_checkpoint(model, tmp_path / "x.pt", class_names=["bg", "a"])
     with pytest.raises(TypeError, match="not a plain value"):
         mrcnn.save_checkpoint(model, tmp_path / "x.pt", class_names=["bg", "a", "b"], extra_meta={"f": object()})
+
+
+def test_resnet101_variant_is_detected_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet101_fpn(num_classes=3, **SMALL).eval()
+    assert len(model.backbone.body.layer3) == 23  # ResNet-101
+    path = tmp_path / "r101.pth"
+    torch.save(model.state_dict(), path)
+    assert mrcnn.read_metadata(path)["architecture"] == "maskrcnn_resnet101_fpn"
+    loaded = mrcnn.load_model(path, **SMALL)
+    assert loaded.architecture == "maskrcnn_resnet101_fpn" and len(loaded.backbone.body.layer3) == 23
+    # BatchNorm2d (from scratch) -> FrozenBatchNorm2d (loaded): every tensor but the BN step counters
+    saved = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = loaded.state_dict()
+    assert set(got) == set(saved) and len(saved) > 500
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
