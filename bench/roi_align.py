@@ -90,10 +90,11 @@ def cases(device, dtype, channels_last, backward):
             y = fn()
             y.backward(torch.ones_like(y))
 
+        # Closures bind their inputs as defaults: the loop variables change before they run.
         if branch.startswith("box"):
             out.append((f"single-level {branch}",
-                        lambda: run(lambda: roi_align(level0, boxes, size, 0.25, 2), [level0]),
-                        lambda: run(lambda: tv_roi_align(level0, tv_boxes, size, 0.25, 2), [level0])))
+                        lambda x=level0, b=boxes, s=size: run(lambda: roi_align(x, b, s, 0.25, 2), [x]),
+                        lambda x=level0, b=tv_boxes, s=size: run(lambda: tv_roi_align(x, b, s, 0.25, 2), [x])))
         fl = list(feats.values())
         out.append((f"multi-level {branch}",
                     lambda ours_ms=ours_ms, feats=feats, boxes=boxes, fl=fl: run(lambda: ours_ms(feats, boxes, shapes), fl),
