@@ -25,6 +25,7 @@ here is the horizontal flip.
 
 import io
 import json
+import os
 import posixpath
 
 import fsspec
@@ -107,7 +108,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, *, images_root=None, transforms=None, class_names=None,
                  remove_images_without_annotations=True, storage_options=None):
-        self.fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        self._root, self._storage_options = root, dict(storage_options or {})
+        self._fs, path = fsspec.core.url_to_fs(root, **self._storage_options)
+        self._fs_pid = os.getpid()
         path = path.rstrip("/")
         ann_path = path if path.endswith(".json") else posixpath.join(path, "annotations.json")
         if not self.fs.exists(ann_path):
@@ -161,6 +164,15 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def image_uri(self, index):
         return self.fs.unstrip_protocol(posixpath.join(self.images_root, self.images[self.ids[index]]["file_name"]))
+
+    @property
+    def fs(self):
+        """The dataset's filesystem; a new instance in each process, as fsspec filesystems
+        (s3fs in particular) must not be used across fork, e.g. in DataLoader workers."""
+        if self._fs_pid != os.getpid():
+            self._fs = fsspec.core.url_to_fs(self._root, skip_instance_cache=True, **self._storage_options)[0]
+            self._fs_pid = os.getpid()
+        return self._fs
 
     def __getitem__(self, index):
         info = self.images[self.ids[index]]

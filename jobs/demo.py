@@ -71,6 +71,8 @@ class LocalServices:
         self.moto = None
         self.ray_started = False
         self.env = dict(os.environ)
+        # Jobs run `python -m ...` as submitted: the cluster must find this interpreter first.
+        self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"
 
     def __enter__(self):
         from moto.server import ThreadedMotoServer

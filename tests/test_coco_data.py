@@ -175,3 +175,17 @@ def test_reads_from_s3(s3_bucket, tmp_path):
         (ri, rt), (li, lt) = remote[i], local[i]
         assert torch.equal(ri, li)
         assert all(torch.equal(rt[k], lt[k]) for k in ("boxes", "labels", "masks"))
+
+
+def test_s3_dataset_in_forked_dataloader_workers(s3_bucket):
+    # s3fs instances are not fork-safe: after the parent has used the filesystem, each
+    # DataLoader worker must get its own (this failed in the demo's training job).
+    uri = f"s3://{s3_bucket}/forked"
+    synthetic.generate(uri, 4, seed=5, size="64/80")
+    ds = coco_data.CocoDetection(uri)
+    parent = [ds[i][0] for i in range(len(ds))]  # use the filesystem in the parent first
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=coco_data.collate_fn,
+                                         multiprocessing_context="fork")
+    images = [batch[0][0] for batch in loader]
+    assert len(images) == len(parent) == 4
+    assert all(torch.equal(a, b) for a, b in zip(images, parent))
