@@ -51,6 +51,19 @@ struct AxisTable {
       begin.push_back(static_cast<int64_t>(lo.size()));
     }
   }
+
+  // [first, last) covers every pixel a sample touches; false when there are no samples.
+  bool span(int64_t& first, int64_t& last) const {
+    if (lo.empty()) return false;
+    first = *std::min_element(lo.begin(), lo.end());
+    last = *std::max_element(hi.begin(), hi.end()) + 1;
+    return true;
+  }
+
+  void shift(int64_t by) {
+    for (auto& v : lo) v -= by;
+    for (auto& v : hi) v -= by;
+  }
 };
 
 // Everything the kernels need about one feature map, in channels-last layout.
@@ -58,6 +71,7 @@ template <typename acc_t>
 struct Level {
   const acc_t* data;  // forward: input, (N, H, W, C)
   acc_t* grad;        // backward: gradient accumulator, (N, H, W, C)
+  const void* nchw;   // forward, windowed mode: the input as given, (N, C, H, W), input dtype
   int64_t height, width;
   acc_t scale;
 };
@@ -90,12 +104,29 @@ struct PoolArgs {
   bool aligned;
 };
 
+// Copies the window [y0, y1) x [x0, x1) of one (C, H, W) image into a channels-last
+// buffer. For few RoIs on a large NCHW map this is far cheaper than transposing it all.
+template <typename in_t, typename acc_t>
+void gather_window(const in_t* __restrict src, int64_t C, int64_t H, int64_t W, int64_t y0, int64_t y1,
+                   int64_t x0, int64_t x1, std::vector<acc_t>& buf) {
+  const int64_t ww = x1 - x0;
+  buf.resize((y1 - y0) * ww * C);
+  acc_t* __restrict dst = buf.data();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t y = y0; y < y1; ++y) {
+      const in_t* row = src + (c * H + y) * W;
+      acc_t* d = dst + (y - y0) * ww * C + c;
+      for (int64_t x = x0; x < x1; ++x) d[(x - x0) * C] = static_cast<acc_t>(row[x]);
+    }
+  }
+}
+
 // Forward over RoIs [begin, end). `out` is (K, C, PH, PW) contiguous.
 template <typename acc_t, typename out_t>
 void forward_rois(const Level<acc_t>* levels, const int64_t* roi_level, const acc_t* rois,
                   const PoolArgs& a, out_t* out, int64_t begin, int64_t end) {
   const int64_t C = a.channels, PH = a.pooled_h, PW = a.pooled_w, bins = PH * PW;
-  std::vector<acc_t> acc(C);
+  std::vector<acc_t> acc(C), window;
   AxisTable<acc_t> ys, xs;
   for (int64_t k = begin; k < end; ++k) {
     const acc_t* roi = rois + k * 5;
@@ -103,15 +134,30 @@ void forward_rois(const Level<acc_t>* levels, const int64_t* roi_level, const ac
     const RoiGeometry<acc_t> g = roi_geometry<acc_t>(roi, lv.scale, PH, PW, a.sampling_ratio, a.aligned);
     ys.build(g.start_h, g.bin_h, g.grid_h, PH, lv.height);
     xs.build(g.start_w, g.bin_w, g.grid_w, PW, lv.width);
-    const acc_t* feat = lv.data + static_cast<int64_t>(roi[0]) * lv.height * lv.width * C;
+    const int64_t image = static_cast<int64_t>(roi[0]);
+    const acc_t* feat = nullptr;  // channels-last pixels, `row` of them per image row
+    int64_t row = lv.width;
+    if (lv.nchw == nullptr) {
+      feat = lv.data + image * lv.height * lv.width * C;
+    } else {
+      int64_t y0, y1, x0, x1;
+      if (ys.span(y0, y1) && xs.span(x0, x1)) {
+        gather_window(static_cast<const out_t*>(lv.nchw) + image * C * lv.height * lv.width, C, lv.height,
+                      lv.width, y0, y1, x0, x1, window);
+        ys.shift(y0);
+        xs.shift(x0);
+        feat = window.data();
+        row = x1 - x0;
+      }  // else: no sample lands on the map; the loops below do nothing and the output is 0
+    }
     out_t* out_k = out + k * C * bins;
     for (int64_t ph = 0; ph < PH; ++ph) {
       for (int64_t pw = 0; pw < PW; ++pw) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t iy = ys.begin[ph]; iy < ys.begin[ph + 1]; ++iy) {
           const acc_t ly = ys.frac[iy], hy = acc_t(1) - ly;
-          const acc_t* row_lo = feat + ys.lo[iy] * lv.width * C;
-          const acc_t* row_hi = feat + ys.hi[iy] * lv.width * C;
+          const acc_t* row_lo = feat + ys.lo[iy] * row * C;
+          const acc_t* row_hi = feat + ys.hi[iy] * row * C;
           for (int64_t ix = xs.begin[pw]; ix < xs.begin[pw + 1]; ++ix) {
             const acc_t lx = xs.frac[ix], hx = acc_t(1) - lx;
             accumulate_sample(acc.data(), row_lo + xs.lo[ix] * C, row_lo + xs.hi[ix] * C,
@@ -252,6 +298,28 @@ at::Tensor to_channels_last(const at::Tensor& input, at::ScalarType acc_type) {
   return out;
 }
 
+// Pixels per level that windowed pooling would copy (an upper bound: each RoI's
+// sampled rectangle, plus the bilinear neighbours). Decides window vs full transpose.
+template <typename acc_t>
+std::vector<double> window_pixels(const Level<acc_t>* levels, int64_t num_levels, const int64_t* roi_level,
+                                  const acc_t* rois, const PoolArgs& a) {
+  std::vector<double> pixels(num_levels, 0.0);
+  auto extent = [](double start, double end, int64_t size) {
+    const double lo = std::max(0.0, std::floor(std::min(start, end)));
+    const double hi = std::min(static_cast<double>(size), std::ceil(std::max(start, end)) + 2.0);
+    return std::max(0.0, hi - lo);
+  };
+  for (int64_t k = 0; k < a.num_rois; ++k) {
+    const acc_t* roi = rois + k * 5;
+    const int64_t l = roi_level ? roi_level[k] : 0;
+    const Level<acc_t>& lv = levels[l];
+    const RoiGeometry<acc_t> g = roi_geometry<acc_t>(roi, lv.scale, a.pooled_h, a.pooled_w, a.sampling_ratio, a.aligned);
+    pixels[l] += extent(g.start_h, g.start_h + a.pooled_h * g.bin_h, lv.height) *
+                 extent(g.start_w, g.start_w + a.pooled_w * g.bin_w, lv.width);
+  }
+  return pixels;
+}
+
 // Box values are checked here, before any pointer arithmetic uses them.
 template <typename acc_t>
 void check_roi_values(const char* op, const acc_t* rois, const int64_t* roi_level, int64_t num_rois,
@@ -302,14 +370,27 @@ at::Tensor multilevel_forward_cpu(at::TensorList features, const at::Tensor& roi
     const acc_t* roi_data = rois_acc.data_ptr<acc_t>();
     check_roi_values("roi_align", roi_data, roi_level, K, N, L);
     if (K == 0 || C == 0) return;
-    std::vector<at::Tensor> nhwc(L);
+    const PoolArgs a{K, C, pooled_height, pooled_width, sampling_ratio, aligned};
     std::vector<Level<acc_t>> lv(L);
     for (int64_t l = 0; l < L; ++l) {
-      nhwc[l] = to_channels_last<scalar_t, acc_t>(features[l], acc_type);
-      lv[l] = {nhwc[l].data_ptr<acc_t>(), nullptr, features[l].size(2), features[l].size(3),
+      lv[l] = {nullptr, nullptr, nullptr, features[l].size(2), features[l].size(3),
                static_cast<acc_t>(spatial_scales[l])};
     }
-    const PoolArgs a{K, C, pooled_height, pooled_width, sampling_ratio, aligned};
+    // A level in NCHW is either transposed whole, or each RoI copies just its window:
+    // the latter when the windows add up to less than half the map.
+    const std::vector<double> windows = window_pixels(lv.data(), L, roi_level, roi_data, a);
+    std::vector<at::Tensor> nhwc(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor& f = features[l];
+      const bool ready = f.scalar_type() == acc_type && f.is_contiguous(at::MemoryFormat::ChannelsLast);
+      const double map_pixels = static_cast<double>(N) * f.size(2) * f.size(3);
+      if (!ready && f.is_contiguous() && windows[l] < 0.5 * map_pixels) {
+        lv[l].nchw = f.data_ptr<scalar_t>();
+      } else {
+        nhwc[l] = to_channels_last<scalar_t, acc_t>(f, acc_type);
+        lv[l].data = nhwc[l].data_ptr<acc_t>();
+      }
+    }
     scalar_t* out_data = out.data_ptr<scalar_t>();
     at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
       forward_dispatch(lv.data(), roi_level, roi_data, a, out_data, begin, end);
@@ -348,7 +429,7 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
     if (K == 0 || channels == 0) return;
     std::vector<Level<acc_t>> lv(L);
     for (int64_t l = 0; l < L; ++l) {
-      lv[l] = {nullptr, buffers[l].data_ptr<acc_t>(), heights[l], widths[l],
+      lv[l] = {nullptr, buffers[l].data_ptr<acc_t>(), nullptr, heights[l], widths[l],
                static_cast<acc_t>(spatial_scales[l])};
     }
     const PoolArgs a{K, channels, pooled_height, pooled_width, sampling_ratio, aligned};
