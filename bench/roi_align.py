@@ -117,7 +117,8 @@ def main():
     configs = []
     for device in devices:
         if device == "cpu":
-            configs += [(device, torch.float32, False, False), (device, torch.float32, False, True)]
+            configs += [(device, torch.float32, False, False), (device, torch.float32, False, True),
+                        (device, torch.float32, True, False)]
         else:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 configs += [(device, dtype, False, False), (device, dtype, False, True),
