@@ -57,8 +57,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], env: dict | None = None, shown: list[str] | None = None) -> None:
+    print("$ " + " ".join(shown or cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
@@ -96,8 +96,10 @@ class LocalServices:
     def submit(self, args: list[str]) -> None:
         """`ray job submit` of a python -m entry point, waiting for it to finish."""
         runtime_env = {"env_vars": {**DUMMY_AWS, "AWS_ENDPOINT_URL": self.endpoint}}
-        run([str(self.bin / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps(runtime_env), "--", "python", *args], env=self.env)
+        cmd = [str(self.bin / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python", *args]
+        shown = [c if not c.startswith("{") else "'{...endpoint and credentials...}'" for c in cmd]
+        run(cmd, env=self.env, shown=shown)
 
     def __exit__(self, *exc):
         if self.ray_started:
@@ -135,7 +137,9 @@ def main(argv=None) -> int:
                 svc.submit(["-m", "jobs.train", "--data", f"s3://{BUCKET}/shapes", "--output", str(train_dir),
                             "--num-workers", "1", "--max-iters", str(args.train_iters), "--batch-size", "2",
                             "--min-size", "256", "--max-size", "384", "--checkpoint-every", str(args.train_iters),
-                            "--eval-every", "0"])
+                            "--eval-every", "0",
+                            # From scratch, random heads start with huge mask losses: clip.
+                            "--lr", "0.01", "--clip-grad-norm", "1.0"])
 
         results = f"s3://{BUCKET}/results"
         infer = ["-m", "jobs.infer", "--input", f"s3://{BUCKET}/shapes/", "--output", results, "--weights", weights,

@@ -18,6 +18,29 @@ at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+std::vector<at::Tensor> gradient_accumulators(const at::Tensor& grad, at::IntArrayRef heights,
+                                              at::IntArrayRef widths, int64_t batch_size,
+                                              int64_t channels) {
+  TORCH_CHECK_VALUE(grad.size(1) == channels, "roi_align_backward: grad has ", grad.size(1),
+                    " channels, expected ", channels);
+  std::vector<at::Tensor> buffers(heights.size());
+  for (size_t l = 0; l < heights.size(); ++l) {
+    buffers[l] = at::zeros({batch_size, heights[l], widths[l], channels},
+                           grad.options().dtype(accumulate_type(grad.scalar_type())));
+  }
+  return buffers;
+}
+
+std::vector<at::Tensor> gradients_from_accumulators(const std::vector<at::Tensor>& accumulators,
+                                                    at::ScalarType dtype, bool channels_last) {
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> result(accumulators.size());
+  for (size_t l = 0; l < accumulators.size(); ++l) {
+    result[l] = accumulators[l].permute({0, 3, 1, 2}).to(dtype).contiguous(format);
+  }
+  return result;
+}
+
 static void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op,
                     ": rois must be a [K, 5] tensor of (batch_index, x0, y0, x1, y1), got shape ",

@@ -22,6 +22,15 @@ void check_backward_args(const char* op, const at::Tensor& grad, const at::Tenso
 // Reduced-precision inputs are pooled in float, double in double.
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
+// Backward, both devices: zeroed (N, H, W, C) accumulators of the accumulation type,
+// one per level, and their conversion into input gradients ((N, C, H, W), grad's dtype,
+// channels-last when the input was).
+std::vector<at::Tensor> gradient_accumulators(const at::Tensor& grad, at::IntArrayRef heights,
+                                              at::IntArrayRef widths, int64_t batch_size,
+                                              int64_t channels);
+std::vector<at::Tensor> gradients_from_accumulators(const std::vector<at::Tensor>& accumulators,
+                                                    at::ScalarType dtype, bool channels_last);
+
 // Kernels. Single-level calls pass one feature map and an undefined `levels`.
 at::Tensor multilevel_forward_cpu(at::TensorList features, const at::Tensor& rois,
                                   const at::Tensor& levels, at::ArrayRef<double> spatial_scales,

@@ -407,20 +407,13 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
                                                 int64_t pooled_height, int64_t pooled_width,
                                                 int64_t sampling_ratio, bool aligned,
                                                 bool channels_last) {
-  TORCH_CHECK_VALUE(grad.size(1) == channels, "roi_align_backward: grad has ", grad.size(1),
-                    " channels, expected ", channels);
+  std::vector<at::Tensor> buffers = gradient_accumulators(grad, heights, widths, batch_size, channels);
   const auto acc_type = accumulate_type(grad.scalar_type());
   const int64_t K = rois.size(0), L = static_cast<int64_t>(spatial_scales.size());
   at::Tensor rois_acc = rois.to(acc_type).contiguous();
   at::Tensor levels_c = levels.defined() ? levels.contiguous() : at::Tensor();
   const int64_t* roi_level = levels_c.defined() ? levels_c.data_ptr<int64_t>() : nullptr;
   at::Tensor grad_c = grad.contiguous();
-
-  // Gradients accumulate in (N, H, W, C) buffers of the accumulation type.
-  std::vector<at::Tensor> buffers(L);
-  for (int64_t l = 0; l < L; ++l) {
-    buffers[l] = at::zeros({batch_size, heights[l], widths[l], channels}, grad.options().dtype(acc_type));
-  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mrcnn_roi_align_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -444,12 +437,7 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
     });
   });
 
-  std::vector<at::Tensor> result(L);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  for (int64_t l = 0; l < L; ++l) {
-    result[l] = buffers[l].permute({0, 3, 1, 2}).to(grad.scalar_type()).contiguous(format);
-  }
-  return result;
+  return gradients_from_accumulators(buffers, grad.scalar_type(), channels_last);
 }
 
 }  // namespace mrcnn

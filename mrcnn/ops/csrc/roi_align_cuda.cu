@@ -59,6 +59,29 @@ __device__ __forceinline__ int valid_level(const roi_t* roi, const int64_t* roi_
   return (l >= 0 && l < lv.num_levels) ? static_cast<int>(l) : -1;
 }
 
+// Calls f(y_low, y_high, x_low, x_high, w1, w2, w3, w4) for every bilinear sample of bin
+// (ph, pw), in torchvision's order (rows outer, columns inner).
+template <typename acc_t, typename F>
+__device__ __forceinline__ void for_each_sample(const RoiGeometry<acc_t>& g, int ph, int pw, int64_t H,
+                                                int64_t W, F&& f) {
+  int64_t y0, y1, x0, x1;
+  axis_range(g.start_h, g.bin_h, g.grid_h, ph, H, y0, y1);
+  axis_range(g.start_w, g.bin_w, g.grid_w, pw, W, x0, x1);
+  for (int64_t iy = y0; iy < y1; ++iy) {
+    int64_t ylo, yhi;
+    acc_t ly;
+    if (!axis_sample(sample_position(g.start_h, g.bin_h, g.grid_h, ph, iy), H, ylo, yhi, ly)) continue;
+    const acc_t hy = acc_t(1) - ly;
+    for (int64_t ix = x0; ix < x1; ++ix) {
+      int64_t xlo, xhi;
+      acc_t lx;
+      if (!axis_sample(sample_position(g.start_w, g.bin_w, g.grid_w, pw, ix), W, xlo, xhi, lx)) continue;
+      const acc_t hx = acc_t(1) - lx;
+      f(ylo, yhi, xlo, xhi, hy * hx, hy * lx, ly * hx, ly * lx);
+    }
+  }
+}
+
 template <typename T, typename acc_t, typename roi_t>
 __global__ void __launch_bounds__(kChannelTile * kBinLanes)
 forward_kernel(LevelsArg<const T> lv, const roi_t* __restrict__ rois,
@@ -80,27 +103,14 @@ forward_kernel(LevelsArg<const T> lv, const roi_t* __restrict__ rois,
     const T* feat = lv.data[level] + static_cast<int64_t>(static_cast<double>(roi[0])) * H * W * C + c;
     for (int b = ty; b < kBinTile && bin0 + b < bins; b += kBinLanes) {
       const int ph = (bin0 + b) / s.pooled_w, pw = (bin0 + b) % s.pooled_w;
-      int64_t y0, y1, x0, x1;
-      axis_range(g.start_h, g.bin_h, g.grid_h, ph, H, y0, y1);
-      axis_range(g.start_w, g.bin_w, g.grid_w, pw, W, x0, x1);
       acc_t acc = 0;
-      for (int64_t iy = y0; iy < y1; ++iy) {
-        int64_t ylo, yhi;
-        acc_t ly;
-        if (!axis_sample(sample_position(g.start_h, g.bin_h, g.grid_h, ph, iy), H, ylo, yhi, ly)) continue;
-        const acc_t hy = acc_t(1) - ly;
-        for (int64_t ix = x0; ix < x1; ++ix) {
-          int64_t xlo, xhi;
-          acc_t lx;
-          if (!axis_sample(sample_position(g.start_w, g.bin_w, g.grid_w, pw, ix), W, xlo, xhi, lx)) continue;
-          const acc_t hx = acc_t(1) - lx;
-          const acc_t v1 = static_cast<acc_t>(feat[(ylo * W + xlo) * C]);
-          const acc_t v2 = static_cast<acc_t>(feat[(ylo * W + xhi) * C]);
-          const acc_t v3 = static_cast<acc_t>(feat[(yhi * W + xlo) * C]);
-          const acc_t v4 = static_cast<acc_t>(feat[(yhi * W + xhi) * C]);
-          acc += hy * hx * v1 + hy * lx * v2 + ly * hx * v3 + ly * lx * v4;
-        }
-      }
+      for_each_sample(g, ph, pw, H, W,
+                      [&](int64_t ylo, int64_t yhi, int64_t xlo, int64_t xhi, acc_t w1, acc_t w2, acc_t w3, acc_t w4) {
+                        acc += w1 * static_cast<acc_t>(feat[(ylo * W + xlo) * C]) +
+                               w2 * static_cast<acc_t>(feat[(ylo * W + xhi) * C]) +
+                               w3 * static_cast<acc_t>(feat[(yhi * W + xlo) * C]) +
+                               w4 * static_cast<acc_t>(feat[(yhi * W + xhi) * C]);
+                      });
       tile[tx][b] = acc / g.count;
     }
   } else {
@@ -148,25 +158,13 @@ backward_kernel(LevelsArg<acc_t> lv, const roi_t* __restrict__ rois,
   for (int b = ty; b < kBinTile && bin0 + b < bins; b += kBinLanes) {
     const int ph = (bin0 + b) / s.pooled_w, pw = (bin0 + b) % s.pooled_w;
     const acc_t grad = tile[tx][b];
-    int64_t y0, y1, x0, x1;
-    axis_range(g.start_h, g.bin_h, g.grid_h, ph, H, y0, y1);
-    axis_range(g.start_w, g.bin_w, g.grid_w, pw, W, x0, x1);
-    for (int64_t iy = y0; iy < y1; ++iy) {
-      int64_t ylo, yhi;
-      acc_t ly;
-      if (!axis_sample(sample_position(g.start_h, g.bin_h, g.grid_h, ph, iy), H, ylo, yhi, ly)) continue;
-      const acc_t hy = acc_t(1) - ly;
-      for (int64_t ix = x0; ix < x1; ++ix) {
-        int64_t xlo, xhi;
-        acc_t lx;
-        if (!axis_sample(sample_position(g.start_w, g.bin_w, g.grid_w, pw, ix), W, xlo, xhi, lx)) continue;
-        const acc_t hx = acc_t(1) - lx;
-        gpuAtomicAdd(grad_in + (ylo * W + xlo) * C, grad * (hy * hx) / g.count);
-        gpuAtomicAdd(grad_in + (ylo * W + xhi) * C, grad * (hy * lx) / g.count);
-        gpuAtomicAdd(grad_in + (yhi * W + xlo) * C, grad * (ly * hx) / g.count);
-        gpuAtomicAdd(grad_in + (yhi * W + xhi) * C, grad * (ly * lx) / g.count);
-      }
-    }
+    for_each_sample(g, ph, pw, H, W,
+                    [&](int64_t ylo, int64_t yhi, int64_t xlo, int64_t xhi, acc_t w1, acc_t w2, acc_t w3, acc_t w4) {
+                      gpuAtomicAdd(grad_in + (ylo * W + xlo) * C, grad * w1 / g.count);
+                      gpuAtomicAdd(grad_in + (ylo * W + xhi) * C, grad * w2 / g.count);
+                      gpuAtomicAdd(grad_in + (yhi * W + xlo) * C, grad * w3 / g.count);
+                      gpuAtomicAdd(grad_in + (yhi * W + xhi) * C, grad * w4 / g.count);
+                    });
   }
 }
 
@@ -242,16 +240,10 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
                                                  int64_t pooled_height, int64_t pooled_width,
                                                  int64_t sampling_ratio, bool aligned,
                                                  bool channels_last) {
-  TORCH_CHECK_VALUE(grad.size(1) == channels, "roi_align_backward: grad has ", grad.size(1),
-                    " channels, expected ", channels);
   c10::cuda::CUDAGuard guard(grad.device());
   at::globalContext().alertNotDeterministic("mrcnn::roi_align_backward (CUDA)");
   const int64_t K = rois.size(0), L = static_cast<int64_t>(spatial_scales.size());
-  const auto acc_type = accumulate_type(grad.scalar_type());
-  std::vector<at::Tensor> buffers(L);
-  for (int64_t l = 0; l < L; ++l) {
-    buffers[l] = at::zeros({batch_size, heights[l], widths[l], channels}, grad.options().dtype(acc_type));
-  }
+  std::vector<at::Tensor> buffers = gradient_accumulators(grad, heights, widths, batch_size, channels);
 
   if (K > 0 && channels > 0) {
     const at::Tensor rois_c = rois.contiguous();
@@ -282,12 +274,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
     });
   }
 
-  std::vector<at::Tensor> result(L);
-  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  for (int64_t l = 0; l < L; ++l) {
-    result[l] = buffers[l].permute({0, 3, 1, 2}).to(grad.scalar_type()).contiguous(format);
-  }
-  return result;
+  return gradients_from_accumulators(buffers, grad.scalar_type(), channels_last);
 }
 
 }  // namespace mrcnn
