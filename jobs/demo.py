@@ -124,7 +124,10 @@ def main(argv=None) -> int:
         log("synthetic archive -> s3://demo/shapes")
         from jobs.synthetic import generate
 
-        generate(f"s3://{BUCKET}/shapes", args.images, seed=0)
+        generate(f"s3://{BUCKET}/shapes", args.images, seed=0, val_fraction=0.25)
+        # Real archives hold broken files too: each becomes an error row, not a crash.
+        s3.pipe(f"{BUCKET}/shapes/images/broken-empty.jpg", b"")
+        s3.pipe(f"{BUCKET}/shapes/images/broken-not-an-image.png", b"this is a text file\n")
 
         weights = args.weights
         if weights is None:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from jobs import render
 from jobs.infer import commit
+from jobs.infer.schema import SCHEMA
 from jobs.infer.storage import join, resolve
 from jobs.infer.summary import read_summary
 
@@ -216,7 +217,13 @@ def build_report(
         summary = read_summary(results_uri, run_id)
     except FileNotFoundError:
         summary = None
-    table = render.read_latest(results_uri, run_id=run_id)
+    try:
+        table = render.read_latest(results_uri, run_id=run_id)
+    except ValueError:
+        if summary is None:
+            raise  # no such run
+        # The run exists but committed nothing (e.g. an incremental run with nothing new).
+        table = SCHEMA.empty_table()
     rows = table.to_pylist()
     ok_rows = [r for r in rows if r["status"] == "ok"]
     result, images = render.render_table(table, None, limit=max_overlays, min_score=min_score, keep_images=True)

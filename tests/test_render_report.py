@@ -349,3 +349,16 @@ def test_report_cli_other_run_and_bad_run(dataset, tmp_path, capsys):
     assert "No summary.json" in dest.read_text(encoding="utf-8")  # r0 has none
     assert report.main(["--results", str(out), "--run-id", "nope"]) == 2
     assert "run 'nope' has no committed rows" in capsys.readouterr().err
+
+
+def test_report_of_a_run_that_committed_nothing(dataset):
+    # An incremental run with nothing new commits no rows but is a real run: its report shows
+    # the summary and empty sections instead of failing (the demo's second run is one).
+    out, _ = dataset
+    summary = RunSummary("r3")
+    summary.listed, summary.skipped_unchanged, summary.wall_s = 7, 7, 0.1
+    summary.write(str(out))
+    text = report.build_report(str(out), "r3")
+    assert "<h1>Run r3</h1>" in text
+    assert "0 committed rows (0 ok, 0 error)" in text
+    assert "Errors (0)" in text and "Score histogram (0 instances)" in text
