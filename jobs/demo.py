@@ -165,12 +165,20 @@ def main(argv=None) -> int:
         shutil.rmtree(pictures, ignore_errors=True)
         run([sys.executable, "-m", "jobs.render", "--results", results, "--out", str(pictures), "--limit", "8"],
             env=svc.env)
+        from jobs.infer.commit import list_runs
         from jobs.report import write_report
 
-        report = write_report(str(local_results))
+        first_run = list_runs(str(local_results))[0].run_id  # the run that processed the archive
+        report = write_report(str(local_results), run_id=first_run)
 
     wall = time.time() - t0
     log(f"done in {wall:.0f} s")
+    if args.weights is None:
+        print(f"""
+The model was trained for {_trained_iters(work / 'train')} iterations from scratch on 2 CPU cores: expect
+few or no confident detections. Train further (training resumes from the checkpoint) with
+  bash scripts/demo.sh --train-iters 400
+or run over a checkpoint you have with --weights FILE (e.g. torchvision's COCO Mask R-CNN).""")
     print(f"""
   checkpoint      {weights}
   results         {local_results}   (copied from {results}; the S3 endpoint is gone now)
