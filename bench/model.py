@@ -111,6 +111,14 @@ def main():
         ours.mask_output = "binary"
         rows.append(("ours fp32, binary masks", timed(lambda: ours(imgs), dev, args.repeat), None))
         ours.mask_output = "probs"
+        if dev == "cpu":
+            # What the Predictor runs: channels-last convolutions (oneDNN NHWC), RoIAlign
+            # without transposes. Not bit-identical: float rounding differs from NCHW.
+            ref = ours(imgs)
+            ours.to(memory_format=torch.channels_last)
+            print("outputs, channels_last vs NCHW (ranks of near-equal scores may swap):", compare(ref, ours(imgs)))
+            rows.append(("ours fp32 channels_last (the Predictor's default)", timed(lambda: ours(imgs), dev, args.repeat), None))
+            ours.to(memory_format=torch.contiguous_format)
         if dev == "cuda":
             rows[0] = rows[0][:2] + (peak_memory(lambda: tv(imgs)),)
             rows[1] = rows[1][:2] + (peak_memory(lambda: ours(imgs)),)

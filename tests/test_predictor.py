@@ -151,3 +151,15 @@ def test_arguments_are_checked(tv_model):
         label_names([1, 95])
     assert Predictor(tv_model, device="cpu").class_names == list(COCO_CATEGORY_NAMES)
     assert Predictor(tv_model, device="cpu")([]) == []
+
+
+def test_channels_last_is_the_default_and_can_be_turned_off():
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    model = MaskRCNN(backbone, num_classes=91, **SMALL).eval()
+    conv = model.backbone.body.conv1.weight
+    Predictor(model, device="cpu", channels_last=False)
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    Predictor(model, device="cpu")
+    assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.backbone.body.conv1.weight.is_contiguous()
