@@ -15,6 +15,15 @@ from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from .ops import roi_align
 
 
+
+def _init_convs(module: nn.Module) -> None:
+    """He initialisation of every conv (torchvision's choice for the conv heads)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
 class TwoMLPHead(nn.Module):
     """v1 box head: flatten, fc6 + ReLU, fc7 + ReLU."""
 
@@ -51,11 +60,7 @@ class FastRCNNConvFCHead(nn.Sequential):
             blocks.append(nn.ReLU(inplace=True))
             previous = features
         super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        _init_convs(self)
 
 
 class FastRCNNPredictor(nn.Module):
@@ -90,11 +95,7 @@ class MaskRCNNHeads(nn.Sequential):
             )
             previous = channels
         super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        _init_convs(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if local_metadata.get("version", None) is None or local_metadata["version"] < 2:
