@@ -257,7 +257,8 @@ def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_s
     before = {r["image_uri"] for r in _rows(out, run_id)}
     assert 0 < len(before) < 12
 
-    res = subprocess.run([sys.executable, "-m", "jobs.infer", *args], cwd=ROOT, env=env,
+    # The rerun also asks for the run report: not a run parameter, so the run still resumes.
+    res = subprocess.run([sys.executable, "-m", "jobs.infer", *args, "--report"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     s = json.loads(res.stdout.strip().splitlines()[-1])
@@ -266,3 +267,6 @@ def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_s
     rows = _rows(out, run_id)
     assert len(rows) == 12 and Counter(r["image_uri"] for r in rows).most_common(1)[0][1] == 1
     assert fs.exists(f"{root}/_runs/{run_id}/_SUCCESS")
+    with fs.open(f"{root}/_runs/{run_id}/report.html", "rb") as f:
+        report = f.read().decode()
+    assert f"<h1>Run {run_id}</h1>" in report and "12 committed rows" in report

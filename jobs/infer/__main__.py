@@ -18,7 +18,7 @@ from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .pipeline import InfraError, JobConfig, run_job
 
 
-def parse_args(argv=None) -> JobConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="image prefix/directory or list file (s3://... or local)")
     p.add_argument("--output", required=True, help="output root (s3://... or local)")
@@ -32,7 +32,18 @@ def parse_args(argv=None) -> JobConfig:
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
     p.add_argument("--run-id", default=None, help="resume or create this run id")
-    a = p.parse_args(argv)
+    p.add_argument("--report", action="store_true",
+                   help="when the run finishes, write its HTML report to OUTPUT/_runs/<run_id>/report.html")
+    return p
+
+
+def parse_args(argv=None) -> JobConfig:
+    p = build_parser()
+    return _config(p, p.parse_args(argv))
+
+
+def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
+    # --report is not part of the run's parameters: adding it to a rerun still resumes the run.
     for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -47,7 +58,9 @@ def parse_args(argv=None) -> JobConfig:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    cfg = _config(p, args)
     import ray
 
     started = False
@@ -63,6 +76,13 @@ def main(argv=None) -> int:
         if started:
             ray.shutdown()
     print(summary.format())
+    if args.report:
+        from jobs.report import write_report
+
+        try:
+            print(f"report: {write_report(cfg.output, run_id=summary.run_id)}")
+        except Exception as e:  # the rows are committed; a report failure must not fail the job
+            print(f"jobs.infer: report not written: {' '.join(str(e).split())}", file=sys.stderr)
     print(json.dumps({"run_id": summary.run_id, "rows": manifest["rows"], **summary.to_dict()}, sort_keys=True))
     return 0
 
