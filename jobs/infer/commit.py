@@ -82,16 +82,21 @@ def _is_local(fs) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def _local_temp(path: str, data: bytes) -> str:
+    """A durable (fsynced) temporary file beside ``path``, to be renamed or linked into place."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def write_atomic(fs, path: str, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or all of the new, never a part."""
     if _is_local(fs):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_local_temp(path, data), path)
     else:
         # One PUT (or a multipart upload completed at the end): atomic on object stores.
         fs.pipe_file(path, data)
@@ -100,10 +105,7 @@ def write_atomic(fs, path: str, data: bytes) -> None:
 def _create_exclusive(fs, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist; False if it already did."""
     if _is_local(fs):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp = _local_temp(path, data)
         try:
             os.link(tmp, path)  # atomic and exclusive: fails if path exists
             return True
