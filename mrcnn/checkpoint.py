@@ -142,6 +142,8 @@ def model_config(model: nn.Module) -> dict:
         "image_mean": [float(v) for v in t.image_mean],
         "image_std": [float(v) for v in t.image_std],
         "size_divisible": int(t.size_divisible),
+        "rpn_anchor_sizes": [[int(v) for v in s] for s in rpn.anchor_generator.sizes],
+        "rpn_aspect_ratios": [[float(v) for v in a] for a in rpn.anchor_generator.aspect_ratios],
         "rpn_pre_nms_top_n_train": int(rpn._pre_nms_top_n["training"]),
         "rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
         "rpn_post_nms_top_n_train": int(rpn._post_nms_top_n["training"]),

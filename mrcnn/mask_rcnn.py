@@ -22,9 +22,17 @@ from .transform import MASK_OUTPUTS, GeneralizedRCNNTransform
 __all__ = ["MaskRCNN", "build_model", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn"]
 
 
-def default_anchor_generator() -> AnchorGenerator:
-    sizes = ((32,), (64,), (128,), (256,), (512,))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+DEFAULT_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
+DEFAULT_ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * 5
+
+
+def make_anchor_generator(sizes=None, aspect_ratios=None) -> AnchorGenerator:
+    """One anchor size per FPN level (32..512 px) and three aspect ratios unless told otherwise;
+    smaller sizes suit datasets of small objects."""
+    sizes = tuple(tuple(s) for s in sizes) if sizes is not None else DEFAULT_ANCHOR_SIZES
+    if aspect_ratios is None:
+        aspect_ratios = DEFAULT_ASPECT_RATIOS[:1] * len(sizes)
+    return AnchorGenerator(sizes, tuple(tuple(a) for a in aspect_ratios))
 
 
 class MaskRCNN(nn.Module):
@@ -41,7 +49,9 @@ class MaskRCNN(nn.Module):
     ``[G]`` and ``masks`` uint8 ``[G, H, W]``, returns the losses ``loss_classifier``, ``loss_box_reg``,
     ``loss_mask``, ``loss_objectness`` and ``loss_rpn_box_reg``.
 
-    The keyword arguments are torchvision's ``MaskRCNN`` ones (see its documentation).
+    The keyword arguments are torchvision's ``MaskRCNN`` ones (see its documentation), plus
+    ``rpn_anchor_sizes`` / ``rpn_aspect_ratios`` (per FPN level; plain values, so checkpoints
+    record them) as an alternative to passing a whole ``rpn_anchor_generator``.
     """
 
     def __init__(
@@ -55,6 +65,8 @@ class MaskRCNN(nn.Module):
         image_std: Optional[list[float]] = None,
         # RPN
         rpn_anchor_generator: Optional[AnchorGenerator] = None,
+        rpn_anchor_sizes: Optional[list[list[int]]] = None,
+        rpn_aspect_ratios: Optional[list[list[float]]] = None,
         rpn_head: Optional[nn.Module] = None,
         rpn_pre_nms_top_n_train: int = 2000,
         rpn_pre_nms_top_n_test: int = 1000,
@@ -97,7 +109,9 @@ class MaskRCNN(nn.Module):
         out_channels = backbone.out_channels
 
         if rpn_anchor_generator is None:
-            rpn_anchor_generator = default_anchor_generator()
+            rpn_anchor_generator = make_anchor_generator(rpn_anchor_sizes, rpn_aspect_ratios)
+        elif rpn_anchor_sizes is not None or rpn_aspect_ratios is not None:
+            raise ValueError("give rpn_anchor_generator or rpn_anchor_sizes/rpn_aspect_ratios, not both")
         if rpn_head is None:
             rpn_head = RPNHead(out_channels, rpn_anchor_generator.num_anchors_per_location()[0])
         rpn = RegionProposalNetwork(
@@ -249,7 +263,7 @@ def build_model(
             trainable_layers=trainable,
             fpn_norm_layer=nn.BatchNorm2d,
         )
-        anchor_generator = default_anchor_generator()
+        anchor_generator = make_anchor_generator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
         out = backbone.out_channels
         kwargs = {
             "rpn_anchor_generator": anchor_generator,
