@@ -33,6 +33,9 @@ def main(argv=None):
     p.add_argument("--min-size", type=int, nargs="+", default=[128, 144, 160])
     p.add_argument("--max-size", type=int, default=240)
     p.add_argument("--arch", default="resnet50_fpn")
+    # the shapes are 10-60 px: anchors from 16 px, and fewer sampled RoIs (few objects per image)
+    p.add_argument("--anchor-sizes", type=int, nargs=5, default=[16, 32, 64, 128, 256])
+    p.add_argument("--box-batch-size-per-image", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -59,6 +62,7 @@ def main(argv=None):
         "--min-size", *map(str, args.min_size), "--max-size", str(args.max_size),
         "--checkpoint-every", str(args.checkpoint_every), "--eval-every", "0", "--log-every", "20",
         "--loader-workers", "1", "--seed", str(args.seed), "--clip-grad-norm", str(args.clip_grad_norm),
+        "--anchor-sizes", *map(str, args.anchor_sizes), "--box-batch-size-per-image", str(args.box_batch_size_per_image),
     ]
     import ray
 

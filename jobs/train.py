@@ -78,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50_fpn")
     p.add_argument("--min-size", type=int, nargs="+", default=[800], help="one or more sizes (multi-scale training)")
     p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
+                   help="RPN anchor size per FPN level, 5 values (default 32 64 128 256 512; smaller for small objects)")
+    p.add_argument("--box-batch-size-per-image", type=int, default=512,
+                   help="RoIs sampled per image for the box and mask heads (reference 512; fewer is faster)")
     p.add_argument("--trainable-backbone-layers", type=int, default=None, help="0-5 (default 3 with pretrained weights)")
     p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -110,6 +114,10 @@ def parse_args(argv=None):
         p.error(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.trainable_backbone_layers is not None and not 0 <= args.trainable_backbone_layers <= 5:
         p.error(f"--trainable-backbone-layers must be in 0..5, got {args.trainable_backbone_layers}")
+    if args.anchor_sizes is not None and len(args.anchor_sizes) != 5:
+        p.error(f"--anchor-sizes needs one size per FPN level (5), got {len(args.anchor_sizes)}")
+    if args.box_batch_size_per_image < 1:
+        p.error("--box-batch-size-per-image must be >= 1")
     if args.weights and args.weights_backbone:
         p.error("give --weights or --weights-backbone, not both")
     args.data = args.data.rstrip("/")
@@ -205,7 +213,10 @@ def build_model(cfg, num_classes):
 
     arch = ARCHS[cfg["arch"]]
     kwargs = dict(min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
-                  trainable_backbone_layers=cfg["trainable_backbone_layers"])
+                  trainable_backbone_layers=cfg["trainable_backbone_layers"],
+                  box_batch_size_per_image=cfg.get("box_batch_size_per_image", 512))
+    if cfg.get("anchor_sizes"):
+        kwargs["rpn_anchor_sizes"] = [[s] for s in cfg["anchor_sizes"]]
     if not cfg["weights"]:
         return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
     file_classes = int(read_metadata(cfg["weights"])["num_classes"])

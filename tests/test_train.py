@@ -53,7 +53,8 @@ def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ra
 
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate(data, 10, seed=0, size="128/160", val_fraction=0.2)
-    result = train.run(_args(data, out, 4))
+    small_objects = ("--anchor-sizes", "16", "32", "64", "128", "256", "--box-batch-size-per-image", "64")
+    result = train.run(_args(data, out, 4, *small_objects))
     assert result == {"step": 4, "model": f"{out}/model_final.pt", "skipped": False}
 
     lines = _metrics(out)
@@ -74,10 +75,12 @@ def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ra
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.checkpoint_metadata["extra"]["step"] == 4
     assert model.transform.min_size == (128,)
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
 
     # the same command again: nothing retrained, no new metrics
     t0 = time.perf_counter()
-    again = train.run(_args(data, out, 4))
+    again = train.run(_args(data, out, 4, *small_objects))
     assert again["skipped"] is True and again["step"] == 4
     assert time.perf_counter() - t0 < 10
     assert _metrics(out) == lines
@@ -153,7 +156,9 @@ def test_bad_arguments_are_named(capsys):
     for argv, message in ((["--num-workers", "0"], "--num-workers must be >= 1"),
                           (["--lr-steps", "50", "10"], "--lr-steps must be increasing"),
                           (["--trainable-backbone-layers", "6"], "--trainable-backbone-layers must be in 0..5"),
-                          (["--weights", "a.pt", "--weights-backbone", "b.pt"], "not both")):
+                          (["--weights", "a.pt", "--weights-backbone", "b.pt"], "not both"),
+                          (["--anchor-sizes", "16", "32"], "one size per FPN level (5), got 2"),
+                          (["--box-batch-size-per-image", "0"], "--box-batch-size-per-image must be >= 1")):
         with pytest.raises(SystemExit):
             train.parse_args(["--data", "d", "--output", "o", *argv])
         assert message in capsys.readouterr().err
