@@ -270,3 +270,21 @@ def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_s
     with fs.open(f"{root}/_runs/{run_id}/report.html", "rb") as f:
         report = f.read().decode()
     assert f"<h1>Run {run_id}</h1>" in report and "12 committed rows" in report
+
+
+def test_pool_size_follows_the_cluster_unless_given():
+    from jobs.infer.pipeline import InfraError, JobConfig, pool_size
+
+    cfg = dict(input="in", output="out", weights="w.pt")
+    # CPU actors: one per CPU after the decode stage's share
+    assert pool_size(JobConfig(**cfg), {"CPU": 3.0}) == 2
+    assert pool_size(JobConfig(**cfg), {"CPU": 2.0}) == 1
+    assert pool_size(JobConfig(**cfg, num_cpus_per_actor=4), {"CPU": 64.0}) == 15
+    assert pool_size(JobConfig(**cfg), {"CPU": 0.5}) == 1  # never an empty pool
+    # GPU actors: one per GPU share; CPUs do not matter
+    assert pool_size(JobConfig(**cfg, num_gpus_per_actor=1), {"CPU": 64.0, "GPU": 8.0}) == 8
+    assert pool_size(JobConfig(**cfg, num_gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == 4
+    with pytest.raises(InfraError, match="cluster has 0 GPUs"):
+        pool_size(JobConfig(**cfg, num_gpus_per_actor=1), {"CPU": 8.0})
+    # an explicit --num-actors wins
+    assert pool_size(JobConfig(**cfg, num_actors=3), {"CPU": 64.0}) == 3

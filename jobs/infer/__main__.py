@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .commit import DEFAULT_SHARD_SIZE
@@ -24,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output root (s3://... or local)")
     p.add_argument("--weights", required=True, help="checkpoint path or URI")
     p.add_argument("--full", action="store_true", help="process every image, not only new or changed ones")
-    p.add_argument("--num-actors", type=int, default=1, help="model actors (default 1)")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="model actors (default: as many as the cluster's GPUs, or CPUs, hold)")
     p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU actors")
-    p.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (torch threads on CPU)")
+    p.add_argument("--num-cpus-per-actor", type=float, default=1.0,
+                   help="CPUs per actor (torch threads on CPU; one replica per core outruns one replica on many)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
@@ -45,7 +48,7 @@ def parse_args(argv=None) -> JobConfig:
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
     # --report is not part of the run's parameters: adding it to a rerun still resumes the run.
     for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.num_gpus_per_actor < 0 or a.num_cpus_per_actor <= 0:
         p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
@@ -57,6 +60,23 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
     )
 
 
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray.
+
+    The embedded cluster gets one logical CPU more than the machine's cores: the pool then holds
+    one single-threaded model actor per core and the light decode tasks still find a slot.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(num_cpus=len(os.sched_getaffinity(0)) + 1)
+    except ValueError:  # a local cluster started with `ray start` was found: use it as it is
+        ray.init()
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -65,7 +85,7 @@ def main(argv=None) -> int:
 
     started = False
     if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (set by `ray job submit`) or an embedded local cluster
+        init_ray()
         started = True
     try:
         summary, manifest = run_job(cfg)

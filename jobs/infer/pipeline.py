@@ -39,6 +39,10 @@ from .summary import RunSummary
 log = logging.getLogger(__name__)
 
 PLAN_CHUNK_ROWS = 50_000
+# Rows per block between the plan and the model: a plan file reads as one block, which would
+# make one decode task feed every actor; blocks of a few batches spread the work over the
+# decode tasks and the actor pool, and stay cheap to schedule.
+BLOCK_BATCHES = 4
 PLAN_SCHEMA = pa.schema(
     [("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()), ("error", pa.string()), (SHARD_COLUMN, pa.string())]
 )
@@ -54,7 +58,7 @@ class JobConfig:
     output: str
     weights: str
     full: bool = False
-    num_actors: int = 1
+    num_actors: int | None = None  # None: sized from the cluster (pool_size)
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     batch_size: int = 4
@@ -135,6 +139,24 @@ def _write_plan(run: commit.Run, shards: Iterator[commit.Shard], summary: RunSum
     return files, expected
 
 
+def pool_size(cfg: JobConfig, resources: dict[str, float]) -> int:
+    """Model actors for ``cfg``: ``cfg.num_actors`` when given, else as many as the cluster holds.
+
+    GPU actors: one per ``num_gpus_per_actor`` of the cluster's GPUs. CPU actors: one per
+    ``num_cpus_per_actor`` CPUs after the decode stage's share (``decode_cpus``), so the
+    decode tasks always find a CPU.
+    """
+    if cfg.num_actors is not None:
+        return cfg.num_actors
+    if cfg.num_gpus_per_actor > 0:
+        gpus = resources.get("GPU", 0.0)
+        if gpus < cfg.num_gpus_per_actor:
+            raise InfraError(f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g} but the cluster has {gpus:g} GPUs")
+        return int(gpus // cfg.num_gpus_per_actor)
+    cpus = resources.get("CPU", 0.0) - cfg.decode_cpus
+    return max(1, int(cpus // cfg.num_cpus_per_actor))
+
+
 def _pyarrow_fs(output_uri: str):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -147,6 +169,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
     import ray
 
     ds = ray.data.read_parquet(plan_files, filesystem=_pyarrow_fs(cfg.output))
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BLOCK_BATCHES)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect},
@@ -166,7 +189,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
             "micro_batch": cfg.batch_size,
             "num_threads": None if use_gpu else max(1, int(cfg.num_cpus_per_actor)),
         },
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, ray.cluster_resources()), max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_gpus=cfg.num_gpus_per_actor,
