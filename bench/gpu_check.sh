@@ -37,6 +37,10 @@ echo "== bench/model.py"
 python3 bench/model.py --device cuda --batch 8 --repeat 5 > "$OUT/model_cuda.txt" 2>&1
 tail -12 "$OUT/model_cuda.txt"
 
+echo "== bench/train_speed.py"
+python3 bench/train_speed.py --device cuda --batch 4 --size 800x1066 > "$OUT/train_speed_cuda.txt" 2>&1
+tail -10 "$OUT/train_speed_cuda.txt"
+
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
