@@ -17,7 +17,9 @@ evaluation uses the last one), AMP on GPU. ``--lr`` defaults to the linear scali
 0.02 * global batch / 16. Initialisation: ``--weights`` (a torchvision Mask R-CNN state_dict, e.g.
 the COCO file, or our checkpoint; the box and mask predictors are replaced when the class count
 differs), ``--weights-backbone`` (ImageNet ResNet state_dict), or nothing (from scratch; all
-backbone layers then train, as in torchvision).
+backbone layers then train, as in torchvision). Small objects: ``--anchor-sizes 16 32 64 128 256``
+(recorded in the checkpoint, so inference uses the same anchors); ``--box-batch-size-per-image``
+sets the RoIs sampled per image for the heads (512 as in the reference; fewer is faster).
 
 Output, all under ``--output`` (local or s3://; ``AWS_ENDPOINT_URL`` is honoured):
 
