@@ -16,6 +16,7 @@ import sys
 
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from .lock import LockedError
 from .pipeline import InfraError, JobConfig, run_job
 
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
     p.add_argument("--run-id", default=None, help="resume or create this run id")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take the output's writer lease over at once (only when the run holding it is gone)")
     p.add_argument("--report", action="store_true",
                    help="when the run finishes, write its HTML report to OUTPUT/_runs/<run_id>/report.html")
     return p
@@ -56,7 +59,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
         num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
         batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
-        images_per_shard=a.images_per_shard, run_id=a.run_id,
+        images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,
     )
 
 
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
         started = True
     try:
         summary, manifest = run_job(cfg)
-    except (InfraError, ValueError, PermissionError, FileNotFoundError) as e:
+    except (InfraError, LockedError, ValueError, PermissionError, FileNotFoundError) as e:
         print(f"jobs.infer: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:

@@ -36,8 +36,9 @@ image" is the row with the greatest (processed_at, run_id), see DESIGN.md for th
 and Spark queries. :func:`committed_state` reads that same latest row per image for
 incremental planning.
 
-One writer per output root at a time: two concurrent runs of one command would resume
-the same run and race. Tests set :data:`STEP_HOOK` to stop a run between any two steps.
+One writer per output root at a time: ``pipeline.run_job`` holds the output's writer
+lease (``lock.py``) around all of this. Tests set :data:`STEP_HOOK` to stop a run between
+any two steps.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from . import commit
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
 from .storage import SourceObject, join, list_inputs, resolve
 from .summary import RunSummary
@@ -67,6 +68,7 @@ class JobConfig:
     images_per_shard: int = commit.DEFAULT_SHARD_SIZE
     run_id: str | None = None
     decode_cpus: float = 0.5
+    break_lock: bool = False
 
 
 def checkpoint_identity(weights: str) -> tuple[str, str]:
@@ -142,7 +144,8 @@ def _write_plan(run: commit.Run, shards: Iterator[commit.Shard], summary: RunSum
 def pool_size(cfg: JobConfig, resources: dict[str, float]) -> int:
     """Model actors for ``cfg``: ``cfg.num_actors`` when given, else as many as the cluster holds.
 
-    GPU actors: one per ``num_gpus_per_actor`` of the cluster's GPUs. CPU actors: one per
+    GPU actors: one per ``num_gpus_per_actor`` of the cluster's GPUs; one when the cluster has
+    none yet (an autoscaling cluster adds a GPU node for it). CPU actors: one per
     ``num_cpus_per_actor`` CPUs after the decode stage's share (``decode_cpus``), so the
     decode tasks always find a CPU.
     """
@@ -151,7 +154,9 @@ def pool_size(cfg: JobConfig, resources: dict[str, float]) -> int:
     if cfg.num_gpus_per_actor > 0:
         gpus = resources.get("GPU", 0.0)
         if gpus < cfg.num_gpus_per_actor:
-            raise InfraError(f"--num-gpus-per-actor {cfg.num_gpus_per_actor:g} but the cluster has {gpus:g} GPUs")
+            log.warning("no GPU in the cluster yet: one model actor (the autoscaler, if any, adds a node "
+                        "for it); pass --num-actors N for more")
+            return 1
         return int(gpus // cfg.num_gpus_per_actor)
     cpus = resources.get("CPU", 0.0) - cfg.decode_cpus
     return max(1, int(cpus // cfg.num_cpus_per_actor))
@@ -197,8 +202,12 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
     )
 
 
-def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary) -> None:
-    """Group streamed result rows by shard; stage + commit each shard once it is complete."""
+def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary,
+                    may_commit=lambda: None) -> None:
+    """Group streamed result rows by shard; stage + commit each shard once it is complete.
+
+    ``may_commit()`` runs before each commit and raises when this run must stop committing.
+    """
     pending: dict[str, list[pa.Table]] = {}
     counts: dict[str, int] = {}
     done: set[str] = set()
@@ -225,6 +234,7 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
                 )
                 shard = commit.Shard(sid, items)
                 run.stage(shard, table)
+                may_commit()
                 run.commit(sid)
                 summary.add_shard(table)
                 del expected[sid], counts[sid]
@@ -233,8 +243,16 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
 
 
+def _output_error(output: str, e: Exception) -> InfraError:
+    return InfraError(f"cannot write to output {output}: {type(e).__name__}: {' '.join(str(e).split())}")
+
+
 def run_job(cfg: JobConfig) -> tuple[RunSummary, dict]:
-    """One invocation of the job (starts or resumes a run); returns (summary, manifest)."""
+    """One invocation of the job (starts or resumes a run); returns (summary, manifest).
+
+    The run holds the output's writer lease (``lock.WriterLease``) from before it picks its
+    run id until it has finished: a second run on the same output stops with LockedError.
+    """
     checkpoint_sha256, model_name = checkpoint_identity(cfg.weights)
     _check_input(cfg.input)
     params = {
@@ -245,12 +263,27 @@ def run_job(cfg: JobConfig) -> tuple[RunSummary, dict]:
         "max_pixels": cfg.max_pixels,
         "max_aspect": cfg.max_aspect,
     }
+    lease = WriterLease(cfg.output, f"jobs.infer --input {cfg.input}", break_lock=cfg.break_lock)
+    try:
+        lease.acquire()
+    except LockedError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _output_error(cfg.output, e) from None
+    try:
+        return _run_holding_lease(cfg, params, lease, checkpoint_sha256, model_name)
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpoint_sha256: str, model_name: str):
     try:
         run = commit.begin_run(cfg.output, params, run_id=cfg.run_id)
     except (ValueError, RuntimeError):
         raise  # a run id that does not fit these parameters: the message says so
     except Exception as e:  # noqa: BLE001
-        raise InfraError(f"cannot write to output {cfg.output}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise _output_error(cfg.output, e) from None
+    lease.info["run"] = run.run_id
     summary = RunSummary(run.run_id, resumed=run.resumed)
     stats = commit.PlanStats()
     state = commit.committed_state(cfg.output, run_id=run.run_id)
@@ -260,7 +293,8 @@ def run_job(cfg: JobConfig) -> tuple[RunSummary, dict]:
     summary.add_plan(stats)
     if plan_files:
         ds = build_dataset(cfg, plan_files, run_id=run.run_id, checkpoint_sha256=checkpoint_sha256, model_name=model_name)
-        _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary)
+        _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary, lease.check)
+    lease.check()
     summary.finish().write(cfg.output)
     manifest = run.finish()
     return summary, manifest
