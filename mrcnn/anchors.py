@@ -5,6 +5,10 @@ from torch import nn, Tensor
 from .image_list import ImageList
 
 
+DEFAULT_SIZES = (32, 64, 128, 256, 512)  # one per FPN level, as torchvision's Mask R-CNN
+DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)  # height / width, on every level
+
+
 class AnchorGenerator(nn.Module):
     """Generates anchors for a list of feature maps.
 
@@ -14,12 +18,18 @@ class AnchorGenerator(nn.Module):
     divided (integer division) by the feature map size.
     """
 
-    def __init__(self, sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5):
+    def __init__(self, sizes=None, aspect_ratios=None):
         super().__init__()
-        if not isinstance(sizes[0], (list, tuple)):
-            sizes = tuple((s,) for s in sizes)
+        if sizes is None:
+            sizes = DEFAULT_SIZES
+        if aspect_ratios is None:
+            aspect_ratios = DEFAULT_ASPECT_RATIOS
+        # one entry per level; a flat sequence means one value per level (sizes) or the same
+        # set on every level (aspect ratios); lists (from a checkpoint's JSON) become tuples
+        sizes = tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in sizes)
         if not isinstance(aspect_ratios[0], (list, tuple)):
             aspect_ratios = (aspect_ratios,) * len(sizes)
+        aspect_ratios = tuple(tuple(a) for a in aspect_ratios)
         if len(sizes) != len(aspect_ratios):
             raise ValueError(f"sizes ({len(sizes)} levels) and aspect_ratios ({len(aspect_ratios)}) must match")
         self.sizes = sizes

@@ -22,19 +22,6 @@ from .transform import MASK_OUTPUTS, GeneralizedRCNNTransform
 __all__ = ["MaskRCNN", "build_model", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn"]
 
 
-DEFAULT_ANCHOR_SIZES = ((32,), (64,), (128,), (256,), (512,))
-DEFAULT_ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * 5
-
-
-def make_anchor_generator(sizes=None, aspect_ratios=None) -> AnchorGenerator:
-    """One anchor size per FPN level (32..512 px) and three aspect ratios unless told otherwise;
-    smaller sizes suit datasets of small objects."""
-    sizes = tuple(tuple(s) for s in sizes) if sizes is not None else DEFAULT_ANCHOR_SIZES
-    if aspect_ratios is None:
-        aspect_ratios = DEFAULT_ASPECT_RATIOS[:1] * len(sizes)
-    return AnchorGenerator(sizes, tuple(tuple(a) for a in aspect_ratios))
-
-
 class MaskRCNN(nn.Module):
     """Mask R-CNN (He et al., 2017) with the module layout and state_dict keys of torchvision's.
 
@@ -109,7 +96,7 @@ class MaskRCNN(nn.Module):
         out_channels = backbone.out_channels
 
         if rpn_anchor_generator is None:
-            rpn_anchor_generator = make_anchor_generator(rpn_anchor_sizes, rpn_aspect_ratios)
+            rpn_anchor_generator = AnchorGenerator(rpn_anchor_sizes, rpn_aspect_ratios)
         elif rpn_anchor_sizes is not None or rpn_aspect_ratios is not None:
             raise ValueError("give rpn_anchor_generator or rpn_anchor_sizes/rpn_aspect_ratios, not both")
         if rpn_head is None:
@@ -263,7 +250,7 @@ def build_model(
             trainable_layers=trainable,
             fpn_norm_layer=nn.BatchNorm2d,
         )
-        anchor_generator = make_anchor_generator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
+        anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
         out = backbone.out_channels
         kwargs = {
             "rpn_anchor_generator": anchor_generator,
