@@ -82,8 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
                    help="RPN anchor size per FPN level, 5 values (default 32 64 128 256 512; smaller for small objects)")
-    p.add_argument("--box-batch-size-per-image", type=int, default=512,
-                   help="RoIs sampled per image for the box and mask heads (reference 512; fewer is faster)")
+    p.add_argument("--box-batch-size-per-image", type=int, default=None,
+                   help="RoIs sampled per image for the box and mask heads (default the model's, 512 as in "
+                        "the reference; fewer is faster)")
     p.add_argument("--trainable-backbone-layers", type=int, default=None, help="0-5 (default 3 with pretrained weights)")
     p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -118,7 +119,7 @@ def parse_args(argv=None):
         p.error(f"--trainable-backbone-layers must be in 0..5, got {args.trainable_backbone_layers}")
     if args.anchor_sizes is not None and len(args.anchor_sizes) != 5:
         p.error(f"--anchor-sizes needs one size per FPN level (5), got {len(args.anchor_sizes)}")
-    if args.box_batch_size_per_image < 1:
+    if args.box_batch_size_per_image is not None and args.box_batch_size_per_image < 1:
         p.error("--box-batch-size-per-image must be >= 1")
     if args.weights and args.weights_backbone:
         p.error("give --weights or --weights-backbone, not both")
@@ -215,10 +216,12 @@ def build_model(cfg, num_classes):
 
     arch = ARCHS[cfg["arch"]]
     kwargs = dict(min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
-                  trainable_backbone_layers=cfg["trainable_backbone_layers"],
-                  box_batch_size_per_image=cfg.get("box_batch_size_per_image", 512))
+                  trainable_backbone_layers=cfg["trainable_backbone_layers"])
+    # given only when set: the model's defaults stay the one place for them (older configs lack the keys)
+    if cfg.get("box_batch_size_per_image"):
+        kwargs["box_batch_size_per_image"] = cfg["box_batch_size_per_image"]
     if cfg.get("anchor_sizes"):
-        kwargs["rpn_anchor_sizes"] = [[s] for s in cfg["anchor_sizes"]]
+        kwargs["rpn_anchor_sizes"] = cfg["anchor_sizes"]
     if not cfg["weights"]:
         return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
     file_classes = int(read_metadata(cfg["weights"])["num_classes"])
