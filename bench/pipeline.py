@@ -92,10 +92,11 @@ def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> fl
 def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor) -> tuple[float, dict, int]:
     import ray
 
+    from jobs.infer.__main__ import embedded_num_cpus
     from jobs.infer.pipeline import JobConfig, pool_size, run_job
 
-    # the embedded cluster of `python -m jobs.infer` (jobs.infer.__main__.init_ray)
-    ray.init(num_cpus=len(os.sched_getaffinity(0)) + 1, include_dashboard=False, log_to_driver=False)
+    # the embedded cluster of `python -m jobs.infer`
+    ray.init(num_cpus=embedded_num_cpus(), include_dashboard=False, log_to_driver=False)
     try:
         cfg = JobConfig(input=inp, output=out, weights=weights, batch_size=batch, num_actors=num_actors,
                         num_cpus_per_actor=cpus_per_actor, images_per_shard=max(8, batch * 4))

@@ -63,19 +63,21 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
     )
 
 
-def init_ray() -> None:
-    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray.
+def embedded_num_cpus() -> int:
+    """Logical CPUs of the embedded Ray: one more than the machine's cores, so the pool holds
+    one single-threaded model actor per core and the light decode tasks still find a slot."""
+    return len(os.sched_getaffinity(0)) + 1
 
-    The embedded cluster gets one logical CPU more than the machine's cores: the pool then holds
-    one single-threaded model actor per core and the light decode tasks still find a slot.
-    """
+
+def init_ray() -> None:
+    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray."""
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
     try:
-        ray.init(num_cpus=len(os.sched_getaffinity(0)) + 1)
+        ray.init(num_cpus=embedded_num_cpus())
     except ValueError:  # a local cluster started with `ray start` was found: use it as it is
         ray.init()
 
