@@ -103,7 +103,7 @@ def write_atomic(fs, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def _create_exclusive(fs, path: str, data: bytes) -> bool:
+def create_exclusive(fs, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist; False if it already did."""
     if _is_local(fs):
         tmp = _local_temp(path, data)
@@ -495,7 +495,7 @@ class Run:
         }
         write_atomic(fs, self.run_path("manifest.json"), _json_bytes(manifest))
         _step("manifest", self.run_id)
-        _create_exclusive(fs, self.run_path(SUCCESS_NAME), _json_bytes({"run_id": self.run_id, "rows": total}))
+        create_exclusive(fs, self.run_path(SUCCESS_NAME), _json_bytes({"run_id": self.run_id, "rows": total}))
         _step("success", self.run_id)
         _remove_staging(fs, root, self.run_id)
         _step("cleaned", self.run_id)
@@ -541,7 +541,7 @@ def begin_run(output_uri: str, params: Mapping[str, Any], *, run_id: str | None 
         run_id = new_run_id()
     meta = {"run_id": run_id, "params": params, "fingerprint": fp, "started_at": _now().isoformat()}
     run = Run(output_uri, run_id, resumed=False, params=params)
-    if not _create_exclusive(fs, run.run_path("run.json"), _json_bytes(meta)):
+    if not create_exclusive(fs, run.run_path("run.json"), _json_bytes(meta)):
         raise RuntimeError(f"run {run_id} was created concurrently")
     _step("run_created", run_id)
     return run

@@ -101,7 +101,7 @@ class WriterLease:
     # ------------------------------------------------------------------------ acquiring
     def acquire(self) -> "WriterLease":
         while True:
-            if commit._create_exclusive(self.fs, self.path, self._payload()):
+            if commit.create_exclusive(self.fs, self.path, self._payload()):
                 break
             held = self._read()
             if held is None:
