@@ -1,3 +1,4 @@
+import logging
 import uuid
 
 import pytest
@@ -8,6 +9,8 @@ def moto_server():
     """An in-process S3 server (moto) for the session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
+    # One access-log line per request would bury a failing test's own report.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

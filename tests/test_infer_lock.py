@@ -151,3 +151,16 @@ def test_s3_lease_on_the_moto_server(s3_bucket):
             WriterLease(out, "run B", **FAST).acquire()
     with WriterLease(out, "run B", **FAST) as lease:
         lease.check()
+
+
+def test_s3_reads_racing_the_owners_heartbeat_see_whole_leases(s3_bucket):
+    """A newcomer reads the lease while the owner replaces it; on S3 a HEAD-then-ranged-GET read
+    of a replaced object fails (s3fs FileExpired) or tears. Every read must see one whole lease."""
+    out = f"s3://{s3_bucket}/raced"
+    with WriterLease(out, "the nightly run", heartbeat_s=0.01, stale_s=60) as owner:
+        reader = WriterLease(out, "reader")
+        seen = [reader._read() for _ in range(200)]
+        owner.check()
+    heartbeats = {s["heartbeat_at"] for s in seen}
+    assert len(seen) == 200 and all(s["token"] == owner.token for s in seen)
+    assert len(heartbeats) > 10  # the reads did race many heartbeats

@@ -130,8 +130,7 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
 
 
 def _read_json(fs, path: str) -> Any:
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    return json.loads(fs.cat_file(path))  # one whole-object GET: never a mix of two versions
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -82,8 +82,9 @@ class WriterLease:
     # ----------------------------------------------------------------- reading and writing
     def _read(self) -> dict | None:
         try:
-            with self.fs.open(self.path, "rb") as f:
-                return json.loads(f.read())
+            # One whole-object GET: a ranged read after a HEAD (fs.open) fails or tears when
+            # the owner's heartbeat replaces the object in between.
+            return json.loads(self.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
         except ValueError:
