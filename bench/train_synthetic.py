@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--min-size", type=int, nargs="+", default=[128, 144, 160])
     p.add_argument("--max-size", type=int, default=240)
-    p.add_argument("--arch", default="resnet50_fpn")
+    p.add_argument("--arch", default="resnet18_fpn_small", help="jobs.train --arch")
     # the shapes are 10-60 px: anchors from 16 px, and fewer sampled RoIs (few objects per image)
     p.add_argument("--anchor-sizes", type=int, nargs=5, default=[16, 32, 64, 128, 256])
     p.add_argument("--box-batch-size-per-image", type=int, default=128)
@@ -60,7 +60,8 @@ def main(argv=None):
         "--cpus-per-worker", str(args.cpus_per_worker), "--max-iters", str(args.max_iters),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--arch", args.arch,
         "--min-size", *map(str, args.min_size), "--max-size", str(args.max_size),
-        "--checkpoint-every", str(args.checkpoint_every), "--eval-every", "0", "--log-every", "20",
+        # held-out AP at every checkpoint, in metrics.jsonl: the learning curve
+        "--checkpoint-every", str(args.checkpoint_every), "--eval-every", str(args.checkpoint_every), "--log-every", "20",
         "--loader-workers", "1", "--seed", str(args.seed), "--clip-grad-norm", str(args.clip_grad_norm),
         "--anchor-sizes", *map(str, args.anchor_sizes), "--box-batch-size-per-image", str(args.box_batch_size_per_image),
     ]

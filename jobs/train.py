@@ -52,7 +52,7 @@ from fsspec.implementations.local import LocalFileSystem
 import torch
 
 ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
-         "resnet101_fpn": "maskrcnn_resnet101_fpn"}
+         "resnet101_fpn": "maskrcnn_resnet101_fpn", "resnet18_fpn_small": "maskrcnn_resnet18_fpn_small"}
 RUN_NAME = "train"
 
 

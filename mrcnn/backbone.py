@@ -9,9 +9,10 @@ from typing import Callable, Optional
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-_RESNETS = {"resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
+_RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
 
 
 def validate_trainable_layers(is_trained: bool, trainable_layers: Optional[int], max_value: int = 5, default: int = 3) -> int:
@@ -38,16 +39,18 @@ def resnet_fpn_backbone(
     norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
     trainable_layers: int = 3,
     fpn_norm_layer: Optional[Callable[..., nn.Module]] = None,
+    out_channels: int = 256,
 ) -> BackboneWithFPN:
-    """ResNet-50/101 with an FPN on layer1-4 and a LastLevelMaxPool 'pool' level (256 channels).
+    """A ResNet with an FPN on layer1-4 and a LastLevelMaxPool 'pool' level.
 
     Args:
-        name: "resnet50" or "resnet101".
+        name: "resnet18", "resnet50" or "resnet101".
         weights_backbone: path or fsspec URI of an ImageNet ResNet state_dict, loaded (strict) into
             the ResNet before the classifier is dropped.
         norm_layer: normalisation in the ResNet (FrozenBatchNorm2d for v1 with pretrained weights).
         trainable_layers: how many of layer4, layer3, layer2, layer1, conv1 (from the top) train.
         fpn_norm_layer: normalisation inside the FPN convs (v2 uses BatchNorm2d).
+        out_channels: channels of every FPN level (torchvision's detectors: 256).
     """
     if name not in _RESNETS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
@@ -60,4 +63,10 @@ def resnet_fpn_backbone(
             body.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
-    return _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm_layer)
+    backbone = _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm_layer)
+    if out_channels != backbone.out_channels:
+        # torchvision's extractor (which also freezes the bottom layers) always builds 256 channels
+        in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+        backbone.fpn = FeaturePyramidNetwork(in_channels, out_channels, LastLevelMaxPool(), fpn_norm_layer)
+        backbone.out_channels = out_channels
+    return backbone

@@ -55,7 +55,9 @@ def _is_our_format(obj: Any) -> bool:
 def detect_architecture(state_dict: dict) -> str:
     """Which builder made a torchvision-style Mask R-CNN state_dict."""
     if "roi_heads.box_head.0.0.weight" in state_dict:
-        return "maskrcnn_resnet50_fpn_v2"
+        # conv box heads; ResNet-18's BasicBlocks have two convs, ResNet-50's Bottlenecks three
+        small = "backbone.body.layer1.0.conv3.weight" not in state_dict
+        return "maskrcnn_resnet18_fpn_small" if small else "maskrcnn_resnet50_fpn_v2"
     if "roi_heads.box_head.fc6.weight" in state_dict:
         # ResNet-50 has layer3.0-5, ResNet-101 layer3.0-22
         return "maskrcnn_resnet101_fpn" if "backbone.body.layer3.6.conv1.weight" in state_dict else "maskrcnn_resnet50_fpn"

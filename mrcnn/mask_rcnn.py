@@ -19,7 +19,14 @@ from .roi_heads import (
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import MASK_OUTPUTS, GeneralizedRCNNTransform
 
-__all__ = ["MaskRCNN", "build_model", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn"]
+__all__ = [
+    "MaskRCNN",
+    "build_model",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet101_fpn",
+    "maskrcnn_resnet18_fpn_small",
+]
 
 
 class MaskRCNN(nn.Module):
@@ -213,7 +220,17 @@ class MaskRCNN(nn.Module):
 # ---- builders -------------------------------------------------------------------------------
 
 
-ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn")
+ARCHITECTURES = (
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet101_fpn",
+    "maskrcnn_resnet18_fpn_small",
+)
+SMALL_CHANNELS = 128  # FPN and head width of maskrcnn_resnet18_fpn_small
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
 
 
 def build_model(
@@ -240,6 +257,10 @@ def build_model(
     is_trained = pretrained or weights_backbone is not None
     trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
 
+    if architecture in ("maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_small"):
+        # these build their own RPN head, which needs the anchor count
+        anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
+        num_anchors = anchor_generator.num_anchors_per_location()[0]
     if architecture == "maskrcnn_resnet50_fpn_v2":
         # torchvision's v2: BatchNorm2d (not frozen) in the ResNet and the FPN, a two-conv RPN head,
         # 4 conv + BatchNorm + 1 fc box head, 4 conv + BatchNorm mask head
@@ -250,15 +271,38 @@ def build_model(
             trainable_layers=trainable,
             fpn_norm_layer=nn.BatchNorm2d,
         )
-        anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
         out = backbone.out_channels
         kwargs = {
             "rpn_anchor_generator": anchor_generator,
-            "rpn_head": RPNHead(out, anchor_generator.num_anchors_per_location()[0], conv_depth=2),
+            "rpn_head": RPNHead(out, num_anchors, conv_depth=2),
             "box_head": FastRCNNConvFCHead((out, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
             "mask_head": MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
             **kwargs,
         }
+    elif architecture == "maskrcnn_resnet18_fpn_small":
+        # Ours, for small images and training from scratch on CPUs: ResNet-18, a 128-channel FPN,
+        # and two-conv box and mask heads. GroupNorm in the FPN and heads, which train from
+        # scratch at any batch size (BatchNorm stays in the ResNet, frozen as v1's when pretrained).
+        out = SMALL_CHANNELS
+        backbone = resnet_fpn_backbone(
+            "resnet18",
+            weights_backbone=weights_backbone,
+            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
+            trainable_layers=trainable,
+            fpn_norm_layer=_group_norm,
+            out_channels=out,
+        )
+        representation = 2 * out
+        kwargs = {
+            "rpn_anchor_generator": anchor_generator,
+            "rpn_head": RPNHead(out, num_anchors),
+            "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
+            "box_predictor": FastRCNNPredictor(representation, num_classes),
+            "mask_head": MaskRCNNHeads(out, [out, out], 1, norm_layer=_group_norm),
+            "mask_predictor": MaskRCNNPredictor(out, out, num_classes),
+            **kwargs,
+        }
+        num_classes = None  # given to the predictors above
     else:
         # torchvision trains BatchNorm when starting from scratch and freezes it otherwise
         norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
@@ -344,6 +388,31 @@ def maskrcnn_resnet101_fpn(
     """
     return _build_and_load(
         "maskrcnn_resnet101_fpn",
+        weights,
+        num_classes=num_classes,
+        weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers,
+        **kwargs,
+    )
+
+
+def maskrcnn_resnet18_fpn_small(
+    *,
+    weights: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    weights_backbone: Optional[str] = None,
+    trainable_backbone_layers: Optional[int] = None,
+    **kwargs: Any,
+) -> MaskRCNN:
+    """A small Mask R-CNN (ours; no torchvision counterpart): ResNet-18 body, 128-channel FPN,
+    two-conv GroupNorm box and mask heads; about 14M parameters against ResNet-50-FPN's 44M.
+
+    Meant for small images and training from scratch on CPUs (the synthetic-shapes benchmark).
+    ``weights``: one of our checkpoints of this architecture. ``weights_backbone``: an ImageNet
+    ResNet-18 state_dict. Other arguments as :func:`maskrcnn_resnet50_fpn`.
+    """
+    return _build_and_load(
+        "maskrcnn_resnet18_fpn_small",
         weights,
         num_classes=num_classes,
         weights_backbone=weights_backbone,

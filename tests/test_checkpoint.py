@@ -230,6 +230,35 @@ def test_resnet101_variant_is_detected_and_loads(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in saved.items())
 
 
+def test_small_architecture_round_trips_and_is_detected(tmp_path):
+    """maskrcnn_resnet18_fpn_small: a ResNet-18 body, 128-channel FPN, GroupNorm conv heads."""
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet18_fpn_small(num_classes=4, **SMALL).eval()
+    assert model.backbone.out_channels == 128 and len(model.backbone.body.layer3) == 2  # ResNet-18
+    assert isinstance(model.roi_heads.mask_head[0][1], torch.nn.GroupNorm)
+    assert isinstance(model.backbone.body.bn1, torch.nn.BatchNorm2d)  # from scratch: BatchNorm trains
+    assert sum(p.numel() for p in model.parameters()) < 15e6
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    with torch.no_grad():
+        expected = model(images)
+    assert sum(len(r["boxes"]) for r in expected) > 0  # random weights still give detections to compare
+
+    ours = tmp_path / "small.pt"
+    mrcnn.save_checkpoint(model, ours, class_names=["bg", "a", "b", "c"])
+    plain = tmp_path / "small_state_dict.pth"
+    torch.save(model.state_dict(), plain)
+    assert mrcnn.read_metadata(plain)["architecture"] == "maskrcnn_resnet18_fpn_small"  # told from v2 by its body
+    for path, overrides in ((ours, {}), (plain, SMALL)):
+        loaded = mrcnn.load_model(path, **overrides).eval()
+        assert loaded.architecture == "maskrcnn_resnet18_fpn_small"
+        with torch.no_grad():
+            got = loaded(images)
+        for g, e in zip(got, expected):
+            assert torch.equal(g["boxes"], e["boxes"]) and torch.equal(g["masks"], e["masks"])
+    with pytest.raises(ValueError, match="holds a maskrcnn_resnet18_fpn_small checkpoint, but the model is maskrcnn_resnet50_fpn_v2"):
+        mrcnn.maskrcnn_resnet50_fpn_v2(weights=ours)
+
+
 def test_anchor_sizes_are_recorded_and_rebuilt(tmp_path):
     """Small-object anchors change every proposal: a checkpoint must bring them back."""
     torch.manual_seed(0)

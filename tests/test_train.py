@@ -93,7 +93,7 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
 
     data, out = f"s3://{s3_bucket}/shapes", f"s3://{s3_bucket}/runs/shapes"
     generate(data, 6, seed=1, size="128/160")
-    result = train.run(_args(data, out, 2))
+    result = train.run(_args(data, out, 2, "--arch", "resnet18_fpn_small"))
     assert result["step"] == 2 and result["model"] == f"{out}/model_final.pt"
 
     assert [m["step"] for m in _metrics(out)] == [1, 2]
@@ -102,7 +102,7 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
     fs = fsspec.filesystem("s3")
     assert {"model.pt", "train_state.pt", "meta.json"} <= {os.path.basename(p) for p in fs.ls(ckpts[0])}
     model = load_model(result["model"])
-    assert model.class_names == CLASSES
+    assert model.class_names == CLASSES and model.architecture == "maskrcnn_resnet18_fpn_small"
 
 
 @pytest.mark.slow
