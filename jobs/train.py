@@ -32,6 +32,8 @@ Output, all under ``--output`` (local or s3://; ``AWS_ENDPOINT_URL`` is honoured
   and the workers, lr, images/s, and ``bbox_AP``, ``segm_AP50``, ... at evaluation steps. A resumed
   run drops the lines after its checkpoint's step before logging again, so no step repeats;
   ``start_step`` says which checkpoint step the attempt that logged a line started from.
+- ``run.json``: the flags that decide the model (``MODEL_FLAGS``); re-submitting with other values
+  fails with a message naming them instead of resuming checkpoints of another model.
 - ``model_final.pt``: the final model (mrcnn.checkpoint format, ``class_names`` included), what the
   batch job's ``--weights`` takes; then ``final.json`` ({"step", "model"}) marks the run finished.
   A re-submitted finished run (same ``--max-iters``) sees it and exits without starting Ray.
@@ -54,6 +56,10 @@ import torch
 ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
          "resnet101_fpn": "maskrcnn_resnet101_fpn", "resnet18_fpn_small": "maskrcnn_resnet18_fpn_small"}
 RUN_NAME = "train"
+# Flags that decide the model a run trains: a resumed run must keep them, since its checkpoints
+# hold that model (``--max-iters`` and the optimiser flags may change: continuing is fine).
+MODEL_FLAGS = ("arch", "weights", "weights_backbone", "trainable_backbone_layers", "min_size", "max_size",
+               "anchor_sizes", "box_batch_size_per_image")
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -478,6 +484,7 @@ def run(args) -> dict:
     """Train (or resume, or notice the run is done); returns {"step", "model", "skipped"}."""
     done = read_json(_join(args.output, "final.json"))
     if done is not None and done["step"] >= args.max_iters:
+        check_same_model(args)
         print(f"[train] already finished at step {done['step']}: final model {done['model']}", flush=True)
         return {**done, "skipped": True}
 
@@ -488,6 +495,7 @@ def run(args) -> dict:
     from jobs.coco_data import CocoDetection
 
     CocoDetection(args.data)  # fail here, with the dataset's own error, rather than inside every worker
+    check_same_model(args)
     started = not ray.is_initialized()
     if started:
         ray.init()  # joins RAY_ADDRESS (ray job submit) or starts a local instance
@@ -517,8 +525,31 @@ def run(args) -> dict:
     return {**done, "skipped": False}
 
 
+class OtherRunError(ValueError):
+    """``--output`` holds a run of another model."""
+
+
+def check_same_model(args) -> None:
+    """Record the model flags of a new run in OUTPUT/run.json; refuse to resume one made with others."""
+    uri = _join(args.output, "run.json")
+    wanted = {k: getattr(args, k) for k in MODEL_FLAGS}
+    held = read_json(uri)
+    if held is None:
+        write_bytes(uri, (json.dumps(wanted, indent=1) + "\n").encode())
+        return
+    changed = [k for k in MODEL_FLAGS if held.get(k) != wanted[k]]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {held.get(k)} (now {wanted[k]})" for k in changed)
+        raise OtherRunError(f"{args.output} holds a run of another model: {was}. Resume it with the same flags, "
+                            "or give a new --output")
+
+
 def main(argv=None):
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except OtherRunError as e:
+        raise SystemExit(f"jobs.train: error: {e}") from None
     print(f"[train] done: step {result['step']}, final model {result['model']}", flush=True)
 
 

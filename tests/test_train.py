@@ -167,3 +167,20 @@ def test_bad_arguments_are_named(capsys):
 def test_missing_dataset_fails_before_starting_ray(tmp_path):
     with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
         train.run(train.parse_args(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "run")]))
+
+
+def test_resuming_with_other_model_flags_is_refused(tmp_path, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    generate(data, 2, seed=0, size="128/160")
+    args = _args(data, out, 4, "--arch", "resnet18_fpn_small")
+    train.check_same_model(args)  # a new run records its model flags
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["arch"] == "resnet18_fpn_small"
+    train.check_same_model(_args(data, out, 8, "--arch", "resnet18_fpn_small", "--lr", "0.1"))  # continuing is fine
+    # a finished run re-submitted with another model: named, before Ray starts
+    with open(os.path.join(out, "final.json"), "w") as f:
+        json.dump({"step": 4, "model": "m.pt"}, f)
+    argv = ["--data", data, "--output", out, "--max-iters", "4", "--arch", "resnet50_fpn", "--min-size", "128",
+            "--max-size", "160"]
+    with pytest.raises(SystemExit, match=r"holds a run of another model: --arch resnet18_fpn_small \(now resnet50_fpn\)"):
+        train.main(argv)
