@@ -1,4 +1,4 @@
-"""Mask R-CNN: the model class and the ResNet-50/101 FPN builders (v1 and v2 recipes)."""
+"""Mask R-CNN: the model class, the ResNet-50/101 FPN builders (v1 and v2 recipes) and a small ResNet-18 one."""
 from typing import Any, Optional
 
 import torch
