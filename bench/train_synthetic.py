@@ -1,11 +1,12 @@
 """Train Mask R-CNN on synthetic shapes on this machine's CPUs and report held-out mask AP.
 
-    python bench/train_synthetic.py --workdir /tmp/bench_train --images 400 --max-iters 3000   # ~tens of minutes
+    python bench/train_synthetic.py --workdir /tmp/bench_train --images 400 --max-iters 8000 --checkpoint-every 1000  # ~66 min on 2 cores
     python bench/train_synthetic.py --workdir /tmp/bench_train_smoke --images 24 --max-iters 20  # smoke run
 
 Generates a synthetic COCO shapes dataset (``jobs.synthetic``; a held-out ``val`` split), trains
-with ``jobs.train`` (Ray Train, one CPU worker by default, from scratch: no weights can be
-downloaded here), then evaluates ``model_final.pt`` on the val split with the same in-process
+``maskrcnn_resnet18_fpn_small`` (``--arch``) with ``jobs.train`` (Ray Train, one CPU worker by
+default, from scratch: no weights can be downloaded here; held-out AP at every checkpoint in
+``run/metrics.jsonl``), then evaluates ``model_final.pt`` on the val split with the same in-process
 COCO evaluation the trainer uses. Prints one JSON line: mask/box AP and AP@0.5, wall times, the
 configuration. The goal for the full configuration is mask AP@0.5 >= 0.95.
 
