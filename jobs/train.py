@@ -40,6 +40,7 @@ Output, all under ``--output`` (local or s3://; ``AWS_ENDPOINT_URL`` is honoured
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -355,8 +356,10 @@ def train_loop(cfg):
     # state to resume from: class order comes from the checkpoint so labels keep their meaning
     ckpt = ray.train.get_checkpoint()
     resume_dir, start_step, class_names = None, 0, None
+    resume_files = contextlib.ExitStack()
     if ckpt is not None:
-        resume_dir = ckpt.to_directory()  # local copy, read below
+        # the checkpoint itself when local, else a download that is deleted once read (below)
+        resume_dir = resume_files.enter_context(ckpt.as_directory())
         meta = read_checkpoint_meta(resume_dir)
         start_step, class_names = int(meta["step"]), meta["class_names"]
 
@@ -376,8 +379,9 @@ def train_loop(cfg):
     if resume_dir is not None:
         from mrcnn.checkpoint import load_weights_into
 
-        load_weights_into(model, os.path.join(resume_dir, "model.pt"))
-        state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location=device, weights_only=True)
+        with resume_files:
+            load_weights_into(model, os.path.join(resume_dir, "model.pt"))
+            state = torch.load(os.path.join(resume_dir, "train_state.pt"), map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,19 +206,29 @@ def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weight
     assert len({r["image_uri"] for r in _rows(out, s4["run_id"])}) == 14
 
 
+_RAY_LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((raylet|[^)]*pid=\d+)")
+
+
+def _cli_stderr(capsys):
+    """What the CLI wrote to stderr, without the lines Ray's own processes print there
+    (a raylet's disk-space warning, for one, can land in any test)."""
+    err = capsys.readouterr().err
+    return "\n".join(line for line in err.splitlines() if not _RAY_LOG_LINE.match(line)).strip()
+
+
 def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_path, capsys):
     inp, out = _make_input(s3_bucket)
     missing = str(tmp_path / "nope.pt")
     assert main(["--input", inp, "--output", out, "--weights", missing]) == 2
-    err = capsys.readouterr().err.strip()
+    err = _cli_stderr(capsys)
     assert err.count("\n") == 0 and "checkpoint not found" in err and missing in err
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["--input", inp, "--output", out, "--weights", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = _cli_stderr(capsys)
     assert err.count("\n") == 0 and "cannot load checkpoint" in err
     assert main(["--input", f"s3://{s3_bucket}-missing/in", "--output", out, "--weights", weights]) == 2
-    err = capsys.readouterr().err.strip()
+    err = _cli_stderr(capsys)
     assert err.count("\n") == 0 and "input not found" in err
     fs, root = resolve(out)
     assert not fs.exists(root)  # nothing written by failed starts
@@ -227,7 +238,7 @@ def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_pa
 
     with WriterLease(out, "the nightly run", heartbeat_s=0.2):
         assert main(["--input", inp, "--output", out, "--weights", weights]) == 2
-    err = capsys.readouterr().err.strip()
+    err = _cli_stderr(capsys)
     assert err.count("\n") == 0 and "being written by another run (the nightly run" in err
     fs.invalidate_cache()
     assert fs.find(root) == []  # the lease was the only file, and it is gone

@@ -5,8 +5,10 @@ tiny images (128-160 px), batch 1, a handful of steps. ResNet-50 from scratch is
 model the builders make; what these tests check is the plumbing (sharding, DDP, checkpoints,
 resume, final model), not accuracy.
 """
+import glob
 import json
 import os
+import tempfile
 import time
 
 import fsspec
@@ -105,10 +107,16 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
     assert model.class_names == CLASSES and model.architecture == "maskrcnn_resnet18_fpn_small"
 
 
+def _checkpoint_copies():
+    """Local copies of Ray Train checkpoints (Checkpoint.to_directory's temporary folders)."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "checkpoint_tmp_*")))
+
+
 @pytest.mark.slow
 def test_lost_worker_resumes_from_last_checkpoint(tmp_path, ray4):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate(data, 8, seed=2, size="128/160")
+    copies_before = _checkpoint_copies()
     # rank 1 dies (os._exit) at step 3, once: the group restarts from the step-2 checkpoint
     result = train.run(_args(data, out, 6, "--fail-once-at", "3", "--max-failures", "2"))
     assert result["step"] == 6 and not result["skipped"]
@@ -120,6 +128,7 @@ def test_lost_worker_resumes_from_last_checkpoint(tmp_path, ray4):
     assert [m["start_step"] for m in lines] == [0, 0, 2, 2, 2, 2]
     with open(os.path.join(_checkpoints(out)[-1], "meta.json")) as f:
         assert json.load(f)["step"] == 6
+    assert _checkpoint_copies() == copies_before  # resuming read the checkpoint in place: no copy left behind
 
 
 # ---------------------------------------------------------------------------------- fast checks
