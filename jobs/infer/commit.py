@@ -129,8 +129,10 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
         return True
 
 
-def _read_json(fs, path: str) -> Any:
-    return json.loads(fs.cat_file(path))  # one whole-object GET: never a mix of two versions
+def read_json(fs, path: str) -> Any:
+    """JSON of a file that another process may be replacing: one whole-object GET, never a mix of
+    two versions (``fs.open`` on S3 sends a HEAD then ranged GETs, which fail or tear in between)."""
+    return json.loads(fs.cat_file(path))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -352,7 +354,7 @@ def list_runs(output_uri: str) -> list[RunInfo]:
         meta_path = join(d, "run.json")
         if not fs.exists(meta_path):
             continue  # killed before run.json was written: nothing was done in it
-        meta = _read_json(fs, meta_path)
+        meta = read_json(fs, meta_path)
         out.append(
             RunInfo(
                 meta["run_id"], meta["params"], meta["fingerprint"], meta["started_at"],

@@ -82,9 +82,7 @@ class WriterLease:
     # ----------------------------------------------------------------- reading and writing
     def _read(self) -> dict | None:
         try:
-            # One whole-object GET: a ranged read after a HEAD (fs.open) fails or tears when
-            # the owner's heartbeat replaces the object in between.
-            return json.loads(self.fs.cat_file(self.path))
+            return commit.read_json(self.fs, self.path)  # safe while the owner's heartbeat replaces it
         except FileNotFoundError:
             return None
         except ValueError:
