@@ -1,6 +1,6 @@
 """Train Mask R-CNN on synthetic shapes on this machine's CPUs and report held-out mask AP.
 
-    python bench/train_synthetic.py --workdir /tmp/bench_train --images 400 --max-iters 8000 --checkpoint-every 1000  # ~66 min on 2 cores
+    python bench/train_synthetic.py --workdir /tmp/bench_train  # the goal configuration: ~81 min on 2 cores
     python bench/train_synthetic.py --workdir /tmp/bench_train_smoke --images 24 --max-iters 20  # smoke run
 
 Generates a synthetic COCO shapes dataset (``jobs.synthetic``; a held-out ``val`` split), trains
@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="dataset and run folder (local)")
-    p.add_argument("--images", type=int, default=400, help="synthetic images (train + val)")
+    p.add_argument("--images", type=int, default=2000, help="synthetic images (train + val)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--size", default="128/160", help="image width/height range, jobs.synthetic syntax")
-    p.add_argument("--max-iters", type=int, default=3000)
+    p.add_argument("--max-iters", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--min-size", type=int, nargs="+", default=[128, 144, 160])
@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--box-batch-size-per-image", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=max(1, (os.cpu_count() or 2)))
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=2000)
     p.add_argument("--clip-grad-norm", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
