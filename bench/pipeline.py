@@ -1,6 +1,6 @@
 """Throughput of the inference job vs a bare loop (read + decode + Predictor), same weights.
 
-    python bench/pipeline.py [--images 48] [--size 160x120] [--batch-size 4] [--weights W]
+    python bench/pipeline.py [--images 480] [--size 160x120] [--batch-size 4] [--weights W]
     python bench/pipeline.py --no-ray [--device cuda]    # the actor's batch function alone
 
 Default: writes N random JPEGs to a temp dir and a seeded tiny ResNet-50 Mask R-CNN
@@ -111,7 +111,7 @@ def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=48)
+    p.add_argument("--images", type=int, default=480, help="the job's fixed start (~20 s) weighs on small runs")
     p.add_argument("--size", default="160x120", help="WxH of the generated images")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--weights", default=None)
