@@ -49,10 +49,11 @@ import tempfile
 import time
 from typing import Optional
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 import torch
+
+from jobs.infer import commit
+from jobs.infer.storage import join, resolve
 
 ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
          "resnet101_fpn": "maskrcnn_resnet101_fpn", "resnet18_fpn_small": "maskrcnn_resnet18_fpn_small"}
@@ -136,10 +137,6 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------- storage
-def _join(uri, *parts):
-    return posixpath.join(uri, *parts) if "://" in uri else os.path.join(uri, *parts)
-
-
 def storage_for(output: str):
     """(storage_path, pyarrow filesystem or None) for RunConfig; S3 honours AWS_ENDPOINT_URL."""
     if output.startswith("s3://"):
@@ -161,28 +158,23 @@ def storage_for(output: str):
 
 
 def _exists(uri) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = resolve(uri)
     return fs.exists(path)
 
 
 def read_json(uri) -> Optional[dict]:
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
+    """The JSON file at ``uri``, or None when there is none."""
+    fs, path = resolve(uri)
+    try:
+        return commit.read_json(fs, path)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "rb") as f:
-        return json.load(f)
 
 
 def write_bytes(uri, data: bytes) -> None:
-    """Whole-file write; local files go through a rename so readers never see half a file."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fs.pipe_file(tmp, data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """Whole-file write: readers see the old content or all of the new (``commit.write_atomic``)."""
+    fs, path = resolve(uri)
+    commit.write_atomic(fs, path, data)
 
 
 class MetricsLog:
@@ -193,7 +185,7 @@ class MetricsLog:
 
     def __init__(self, uri, start_step):
         self.uri = uri
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = resolve(uri)
         self.lines = []
         if fs.exists(path):
             with fs.open(path, "rt") as f:
@@ -258,7 +250,7 @@ def evaluate_model(model, gt_uri, class_names, *, device="cpu", max_images=None)
     from jobs.evaluate import evaluate_predictions, load_gt
 
     gt = load_gt(gt_uri)
-    fs, gt_path = fsspec.core.url_to_fs(gt_uri)
+    fs, gt_path = resolve(gt_uri)
     root = posixpath.dirname(gt_path)
     images = gt.dataset["images"]
     if max_images is not None:
@@ -386,7 +378,7 @@ def train_loop(cfg):
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
 
-    val_uri = _join(cfg["data"], "val", "annotations.json")
+    val_uri = join(cfg["data"], "val", "annotations.json")
     has_val = rank == 0 and _exists(val_uri)  # evaluation runs on rank 0 only
     raw_model = model
     if start_step >= cfg["max_iters"]:
@@ -396,7 +388,7 @@ def train_loop(cfg):
         return
 
     model = ray.train.torch.prepare_model(model)
-    log = MetricsLog(_join(out, "metrics.jsonl"), start_step) if rank == 0 else None
+    log = MetricsLog(join(out, "metrics.jsonl"), start_step) if rank == 0 else None
     if rank == 0:
         print(f"[train] {len(dataset)} images, {dataset.num_classes - 1} classes {class_names[1:]}, "
               f"{world} worker(s), steps {start_step + 1}..{cfg['max_iters']}", flush=True)
@@ -465,7 +457,7 @@ def _fail_once(out, rank, step):
     It waits first: Ray Train registers a checkpoint only after its controller (polling every
     2 s) has taken every worker's report, so a worker that dies right after reporting loses it.
     """
-    fs, marker = fsspec.core.url_to_fs(_join(out, "_fail_once_marker"))
+    fs, marker = resolve(join(out, "_fail_once_marker"))
     if fs.exists(marker):
         return
     fs.pipe_file(marker, b"failed once\n")
@@ -477,16 +469,16 @@ def _fail_once(out, rank, step):
 def _write_final(model, out, class_names, step, cfg):
     from mrcnn.checkpoint import save_checkpoint
 
-    final = _join(out, "model_final.pt")
+    final = join(out, "model_final.pt")
     save_checkpoint(model, final, class_names=class_names, extra_meta={"step": step, "train_config": cfg})
-    write_bytes(_join(out, "final.json"), json.dumps({"step": step, "model": final}).encode())
+    write_bytes(join(out, "final.json"), json.dumps({"step": step, "model": final}).encode())
     print(f"[train] final model: {final}", flush=True)
 
 
 # -------------------------------------------------------------------------------- driver
 def run(args) -> dict:
     """Train (or resume, or notice the run is done); returns {"step", "model", "skipped"}."""
-    done = read_json(_join(args.output, "final.json"))
+    done = read_json(join(args.output, "final.json"))
     if done is not None and done["step"] >= args.max_iters:
         check_same_model(args)
         print(f"[train] already finished at step {done['step']}: final model {done['model']}", flush=True)
@@ -523,9 +515,9 @@ def run(args) -> dict:
     finally:
         if started:
             ray.shutdown()
-    done = read_json(_join(args.output, "final.json"))
+    done = read_json(join(args.output, "final.json"))
     if done is None:
-        raise RuntimeError(f"training ended without writing {_join(args.output, 'final.json')}")
+        raise RuntimeError(f"training ended without writing {join(args.output, 'final.json')}")
     return {**done, "skipped": False}
 
 
@@ -535,7 +527,7 @@ class OtherRunError(ValueError):
 
 def check_same_model(args) -> None:
     """Record the model flags of a new run in OUTPUT/run.json; refuse to resume one made with others."""
-    uri = _join(args.output, "run.json")
+    uri = join(args.output, "run.json")
     wanted = {k: getattr(args, k) for k in MODEL_FLAGS}
     held = read_json(uri)
     if held is None:
