@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from jobs.infer import commit
-from jobs.infer.storage import join, resolve
+from jobs.infer.storage import join, resolve, storage_options
 
 ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
          "resnet101_fpn": "maskrcnn_resnet101_fpn", "resnet18_fpn_small": "maskrcnn_resnet18_fpn_small"}
@@ -144,7 +144,7 @@ def storage_for(output: str):
         from urllib.parse import urlparse
 
         kwargs = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = storage_options(output).get("endpoint_url")  # the same variables the batch job reads
         if endpoint:
             u = urlparse(endpoint)
             kwargs.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
