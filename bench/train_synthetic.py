@@ -35,7 +35,12 @@ def main(argv=None):
     p.add_argument("--max-size", type=int, default=240)
     p.add_argument("--arch", default="resnet18_fpn_small", help="jobs.train --arch")
     # the shapes are 10-60 px: anchors from 16 px, and fewer sampled RoIs (few objects per image)
-    p.add_argument("--anchor-sizes", type=int, nargs=5, default=[16, 32, 64, 128, 256])
+    p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
+                   help="one per FPN level (default 16 32 64 128 256, cut to the levels --returned-layers gives)")
+    p.add_argument("--returned-layers", type=int, nargs="+", default=None, help="jobs.train --returned-layers")
+    p.add_argument("--ship", default=None,
+                   help="also write the final model here as fp16 in our checkpoint format, with the recipe and "
+                        "held-out AP in its metadata (how models/ is made)")
     p.add_argument("--box-batch-size-per-image", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=max(1, (os.cpu_count() or 2)))
@@ -43,6 +48,8 @@ def main(argv=None):
     p.add_argument("--clip-grad-norm", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.anchor_sizes is None:
+        args.anchor_sizes = [16, 32, 64, 128, 256][: len(args.returned_layers or "1234") + 1]
 
     import torch
 
@@ -66,6 +73,8 @@ def main(argv=None):
         "--loader-workers", "1", "--seed", str(args.seed), "--clip-grad-norm", str(args.clip_grad_norm),
         "--anchor-sizes", *map(str, args.anchor_sizes), "--box-batch-size-per-image", str(args.box_batch_size_per_image),
     ]
+    if args.returned_layers:
+        train_argv += ["--returned-layers", *map(str, args.returned_layers)]
     import ray
 
     # logical CPUs for the workers plus one for the Train controller; torch threads follow cpus_per_worker
@@ -91,8 +100,29 @@ def main(argv=None):
                    "total": round(time.perf_counter() - t0, 1)},
         "train_skipped": result["skipped"], "config": vars(args),
     }
+    if args.ship:
+        ship(model, args.ship, report, train_argv, argv if argv is not None else sys.argv[1:])
     print(json.dumps(report))
     return report
+
+
+def ship(model, path, report, train_argv, argv):
+    """The model in fp16 (half the bytes; loads into fp32 parameters) with how it was made."""
+    from mrcnn.checkpoint import save_checkpoint
+
+    model = model.half()
+    recipe = {
+        "command": "python bench/train_synthetic.py " + " ".join(argv),
+        "train_command": "python -m jobs.train " + " ".join(train_argv),
+        "data": {"generator": "jobs.synthetic.generate", "seed": report["config"]["seed"],
+                 "images": report["config"]["images"], "val_fraction": report["config"]["val_fraction"],
+                 "size": report["config"]["size"]},
+        "iterations": report["config"]["max_iters"],
+        "held_out": {k: report[k] for k in ("mask_AP50", "mask_AP", "box_AP50", "box_AP", "val_images", "detections")},
+        "weights_dtype": "float16",
+    }
+    save_checkpoint(model, path, class_names=model.class_names, extra_meta={"recipe": recipe})
+    print(f"shipped {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
 
 
 if __name__ == "__main__":

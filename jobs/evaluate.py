@@ -196,49 +196,63 @@ def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None
                                 only_predicted=only_predicted, storage_options=storage_options)
 
 
-def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, only_predicted=False,
-                        storage_options=None, **predictor_kwargs):
-    """Run a checkpoint over every GT image, then evaluate its predictions.
+def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_options=None):
+    """Batch-job rows of ``predictor`` (an ``mrcnn.Predictor``) over the images of a COCO object.
 
-    Images are read from images_root (default: the GT file's folder) joined with each file_name.
-    Uses ``mrcnn.predictor.Predictor`` (imported here, so evaluating Parquet needs no model code):
-    ``Predictor.from_checkpoint(checkpoint, device=..., **predictor_kwargs)`` and
-    ``predictor.predict(list of HxWx3 uint8 RGB arrays)`` -> one result per image with boxes,
-    scores, label_names and masks (COCO RLE dicts), the result format ``jobs.infer.schema.ok_row`` takes.
+    Images are read from ``images_root`` joined with each ``file_name``, decoded by the batch
+    job's decoder (``jobs.infer.decode``) and turned into rows by the batch job's row builder
+    (``jobs.infer.schema.ok_row``), so what is scored here is what ``jobs.infer`` would write.
+    An image that fails to decode becomes an error row.
     """
-    from PIL import Image
+    from jobs.infer import schema
+    from jobs.infer.decode import DecodeError, decode_image
 
-    from mrcnn.predictor import Predictor
-
-    gt_coco = load_gt(gt, storage_options)
-    fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
-    root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))[1] if images_root else posixpath.dirname(gt_path)
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, **predictor_kwargs)
+    fs, root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))
     images = gt_coco.dataset["images"]
+    ids = dict(source_etag=None, source_size=None, model_name="", checkpoint_sha256="", run_id="")
     rows = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        paths = [posixpath.join(root, img["file_name"]) for img in batch]
-        arrays = []
-        for path in paths:
-            with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
-        for path, arr, res in zip(paths, arrays, predictor.predict(arrays)):
-            h, w = arr.shape[:2]
-            rows.append({"image_uri": fs.unstrip_protocol(path), "width": w, "height": h, "status": "ok",
-                         "instances": _instances(res)})
+        decoded = []
+        for img in images[start:start + batch_size]:
+            uri = fs.unstrip_protocol(posixpath.join(root, img["file_name"]))
+            try:
+                decoded.append((uri, decode_image(fs.cat_file(uri))))
+            except DecodeError as e:
+                rows.append(schema.error_row(reason=e.reason, image_uri=uri, **ids))
+        for (uri, arr), res in zip(decoded, predictor([arr for _, arr in decoded])):
+            rows.append(schema.ok_row(res, image_uri=uri, width=arr.shape[1], height=arr.shape[0], **ids))
+    return rows
+
+
+def evaluate_predictor(predictor, gt, *, images_root=None, batch_size=4, max_images=None, only_predicted=False,
+                       storage_options=None):
+    """COCO metrics of ``predictor`` over a COCO file's images (:func:`predict_gt_images`).
+
+    The one evaluation path of a model: ``jobs.evaluate --pred model.pt``, ``jobs.train``'s
+    held-out evaluation and the demo use it. ``max_images``: the first N GT images only.
+    """
+    gt_coco = load_gt(gt, storage_options)
+    if max_images is not None:
+        keep = {im["id"] for im in gt_coco.dataset["images"][:max_images]}
+        gt_coco.dataset["images"] = [im for im in gt_coco.dataset["images"] if im["id"] in keep]
+        gt_coco.dataset["annotations"] = [a for a in gt_coco.dataset["annotations"] if a["image_id"] in keep]
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt_coco.createIndex()
+    if images_root is None:  # the GT file's folder, with its protocol
+        fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
+        images_root = fs.unstrip_protocol(posixpath.dirname(gt_path))
+    rows = predict_gt_images(predictor, gt_coco, images_root, batch_size=batch_size, storage_options=storage_options)
     return evaluate_predictions(gt_coco, rows, only_predicted=only_predicted)
 
 
-def _instances(result):
-    """Instances (schema column layout) of one predictor result."""
-    boxes = np.asarray(result["boxes"], dtype=np.float32).reshape(-1, 4)
-    out = []
-    for i in range(len(boxes)):
-        counts = result["masks"][i]["counts"]
-        out.append({"label_name": result["label_names"][i], "score": float(result["scores"][i]),
-                    "bbox": boxes[i].tolist(), "mask_rle": counts.decode("ascii") if isinstance(counts, bytes) else counts})
-    return out
+def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, only_predicted=False,
+                        storage_options=None, **predictor_kwargs):
+    """:func:`evaluate_predictor` of ``Predictor.from_checkpoint(checkpoint, device=..., **predictor_kwargs)``."""
+    from mrcnn.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, **predictor_kwargs)
+    return evaluate_predictor(predictor, gt, images_root=images_root, batch_size=batch_size,
+                              only_predicted=only_predicted, storage_options=storage_options)
 
 
 def format_report(result):

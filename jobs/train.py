@@ -61,7 +61,7 @@ RUN_NAME = "train"
 # Flags that decide the model a run trains: a resumed run must keep them, since its checkpoints
 # hold that model (``--max-iters`` and the optimiser flags may change: continuing is fine).
 MODEL_FLAGS = ("arch", "weights", "weights_backbone", "trainable_backbone_layers", "min_size", "max_size",
-               "anchor_sizes", "box_batch_size_per_image")
+               "anchor_sizes", "box_batch_size_per_image", "returned_layers")
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -88,8 +88,12 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50_fpn")
     p.add_argument("--min-size", type=int, nargs="+", default=[800], help="one or more sizes (multi-scale training)")
     p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--returned-layers", type=int, nargs="+", default=None,
+                   help="ResNet stages (1-4) the FPN reads (default 1 2 3 4; 1 2 3 drops layer4: a smaller, "
+                        "faster model for small objects)")
     p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
-                   help="RPN anchor size per FPN level, 5 values (default 32 64 128 256 512; smaller for small objects)")
+                   help="RPN anchor size per FPN level, one per returned layer plus one for 'pool' (default "
+                        "32 64 128 256 512; smaller for small objects)")
     p.add_argument("--box-batch-size-per-image", type=int, default=None,
                    help="RoIs sampled per image for the box and mask heads (default the model's, 512 as in "
                         "the reference; fewer is faster)")
@@ -125,8 +129,16 @@ def parse_args(argv=None):
         p.error(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.trainable_backbone_layers is not None and not 0 <= args.trainable_backbone_layers <= 5:
         p.error(f"--trainable-backbone-layers must be in 0..5, got {args.trainable_backbone_layers}")
-    if args.anchor_sizes is not None and len(args.anchor_sizes) != 5:
-        p.error(f"--anchor-sizes needs one size per FPN level (5), got {len(args.anchor_sizes)}")
+    if args.returned_layers is not None:
+        from mrcnn.backbone import normalize_returned_layers
+
+        try:
+            args.returned_layers = normalize_returned_layers(args.returned_layers)
+        except ValueError as e:
+            p.error(f"--returned-layers: {e}")
+    levels = len(args.returned_layers or "1234") + 1
+    if args.anchor_sizes is not None and len(args.anchor_sizes) != levels:
+        p.error(f"--anchor-sizes needs one size per FPN level ({levels}), got {len(args.anchor_sizes)}")
     if args.box_batch_size_per_image is not None and args.box_batch_size_per_image < 1:
         p.error("--box-batch-size-per-image must be >= 1")
     if args.weights and args.weights_backbone:
@@ -221,6 +233,8 @@ def build_model(cfg, num_classes):
         kwargs["box_batch_size_per_image"] = cfg["box_batch_size_per_image"]
     if cfg.get("anchor_sizes"):
         kwargs["rpn_anchor_sizes"] = cfg["anchor_sizes"]
+    if cfg.get("returned_layers"):
+        kwargs["returned_layers"] = cfg["returned_layers"]
     if not cfg["weights"]:
         return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
     file_classes = int(read_metadata(cfg["weights"])["num_classes"])
@@ -239,50 +253,19 @@ def build_model(cfg, num_classes):
 def evaluate_model(model, gt_uri, class_names, *, device="cpu", max_images=None):
     """COCO bbox/segm metrics of ``model`` (any mode; restored after) on a COCO annotation file.
 
-    Runs the in-memory model image by image and scores with jobs.evaluate.evaluate_predictions,
-    matching categories by name (``class_names[label]``).
+    Goes through ``jobs.evaluate.evaluate_predictor``: the Predictor, the batch job's decoder
+    and rows, categories matched by name (``class_names[label]``).
     """
-    import io
+    from jobs.evaluate import evaluate_predictor
+    from mrcnn.predictor import Predictor
 
-    from PIL import Image
-    from pycocotools import mask as mask_utils
-
-    from jobs.evaluate import evaluate_predictions, load_gt
-
-    gt = load_gt(gt_uri)
-    fs, gt_path = resolve(gt_uri)
-    root = posixpath.dirname(gt_path)
-    images = gt.dataset["images"]
-    if max_images is not None:
-        images = images[:max_images]
-        gt.dataset["images"] = images  # evaluate on these only
-        keep = {im["id"] for im in images}
-        gt.dataset["annotations"] = [a for a in gt.dataset["annotations"] if a["image_id"] in keep]
-        gt.createIndex()
-    was_training, mask_output = model.training, model.mask_output
-    model.eval()
-    model.mask_output = "binary"
-    rows = []
+    was_training = model.training
     try:
-        with torch.no_grad():
-            for img in images:
-                path = posixpath.join(root, img["file_name"])
-                with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-                    rgb = np.asarray(im.convert("RGB"))
-                x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255).to(device)
-                out = model([x])[0]
-                masks = out["masks"][:, 0].cpu().numpy().astype(np.uint8)
-                instances = []
-                for i in range(len(out["scores"])):
-                    rle = mask_utils.encode(np.asfortranarray(masks[i]))
-                    instances.append({"label_name": class_names[int(out["labels"][i])], "score": float(out["scores"][i]),
-                                      "bbox": out["boxes"][i].tolist(), "mask_rle": rle["counts"].decode("ascii")})
-                rows.append({"image_uri": fs.unstrip_protocol(path), "width": rgb.shape[1], "height": rgb.shape[0],
-                             "status": "ok", "instances": instances})
+        # NCHW kept: the Predictor would otherwise convert the model being trained in place
+        predictor = Predictor(model, device=device, class_names=class_names, channels_last=False)
+        return evaluate_predictor(predictor, gt_uri, max_images=max_images, storage_options=storage_options(gt_uri))
     finally:
         model.train(was_training)
-        model.mask_output = mask_output
-    return evaluate_predictions(gt, rows)
 
 
 def flat_eval_metrics(result):

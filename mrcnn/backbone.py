@@ -32,6 +32,24 @@ def validate_trainable_layers(is_trained: bool, trainable_layers: Optional[int],
     return trainable_layers
 
 
+DEFAULT_RETURNED_LAYERS = [1, 2, 3, 4]
+
+
+def normalize_returned_layers(returned_layers: Optional[list[int]]) -> list[int]:
+    """``returned_layers`` as a sorted list of distinct ResNet stages in 1..4 (None: all four)."""
+    if returned_layers is None:
+        return list(DEFAULT_RETURNED_LAYERS)
+    layers = sorted({int(v) for v in returned_layers})
+    if not layers or layers[0] < 1 or layers[-1] > 4 or len(layers) != len(list(returned_layers)):
+        raise ValueError(f"returned_layers should be distinct ResNet stages in 1..4, got {list(returned_layers)}")
+    return layers
+
+
+def returned_layers_of(backbone: nn.Module) -> list[int]:
+    """The ResNet stages a :func:`resnet_fpn_backbone` feeds to its FPN."""
+    return sorted(int(name[len("layer"):]) for name in backbone.body.return_layers)
+
+
 def resnet_fpn_backbone(
     name: str = "resnet50",
     *,
@@ -40,8 +58,9 @@ def resnet_fpn_backbone(
     trainable_layers: int = 3,
     fpn_norm_layer: Optional[Callable[..., nn.Module]] = None,
     out_channels: int = 256,
+    returned_layers: Optional[list[int]] = None,
 ) -> BackboneWithFPN:
-    """A ResNet with an FPN on layer1-4 and a LastLevelMaxPool 'pool' level.
+    """A ResNet with an FPN on layer1-4 (or ``returned_layers``) and a LastLevelMaxPool 'pool' level.
 
     Args:
         name: "resnet18", "resnet50" or "resnet101".
@@ -51,6 +70,9 @@ def resnet_fpn_backbone(
         trainable_layers: how many of layer4, layer3, layer2, layer1, conv1 (from the top) train.
         fpn_norm_layer: normalisation inside the FPN convs (v2 uses BatchNorm2d).
         out_channels: channels of every FPN level (torchvision's detectors: 256).
+        returned_layers: the ResNet stages (1-4) the FPN reads, as torchvision's argument of that
+            name (default all four). Without 4, layer4 is not built at all: ``[1, 2, 3]`` gives FPN
+            levels '0'-'2' (strides 4-16) plus 'pool' (stride 32), for small objects and small models.
     """
     if name not in _RESNETS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
@@ -63,7 +85,8 @@ def resnet_fpn_backbone(
             body.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
-    backbone = _resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm_layer)
+    returned_layers = normalize_returned_layers(returned_layers)
+    backbone = _resnet_fpn_extractor(body, trainable_layers, returned_layers=returned_layers, norm_layer=fpn_norm_layer)
     if out_channels != backbone.out_channels:
         # torchvision's extractor (which also freezes the bottom layers) always builds 256 channels
         in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]

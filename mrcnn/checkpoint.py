@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .backbone import DEFAULT_RETURNED_LAYERS, returned_layers_of
 from .mask_rcnn import ARCHITECTURES, MaskRCNN, build_model
 
 FORMAT = "mrcnn-batch/maskrcnn"
@@ -138,7 +139,7 @@ def _check_architecture(model: nn.Module, state_dict: dict, metadata: dict, path
 def model_config(model: nn.Module) -> dict:
     """The builder keyword arguments that reproduce ``model``'s current settings (plain values only)."""
     t, rpn, rh = model.transform, model.rpn, model.roi_heads
-    return {
+    config = {
         "min_size": list(t.min_size),
         "max_size": int(t.max_size),
         "image_mean": [float(v) for v in t.image_mean],
@@ -165,6 +166,10 @@ def model_config(model: nn.Module) -> dict:
         "box_positive_fraction": float(rh.fg_bg_sampler.positive_fraction),
         "bbox_reg_weights": [float(w) for w in rh.box_coder.weights],
     }
+    returned_layers = returned_layers_of(model.backbone)
+    if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
+        config["returned_layers"] = returned_layers
+    return config
 
 
 def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional[dict] = None) -> None:

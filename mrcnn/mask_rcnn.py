@@ -6,7 +6,7 @@ from torch import nn, Tensor
 from torchvision.ops import FrozenBatchNorm2d
 
 from .anchors import AnchorGenerator
-from .backbone import resnet_fpn_backbone, validate_trainable_layers
+from .backbone import normalize_returned_layers, resnet_fpn_backbone, validate_trainable_layers
 from .ops import MultiScaleRoIAlign
 from .roi_heads import (
     FastRCNNConvFCHead,
@@ -256,6 +256,12 @@ def build_model(
         num_classes = 91
     is_trained = pretrained or weights_backbone is not None
     trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
+    returned_layers = normalize_returned_layers(kwargs.pop("returned_layers", None))
+    if len(returned_layers) < 4:
+        # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
+        names = [str(i) for i in range(len(returned_layers))]
+        kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2))
+        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2))
 
     if architecture in ("maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_small"):
         # these build their own RPN head, which needs the anchor count
@@ -270,6 +276,7 @@ def build_model(
             norm_layer=nn.BatchNorm2d,
             trainable_layers=trainable,
             fpn_norm_layer=nn.BatchNorm2d,
+            returned_layers=returned_layers,
         )
         out = backbone.out_channels
         kwargs = {
@@ -291,6 +298,7 @@ def build_model(
             trainable_layers=trainable,
             fpn_norm_layer=_group_norm,
             out_channels=out,
+            returned_layers=returned_layers,
         )
         representation = 2 * out
         kwargs = {
@@ -308,7 +316,8 @@ def build_model(
         norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
         body = "resnet101" if architecture == "maskrcnn_resnet101_fpn" else "resnet50"
         backbone = resnet_fpn_backbone(
-            body, weights_backbone=weights_backbone, norm_layer=norm_layer, trainable_layers=trainable
+            body, weights_backbone=weights_backbone, norm_layer=norm_layer, trainable_layers=trainable,
+            returned_layers=returned_layers,
         )
     model = MaskRCNN(backbone, num_classes=num_classes, **kwargs)
     model.architecture = architecture
