@@ -65,6 +65,13 @@ def detect_architecture(state_dict: dict) -> str:
     raise ValueError("not a Mask R-CNN state_dict (no roi_heads.box_head weights)")
 
 
+def returned_layers_from_keys(state_dict: dict) -> list[int]:
+    """The ResNet stages a state_dict's FPN reads: its deepest stage and FPN inputs (contiguous, as builders make them)."""
+    deepest = max((k for k in range(1, 5) if f"backbone.body.layer{k}.0.conv1.weight" in state_dict), default=4)
+    inputs = {key.split(".")[3] for key in state_dict if key.startswith("backbone.fpn.inner_blocks.")}
+    return list(range(deepest - len(inputs) + 1, deepest + 1)) if inputs else list(DEFAULT_RETURNED_LAYERS)
+
+
 def _num_classes(state_dict: dict) -> int:
     try:
         return int(state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0])
@@ -265,7 +272,8 @@ def load_model(path, **overrides) -> MaskRCNN:
         kwargs = dict(metadata.get("builder_kwargs", {}))
     else:
         architecture = _torchvision_metadata(state_dict, path)["architecture"]
-        kwargs = {}
+        returned_layers = returned_layers_from_keys(state_dict)
+        kwargs = {} if returned_layers == DEFAULT_RETURNED_LAYERS else {"returned_layers": returned_layers}
     if architecture not in ARCHITECTURES:
         raise ValueError(f"{path}: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
     num_classes = _num_classes(state_dict)

@@ -282,3 +282,30 @@ def test_anchor_sizes_are_recorded_and_rebuilt(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         mrcnn.maskrcnn_resnet50_fpn(num_classes=3, rpn_anchor_generator=plain.rpn.anchor_generator,
                                     rpn_anchor_sizes=sizes)
+
+
+@pytest.mark.parametrize("returned_layers", [[1, 2, 3], [2, 3, 4]])
+def test_returned_layers_are_recorded_and_rebuilt(tmp_path, returned_layers):
+    """A backbone without layer4 (or without layer1's FPN level) saves, loads and detects as it was."""
+    torch.manual_seed(0)
+    levels = len(returned_layers) + 1
+    sizes = [[16 * 2**i] for i in range(levels)]
+    model = mrcnn.maskrcnn_resnet18_fpn_small(num_classes=4, returned_layers=returned_layers, rpn_anchor_sizes=sizes,
+                                              **SMALL).eval()
+    assert hasattr(model.backbone.body, "layer4") == (4 in returned_layers)
+    assert len(model.backbone.fpn.inner_blocks) == len(returned_layers)
+    assert model.roi_heads.box_roi_pool.featmap_names == [str(i) for i in range(len(returned_layers))]
+    expected = _outputs(model)
+    assert len(expected["boxes"]) > 0
+    ours, plain = tmp_path / "rl.pt", tmp_path / "rl_state_dict.pth"
+    mrcnn.save_checkpoint(model, ours, class_names=["bg", "a", "b", "c"])
+    assert mrcnn.read_metadata(ours)["builder_kwargs"]["returned_layers"] == returned_layers
+    torch.save(model.state_dict(), plain)
+    for path, overrides in ((ours, {}), (plain, {**SMALL, "rpn_anchor_sizes": sizes})):
+        _assert_same(_outputs(mrcnn.load_model(path, **overrides)), expected)
+    # the default (all four stages) is not recorded, so older readers build the same model
+    full = mrcnn.maskrcnn_resnet18_fpn_small(num_classes=4, **SMALL)
+    mrcnn.save_checkpoint(full, tmp_path / "full.pt", class_names=["bg", "a", "b", "c"])
+    assert "returned_layers" not in mrcnn.read_metadata(tmp_path / "full.pt")["builder_kwargs"]
+    with pytest.raises(ValueError, match="returned_layers should be distinct ResNet stages in 1..4"):
+        mrcnn.maskrcnn_resnet18_fpn_small(num_classes=4, returned_layers=[0, 1])

@@ -183,35 +183,39 @@ def test_reads_gt_and_predictions_from_s3(s3_bucket, gt_path):
     assert result["bbox"]["AP"] == result["segm"]["AP"] == 1.0
 
 
-def test_checkpoint_path_plumbing_with_stand_in_predictor(gt_path, monkeypatch):
-    # Only the plumbing of evaluate_checkpoint (image reading, rows, evaluation): the real
-    # mrcnn.predictor.Predictor is replaced by one that returns the GT of each image it gets.
-    import sys
-    import types
+def test_checkpoint_path_runs_the_predictor_api(gt_path, monkeypatch):
+    # The plumbing of evaluate_checkpoint (decode, Predictor call, batch-job rows, evaluation) against
+    # an autospec of the real Predictor: a call the real class does not have fails here.
+    from unittest import mock
+
+    from mrcnn.predictor import Predictor
 
     gt = evaluate.load_gt(str(gt_path))
     expected = _rows_from_gt(gt)
     seen = []
 
-    class StandIn:
-        @classmethod
-        def from_checkpoint(cls, path, device):
-            assert (path, device) == ("model.pt", "cpu")
-            return cls()
+    def predict(images):
+        out = []
+        for arr in images:
+            row = expected[len(seen)]
+            assert arr.shape == (row["height"], row["width"], 3) and arr.dtype == np.uint8
+            seen.append(arr)
+            insts = row["instances"]
+            out.append({"boxes": np.array([i["bbox"] for i in insts], np.float32).reshape(-1, 4),
+                        "labels": np.array([i["label"] for i in insts], np.int64),
+                        "scores": np.array([i["score"] for i in insts], np.float32),
+                        "label_names": [i["label_name"] for i in insts],
+                        "areas": np.array([i["area"] for i in insts], np.int64),
+                        "masks": [{"size": [row["height"], row["width"]], "counts": i["mask_rle"].encode()}
+                                  for i in insts]})
+        return out
 
-        def predict(self, images):
-            out = []
-            for arr in images:
-                row = expected[len(seen)]
-                assert arr.shape == (row["height"], row["width"], 3) and arr.dtype == np.uint8
-                seen.append(arr)
-                insts = row["instances"]
-                out.append({"boxes": [i["bbox"] for i in insts], "scores": [i["score"] for i in insts],
-                            "label_names": [i["label_name"] for i in insts],
-                            "masks": [{"size": [row["height"], row["width"]], "counts": i["mask_rle"].encode()} for i in insts]})
-            return out
-
-    monkeypatch.setitem(sys.modules, "mrcnn.predictor", types.SimpleNamespace(Predictor=StandIn))
+    predictor = mock.create_autospec(Predictor, instance=True, side_effect=predict)
+    from_checkpoint = mock.create_autospec(Predictor.from_checkpoint, return_value=predictor)
+    monkeypatch.setattr(Predictor, "from_checkpoint", from_checkpoint)
     result = evaluate.evaluate_checkpoint(str(gt_path), "model.pt", batch_size=2)
+    from_checkpoint.assert_called_once_with("model.pt", device="cpu")
+    assert predictor.call_count == 3  # 5 images in batches of 2
     assert len(seen) == 5 and result["counts"]["predicted_images"] == 5
+    assert result["counts"]["detections"] == sum(len(r["instances"]) for r in expected) > 0
     assert result["bbox"]["AP"] == result["segm"]["AP"] == 1.0
