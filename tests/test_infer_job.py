@@ -104,8 +104,12 @@ def _summary(out, run_id):
 
 def _job(capsys, *args):
     assert main(list(args)) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    return json.loads(line)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    # not a terminal: one progress line once planned and one per committed shard, ending at the total
+    progress = re.findall(r"^jobs\.infer: (\d+)/(\d+) images committed \(\d+ s\)$", captured.err, re.M)
+    assert progress[0] == ("0", str(summary["processed"])) and progress[-1] == (str(summary["processed"]),) * 2
+    return summary
 
 
 def _direct(weights, uris):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
+import warnings
 
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
@@ -70,16 +73,39 @@ def embedded_num_cpus() -> int:
 
 
 def init_ray() -> None:
-    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray."""
+    """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray.
+
+    Ray's start-up banner and Ray Data's execution logs stay in Ray's log files (warnings
+    still show). On a terminal Ray Data draws its progress bars; elsewhere (a job's log, CI)
+    the job prints one progress line per committed shard instead (:class:`Progress`).
+    """
     import ray
 
+    quiet = {"logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(num_cpus=embedded_num_cpus())
-    except ValueError:  # a local cluster started with `ray start` was found: use it as it is
-        ray.init()
+        ray.init(**quiet)
+    else:
+        try:
+            ray.init(num_cpus=embedded_num_cpus(), **quiet)
+        except ValueError:  # a local cluster started with `ray start` was found: use it as it is
+            ray.init(**quiet)
+    # Ray Data draws bars when stdout is a terminal, else logs progress at INFO: kept in its files
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's note that a tiny input keeps some of the pool's actors idle
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
+
+
+class Progress:
+    """``jobs.infer: N/M images committed`` after each committed shard, with the time so far."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.t0 = time.time()
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stdout.isatty():
+            return  # Ray Data's bars show it (it checks stdout too)
+        print(f"jobs.infer: {done}/{total} images committed ({time.time() - self.t0:.0f} s)", file=self.stream, flush=True)
 
 
 def main(argv=None) -> int:
@@ -93,7 +119,7 @@ def main(argv=None) -> int:
         init_ray()
         started = True
     try:
-        summary, manifest = run_job(cfg)
+        summary, manifest = run_job(cfg, progress=Progress())
     except (InfraError, LockedError, ValueError, PermissionError, FileNotFoundError) as e:
         print(f"jobs.infer: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -203,11 +203,13 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
 
 
 def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary,
-                    may_commit=lambda: None) -> None:
+                    may_commit=lambda: None, progress=None) -> None:
     """Group streamed result rows by shard; stage + commit each shard once it is complete.
 
-    ``may_commit()`` runs before each commit and raises when this run must stop committing.
+    ``may_commit()`` runs before each commit and raises when this run must stop committing;
+    ``progress(images committed, images to commit)`` after each commit.
     """
+    total, committed = sum(expected.values()), 0
     pending: dict[str, list[pa.Table]] = {}
     counts: dict[str, int] = {}
     done: set[str] = set()
@@ -237,8 +239,11 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
                 may_commit()
                 run.commit(sid)
                 summary.add_shard(table)
-                del expected[sid], counts[sid]
+                committed += expected.pop(sid)
+                del counts[sid]
                 done.add(sid)
+                if progress is not None:
+                    progress(committed, total)
     if expected:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
 
@@ -247,8 +252,11 @@ def _output_error(output: str, e: Exception) -> InfraError:
     return InfraError(f"cannot write to output {output}: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
-def run_job(cfg: JobConfig) -> tuple[RunSummary, dict]:
+def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     """One invocation of the job (starts or resumes a run); returns (summary, manifest).
+
+    ``progress(images committed, images to process)`` is called once the plan is made and
+    after each committed shard.
 
     The run holds the output's writer lease (``lock.WriterLease``) from before it picks its
     run id until it has finished: a second run on the same output stops with LockedError.
@@ -271,12 +279,13 @@ def run_job(cfg: JobConfig) -> tuple[RunSummary, dict]:
     except Exception as e:  # noqa: BLE001
         raise _output_error(cfg.output, e) from None
     try:
-        return _run_holding_lease(cfg, params, lease, checkpoint_sha256, model_name)
+        return _run_holding_lease(cfg, params, lease, checkpoint_sha256, model_name, progress)
     finally:
         lease.release()
 
 
-def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpoint_sha256: str, model_name: str):
+def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpoint_sha256: str, model_name: str,
+                       progress=None):
     try:
         run = commit.begin_run(cfg.output, params, run_id=cfg.run_id)
     except (ValueError, RuntimeError):
@@ -291,9 +300,12 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpo
     shards = commit.make_shards(items, checkpoint_sha256=checkpoint_sha256, target_size=cfg.images_per_shard)
     plan_files, expected = _write_plan(run, shards, summary)
     summary.add_plan(stats)
+    if progress is not None:
+        progress(0, sum(expected.values()))
     if plan_files:
         ds = build_dataset(cfg, plan_files, run_id=run.run_id, checkpoint_sha256=checkpoint_sha256, model_name=model_name)
-        _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary, lease.check)
+        _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary, lease.check,
+                        progress)
     lease.check()
     summary.finish().write(cfg.output)
     manifest = run.finish()
