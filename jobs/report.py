@@ -41,6 +41,7 @@ CLASS_SCORE_THRESHOLD = 0.5  # counts per class: instances with score > this (st
 HIST_BINS = 20
 DEFAULT_MAX_OVERLAYS = 24  # embedded PNGs: ~100-300 KB each for photos at 400 px
 THUMB_MAX_SIDE = 400
+THUMB_MIN_SIDE = 280  # smaller overlays are shown enlarged by a whole factor (pixels kept sharp)
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -52,7 +53,7 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .kpi b{display:block;font-size:20px} .kpi span{color:#666;font-size:12px}
 .swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .grid{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa}
-figure img{display:block;max-width:100%} figcaption{font-size:12px;color:#555;word-break:break-all;max-width:480px}
+figure img{display:block;max-width:100%;height:auto;image-rendering:pixelated} figcaption{font-size:12px;color:#555;word-break:break-all;max-width:480px}
 td.uri{word-break:break-all;max-width:520px}
 """
 
@@ -193,11 +194,12 @@ def _overlays_html(uris: list[str], images: list, rows_by_uri: dict, total_ok: i
         buf = io.BytesIO()
         thumb.save(buf, format="PNG")
         b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+        zoom = max(1, THUMB_MIN_SIDE // max(thumb.width, thumb.height))
         row = rows_by_uri[uri]
         n = len(row["instances"] or [])
         figs.append(
-            f'<figure><img class="overlay" src="data:image/png;base64,{b64}" width="{thumb.width}" '
-            f'height="{thumb.height}" alt="{_e(uri)}"><figcaption>{_e(uri)}<br>{row["width"]}x{row["height"]}, '
+            f'<figure><img class="overlay" src="data:image/png;base64,{b64}" width="{thumb.width * zoom}" '
+            f'height="{thumb.height * zoom}" alt="{_e(uri)}"><figcaption>{_e(uri)}<br>{row["width"]}x{row["height"]}, '
             f"{n} instance{'s' if n != 1 else ''}</figcaption></figure>"
         )
     note = f'<p class="muted">{len(images)} of {total_ok} ok images, instances with score &ge; ' \

@@ -13,6 +13,8 @@ import datetime as dt
 import io
 import json
 import os
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -362,3 +364,28 @@ def test_report_of_a_run_that_committed_nothing(dataset):
     assert "<h1>Run r3</h1>" in text
     assert "0 committed rows (0 ok, 0 error)" in text
     assert "Errors (0)" in text and "Score histogram (0 instances)" in text
+
+
+@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+                    reason="no Chromium here (apt-get install -y chromium); the screenshot script needs one")
+def test_report_renders_in_a_real_browser(dataset, tmp_path):
+    # What a reader sees: scripts/screenshot_report.sh draws the page in headless Chromium at a
+    # laptop's width. The overlays' masks must be on the screen, not only in the HTML: pixels of
+    # label 1's exact colour (its contours) outnumber those of the same page without overlays
+    # (where only the class table's colour swatch has it).
+    out, _ = dataset
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def screenshot(name, **kwargs):
+        uri = report.write_report(str(out), out_uri=str(tmp_path / f"{name}.html"), **kwargs)
+        png = tmp_path / f"{name}.png"
+        res = subprocess.run(["bash", os.path.join(root, "scripts", "screenshot_report.sh"), uri, str(png), "1366"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        shot = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        assert shot.shape[1] == 1366 and 400 < shot.shape[0] < 6000  # the blank bottom was cut
+        return int((np.abs(shot - np.array(render.label_color(1))).sum(axis=2) <= 12).sum())
+
+    with_overlays, without = screenshot("with"), screenshot("without", max_overlays=0)
+    print(f"label-1 colour pixels: {with_overlays} with overlays, {without} without")
+    assert without > 0 and with_overlays > without + 150
