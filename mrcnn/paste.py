@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rle import rle_from_transitions, window_transitions
+
 __all__ = ["paste_masks", "paste_masks_to_rle", "rle_area"]
 
 # Torchvision's padding of the M x M mask before resizing (paste_masks_in_image(padding=1)).
@@ -144,12 +146,15 @@ def _paste_tiles(
     write: Callable[[Tensor, Tensor, Tensor, Tensor], None],
     budget_bytes: int,
     fused: bool,
+    group: Optional[Callable[[Tensor, Tensor, Tensor, int, int], None]] = None,
 ) -> None:
     """Compute every detection inside its clipped box and hand tiles to ``write``.
 
     ``write(det, ys, xs, values)`` receives detection indices (K,), image rows (K, TB),
     image columns (K, TW) and float32 values (K, TB, TW). Tile pixels outside a
-    detection's box are 0, and every tile lies inside the image.
+    detection's box are 0, and every tile lies inside the image. ``group(det, oy, ox, TH, TW)``,
+    when given, is called before the row bands of each group of detections: their tiles'
+    origins (K,) and size.
     """
     budget_elems = max(1, budget_bytes // _BYTES_PER_TILE_ELEM)
     hc, wc = geo.hc.cpu().numpy(), geo.wc.cpu().numpy()
@@ -160,7 +165,7 @@ def _paste_tiles(
         sel = np.flatnonzero(small == is_small)
         for idx, th, tw, tb in plan_tiles(hc[sel], wc[sel], budget_elems):
             det = torch.as_tensor(sel[idx], device=padded.device)
-            _paste_group(padded[det], geo.subset(det), image_size, det, th, tw, tb, is_small, write, fused)
+            _paste_group(padded[det], geo.subset(det), image_size, det, th, tw, tb, is_small, write, fused, group)
 
 
 def _axis(origin, offset, n, box_start, lo, hi, size, in_size, fma):
@@ -177,13 +182,15 @@ def _axis(origin, offset, n, box_start, lo, hi, size, in_size, fma):
     return pos, i0, i1, torch.where(inside, l0, zero), torch.where(inside, l1, zero)
 
 
-def _paste_group(padded, geo, image_size, det, th, tw, tb, is_small, write, fused):
+def _paste_group(padded, geo, image_size, det, th, tw, tb, is_small, write, fused, group=None):
     H, W = image_size
     K, Mp = padded.shape[0], padded.shape[-1]
     fma = _make_fma(fused)
     # Tile origin: the clipped box start, pulled back so that the tile stays in the image.
     oy = geo.ys.clamp(max=H - th)
     ox = geo.xs.clamp(max=W - tw)
+    if group is not None:
+        group(det, oy, ox, th, tw)
     xx, xi0, xi1, w0, w1 = _axis(ox, 0, tw, geo.x0, geo.xs, geo.xe, geo.w, Mp, fma)
     if not is_small:
         # ATen's separable kernel: (x0 * w0 + x1 * w1) along rows first, then
@@ -301,40 +308,49 @@ def paste_masks_to_rle(
     image_size: tuple[int, int],
     *,
     threshold: float = 0.5,
-    chunk_bytes: int = DEFAULT_RLE_CHUNK_BYTES,
     tile_budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES,
 ) -> list[dict]:
     """Paste, threshold (``> threshold``) and encode each mask as COCO compressed RLE.
 
-    Returns one ``{"size": [H, W], "counts": str}`` per detection, in order. At most
-    ``chunk_bytes`` of H x W uint8 masks exist at once.
+    Returns one ``{"size": [H, W], "counts": str}`` per detection, in order, byte-identical to
+    ``pycocotools.mask.encode`` of ``paste_masks(masks, boxes, image_size, threshold=threshold)``.
+    No full-size mask is made: each detection is thresholded inside its box tile on the masks'
+    device, and only the positions where its values change come to the host
+    (:mod:`mrcnn.rle`), so the cost follows the boxes' area, not the image's.
     """
-    from pycocotools import mask as mask_util  # lazy: only the RLE path needs it
-
     masks, boxes, (H, W) = _prepare(masks, boxes, image_size)
     N = masks.shape[0]
     if N == 0:
         return []
     geo = _Geometry(boxes, masks.shape[-1], (H, W))
     padded = F.pad(masks, (_PADDING,) * 4)
-    fused = _fused_for(masks.device)
-    step = rle_chunk_size((H, W), chunk_bytes)
-    rles: list[dict] = []
-    for c0 in range(0, N, step):
-        sel = slice(c0, min(c0 + step, N))
-        K = sel.stop - sel.start
-        # (K, W, H) C-contiguous is (H, W, K) Fortran order, what pycocotools encodes.
-        buf = torch.zeros((K, W, H), dtype=torch.uint8, device=masks.device)
+    found: list[tuple[Tensor, Tensor]] = []
+    tile: dict = {}
 
-        def write(det, yy, xx, val):
-            buf[det[:, None, None], xx[:, None, :], yy[:, :, None]] = (val > threshold).to(torch.uint8)
+    def flush() -> None:
+        if tile:
+            k, flat = window_transitions(tile["bits"], tile["oy"], tile["ox"], (H, W))
+            found.append((tile["det"][k], flat))
+            tile.clear()
 
-        _paste_tiles(padded[sel], geo.subset(sel), (H, W), write, tile_budget_bytes, fused)
-        fortran = buf.cpu().numpy().transpose(2, 1, 0)
-        for rle in mask_util.encode(fortran):
-            rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
-        del buf, fortran
-    return rles
+    def group(det, oy, ox, th, tw):
+        flush()
+        tile.update(det=det, oy=oy, ox=ox, bits=torch.zeros((len(det), tw, th), dtype=torch.bool, device=masks.device))
+
+    def write(det, yy, xx, val):
+        b0 = int(yy[0, 0] - tile["oy"][0])  # the band's first row within the group's tiles
+        tile["bits"][:, :, b0 : b0 + val.shape[1]] = (val > threshold).transpose(1, 2)
+
+    _paste_tiles(padded, geo, (H, W), write, tile_budget_bytes, _fused_for(masks.device), group)
+    flush()
+    if found:
+        det = torch.cat([d for d, _ in found])
+        flat = torch.cat([f for _, f in found])
+        order = torch.argsort(det * (H * W) + flat)  # by detection, then position
+        det, flat = det[order].cpu().numpy(), flat[order].cpu().numpy()
+    else:
+        det = flat = np.zeros(0, dtype=np.int64)
+    return rle_from_transitions(det, flat, N, (H, W))
 
 
 def rle_area(rles: list[dict]) -> np.ndarray:

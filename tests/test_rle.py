@@ -1,0 +1,131 @@
+"""Box-local COCO RLE (mrcnn.rle, paste_masks_to_rle) against pycocotools on full-size masks."""
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_util
+
+from mrcnn.paste import paste_masks, paste_masks_to_rle
+from mrcnn.rle import rle_from_transitions, window_transitions
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference(masks, boxes, H, W):
+    """pycocotools.encode of today's dense paste (torchvision's paste > 0.5)."""
+    dense = paste_masks(masks, boxes, (H, W), threshold=0.5)[:, 0].cpu().numpy()
+    if len(dense) == 0:
+        return []
+    return mask_util.encode(np.asfortranarray(dense.transpose(1, 2, 0).astype(np.uint8)))
+
+
+def assert_identical(masks, boxes, H, W, device="cpu"):
+    ref = reference(masks, boxes, H, W)
+    got = paste_masks_to_rle(masks.to(device), boxes.to(device), (H, W))
+    assert len(got) == len(ref) == len(masks)
+    for g, r in zip(got, ref):
+        assert g["size"] == [H, W] == [int(v) for v in r["size"]]
+        assert g["counts"].encode("ascii") == r["counts"]  # byte for byte
+    return ref
+
+
+def boxes_around(g, n, H, W, spread=1.4):
+    """Boxes of every kind: inside, past every edge, sub-pixel, whole-image."""
+    ctr = torch.rand(n, 2, generator=g) * torch.tensor([W, H]) * spread - torch.tensor([W, H]) * (spread - 1) / 2
+    kind = torch.randint(0, 4, (n,), generator=g)
+    size = torch.rand(n, 2, generator=g) * torch.tensor([W, H]) * 0.6 + 0.05
+    size[kind == 0] = torch.rand(int((kind == 0).sum()), 2, generator=g) * 2  # 0-2 px, incl. below one pixel
+    size[kind == 3] = torch.tensor([W, H], dtype=torch.float32) * 1.5  # covers the whole image
+    return torch.cat([ctr - size / 2, ctr + size / 2], 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,W", [(1, 1), (1, 37), (29, 1), (2, 3), (48, 64), (97, 131), (240, 320)])
+def test_byte_identical_on_random_cases(device, H, W):
+    g = torch.Generator().manual_seed(H * 1000 + W)
+    compared = 0
+    for trial in range(6):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        masks = torch.rand(n, 1, 28, 28, generator=g)
+        masks[: n // 5] = 1.0  # full masks: set over the whole (clipped) box
+        masks[n // 5 : n // 4] = 0.0  # empty masks
+        compared += len(assert_identical(masks, boxes_around(g, n, H, W), H, W, device))
+    assert compared >= 6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edges_full_and_empty(device):
+    H, W = 50, 70
+    full = torch.ones(8, 1, 28, 28)
+    boxes = torch.tensor([
+        [0.0, 0.0, 70.0, 50.0],    # the whole image: mask set everywhere
+        [-30.0, -30.0, 200, 200],  # past every edge
+        [0.0, 10.0, 5.0, 20.0],    # first column
+        [65.0, 10.0, 70.0, 20.0],  # last column
+        [10.0, 0.0, 20.0, 3.0],    # first row
+        [10.0, 47.0, 20.0, 50.0],  # last row
+        [0.0, 0.0, 70.0, 3.0],     # full-width strip at the top: contiguous runs across columns
+        [30.2, 30.2, 30.4, 30.4],  # smaller than a pixel
+    ])
+    ref = assert_identical(full, boxes, H, W, device)
+    # the paste's zero padding fades the box's own border, so only a box well past the image fills it
+    assert 0.9 * H * W < mask_util.area(ref[0]) < H * W and mask_util.area(ref[1]) == H * W
+    assert_identical(torch.zeros(8, 1, 28, 28), boxes, H, W, device)  # all empty
+    assert paste_masks_to_rle(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (H, W)) == []  # N = 0
+
+
+def test_large_image_without_full_size_buffers(monkeypatch):
+    H, W = 3024, 4032  # a phone photo
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    ctr = torch.rand(n, 2, generator=g) * torch.tensor([W, H])
+    size = torch.rand(n, 2, generator=g) * torch.tensor([W, H]) * 0.25 + 1
+    boxes = torch.cat([ctr - size / 2, ctr + size / 2], 1)
+    masks = torch.rand(n, 1, 28, 28, generator=g)
+    biggest = []
+    original = torch.zeros
+
+    def recording_zeros(*shape, **kw):
+        t = original(*shape, **kw)
+        biggest.append(t.numel())
+        return t
+
+    monkeypatch.setattr(torch, "zeros", recording_zeros)
+    got = paste_masks_to_rle(masks, boxes, (H, W))
+    monkeypatch.undo()
+    assert biggest and max(biggest) < H * W // 4  # box tiles only, never a full-size mask
+    ref = reference(masks, boxes, H, W)
+    assert [r["counts"] for r in got] == [r["counts"].decode() for r in ref] and len(got) == n
+
+
+def test_transitions_against_brute_force():
+    rng = np.random.default_rng(0)
+    compared = 0
+    for _ in range(200):
+        H, W = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        th, tw = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1))
+        K = int(rng.integers(1, 4))
+        oy, ox = rng.integers(0, H - th + 1, K), rng.integers(0, W - tw + 1, K)
+        bits = rng.random((K, tw, th)) < rng.random()
+        det, flat = window_transitions(torch.from_numpy(bits), torch.from_numpy(oy), torch.from_numpy(ox), (H, W))
+        rles = rle_from_transitions(det.numpy(), flat.numpy(), K, (H, W))
+        for k in range(K):
+            full = np.zeros((H, W), np.uint8)
+            full[oy[k] : oy[k] + th, ox[k] : ox[k] + tw] = bits[k].T
+            seq = np.concatenate(([0], full.T.reshape(-1)))
+            expected = np.flatnonzero(seq[1:] != seq[:-1])
+            assert np.array_equal(flat.numpy()[det.numpy() == k], expected)
+            assert rles[k]["counts"].encode() == mask_util.encode(np.asfortranarray(full))["counts"]
+            compared += 1
+    assert compared >= 200
+
+
+def test_counts_beyond_32_bits_read_back_by_pycocotools():
+    # 2.8e9 pixels: run lengths past 2**31. pycocotools reads the string back without decoding a mask.
+    H, W = 70_000, 40_000
+    y, x = H - 5, W - 1
+    det, flat = np.array([0, 0]), np.array([x * H + y, x * H + y + 1])
+    rle = rle_from_transitions(det, flat, 1, (H, W))[0]
+    coco = {"size": [H, W], "counts": rle["counts"].encode()}
+    assert mask_util.area(coco) == 1
+    assert mask_util.toBbox(coco).tolist() == [x, y, 1, 1]
