@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--max-iters", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--warmup-iters", type=int, default=None, help="jobs.train --warmup-iters")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=None, help="jobs.train --lr-steps")
     p.add_argument("--min-size", type=int, nargs="+", default=[128, 144, 160])
     p.add_argument("--max-size", type=int, default=240)
     p.add_argument("--arch", default="resnet18_fpn_small", help="jobs.train --arch")
@@ -75,6 +77,10 @@ def main(argv=None):
     ]
     if args.returned_layers:
         train_argv += ["--returned-layers", *map(str, args.returned_layers)]
+    if args.warmup_iters is not None:
+        train_argv += ["--warmup-iters", str(args.warmup_iters)]
+    if args.lr_steps is not None:
+        train_argv += ["--lr-steps", *map(str, args.lr_steps)]
     import ray
 
     # logical CPUs for the workers plus one for the Train controller; torch threads follow cpus_per_worker
