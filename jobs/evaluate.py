@@ -5,7 +5,10 @@
 
 ``--pred`` is the Parquet output of the batch job (a file or a folder, read with pyarrow.dataset
 through fsspec; names starting with ``_`` or ``.`` are skipped) or, when it ends in .pt/.pth/.ckpt,
-a checkpoint to run over the ground-truth images first (``evaluate_checkpoint``).
+a checkpoint to run over the ground-truth images first (``evaluate_checkpoint``). A model is
+always evaluated by :func:`evaluate_predictor`: an ``mrcnn.Predictor`` over the GT images read
+through the batch job's decoder and turned into the batch job's rows, so a checkpoint scores
+here what ``jobs.infer`` would write; ``jobs.train`` evaluates its held-out split with it too.
 
 How predictions meet the ground truth:
 
@@ -41,7 +44,8 @@ PRED_COLUMNS = ["image_uri", "width", "height", "status", "instances"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
-def _quiet_coco(doc):
+def coco_from_dict(doc):
+    """A pycocotools COCO object of an annotation document (its index built without printing)."""
     from pycocotools.coco import COCO
 
     coco = COCO()
@@ -58,7 +62,7 @@ def load_gt(gt_json_uri, storage_options=None):
     for key in ("images", "annotations", "categories"):
         if key not in doc:
             raise ValueError(f"{gt_json_uri} is not a COCO detection file: no '{key}'")
-    return _quiet_coco(doc)
+    return coco_from_dict(doc)
 
 
 class _ImageMatcher:
@@ -102,7 +106,7 @@ def _summarize(gt, results, iou_type, img_ids):
         if results:
             dt = gt.loadRes(copy.deepcopy(results))
         else:  # loadRes cannot take an empty list: an empty result set scores 0
-            dt = _quiet_coco({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
+            dt = coco_from_dict({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
         ev = COCOeval(gt, dt, iou_type)
         ev.params.imgIds = img_ids
         ev.evaluate()

@@ -95,7 +95,9 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
 
     data, out = f"s3://{s3_bucket}/shapes", f"s3://{s3_bucket}/runs/shapes"
     generate(data, 6, seed=1, size="128/160")
-    result = train.run(_args(data, out, 2, "--arch", "resnet18_fpn_small"))
+    # the shipped model's architecture: no layer4, four FPN levels
+    result = train.run(_args(data, out, 2, "--arch", "resnet18_fpn_small", "--returned-layers", "1", "2", "3",
+                             "--anchor-sizes", "16", "32", "64", "128"))
     assert result["step"] == 2 and result["model"] == f"{out}/model_final.pt"
 
     assert [m["step"] for m in _metrics(out)] == [1, 2]
@@ -105,6 +107,7 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
     assert {"model.pt", "train_state.pt", "meta.json"} <= {os.path.basename(p) for p in fs.ls(ckpts[0])}
     model = load_model(result["model"])
     assert model.class_names == CLASSES and model.architecture == "maskrcnn_resnet18_fpn_small"
+    assert not hasattr(model.backbone.body, "layer4") and model.rpn.anchor_generator.sizes[-1] == (128,)
 
 
 def _checkpoint_copies():
@@ -167,6 +170,9 @@ def test_bad_arguments_are_named(capsys):
                           (["--trainable-backbone-layers", "6"], "--trainable-backbone-layers must be in 0..5"),
                           (["--weights", "a.pt", "--weights-backbone", "b.pt"], "not both"),
                           (["--anchor-sizes", "16", "32"], "one size per FPN level (5), got 2"),
+                          (["--returned-layers", "1", "2", "3", "--anchor-sizes", "16", "32", "64", "128", "256"],
+                           "one size per FPN level (4), got 5"),
+                          (["--returned-layers", "0", "1"], "--returned-layers: returned_layers should be distinct"),
                           (["--box-batch-size-per-image", "0"], "--box-batch-size-per-image must be >= 1")):
         with pytest.raises(SystemExit):
             train.parse_args(["--data", "d", "--output", "o", *argv])
