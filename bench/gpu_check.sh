@@ -48,6 +48,10 @@ if python3 -c "import pycocotools" 2>/dev/null; then
   echo "== bench/pipeline.py --no-ray"
   python3 bench/pipeline.py --no-ray --device cuda > "$OUT/pipeline_cuda.txt" 2>&1
   tail -6 "$OUT/pipeline_cuda.txt"
+  echo "== bench/postprocess.py --device cuda (box-local RLE vs the dense paste; includes test_rle on CUDA)"
+  python3 -m pytest -q -p no:cacheprovider tests/test_rle.py > "$OUT/test_rle.log" 2>&1; tail -3 "$OUT/test_rle.log"
+  python3 bench/postprocess.py --device cuda > "$OUT/postprocess_cuda.txt" 2>&1
+  tail -9 "$OUT/postprocess_cuda.txt"
 else
-  echo "== bench/pipeline.py skipped: no pycocotools (carry its wheel in .whl/)"
+  echo "== bench/pipeline.py and bench/postprocess.py skipped: no pycocotools (carry its wheel in .whl/)"
 fi

@@ -138,10 +138,13 @@ class LocalServices:
         output in ``logs/LOG_NAME`` and show ``progress(output so far)`` while it runs."""
         from ray.job_submission import JobStatus, JobSubmissionClient
 
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):  # the SDK's packaging notes: not for the terminal
+            logging.getLogger(name).setLevel(logging.ERROR)
         client = JobSubmissionClient(self.address)
         job = client.submit_job(
             entrypoint=" ".join(["python", *args]),
-            runtime_env={"working_dir": str(REPO), "excludes": ["out/", ".venv/", ".git/"],
+            # the jobs read the checkpoint from its absolute path on this machine: no upload
+            runtime_env={"working_dir": str(REPO), "excludes": ["out/", ".venv/", ".git/", "models/"],
                          "env_vars": {**DUMMY_AWS, "AWS_ENDPOINT_URL": self.endpoint}},
         )
         log_path = self.logs / log_name

@@ -41,7 +41,7 @@ CLASS_SCORE_THRESHOLD = 0.5  # counts per class: instances with score > this (st
 HIST_BINS = 20
 DEFAULT_MAX_OVERLAYS = 24  # embedded PNGs: ~100-300 KB each for photos at 400 px
 THUMB_MAX_SIDE = 400
-THUMB_MIN_SIDE = 280  # smaller overlays are shown enlarged by a whole factor (pixels kept sharp)
+THUMB_MIN_SIDE = 300  # smaller overlays are shown enlarged by a whole factor (pixels kept sharp)
 
 _CSS = """
 body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -194,7 +194,7 @@ def _overlays_html(uris: list[str], images: list, rows_by_uri: dict, total_ok: i
         buf = io.BytesIO()
         thumb.save(buf, format="PNG")
         b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-        zoom = max(1, THUMB_MIN_SIDE // max(thumb.width, thumb.height))
+        zoom = max(1, round(THUMB_MIN_SIDE / max(thumb.width, thumb.height)))  # 128-160 px: all x2
         row = rows_by_uri[uri]
         n = len(row["instances"] or [])
         figs.append(

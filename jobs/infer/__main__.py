@@ -89,8 +89,13 @@ def init_ray() -> None:
             ray.init(num_cpus=embedded_num_cpus(), **quiet)
         except ValueError:  # a local cluster started with `ray start` was found: use it as it is
             ray.init(**quiet)
-    # Ray Data draws bars when stdout is a terminal, else logs progress at INFO: kept in its files
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    import ray.data  # configures its loggers when imported: adjust them after that
+
+    # Ray Data draws bars when stdout is a terminal, else logs progress at INFO: on the console
+    # only warnings, while its log files (ray-data*.log) keep everything
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
     # Ray Data's note that a tiny input keeps some of the pool's actors idle
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
 
