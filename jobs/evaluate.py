@@ -37,7 +37,6 @@ import json
 import posixpath
 
 import fsspec
-import numpy as np
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 PRED_COLUMNS = ["image_uri", "width", "height", "status", "instances"]

@@ -44,12 +44,10 @@ import contextlib
 import json
 import math
 import os
-import posixpath
 import tempfile
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
 from jobs.infer import commit
