@@ -51,7 +51,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.anchor_sizes is None:
-        args.anchor_sizes = [16, 32, 64, 128, 256][: len(args.returned_layers or "1234") + 1]
+        from mrcnn.backbone import num_fpn_levels
+
+        args.anchor_sizes = [16, 32, 64, 128, 256][: num_fpn_levels(args.returned_layers)]
 
     import torch
 

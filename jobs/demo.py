@@ -235,7 +235,9 @@ def main(argv=None) -> int:
 
         if args.train_iters:
             weights = train(svc, steps, args, work, weights, f"s3://{archive}")
-        meta = read_model_meta(weights)
+        from mrcnn.checkpoint import read_metadata
+
+        meta = read_metadata(weights)
 
         results = f"s3://{BUCKET}/results"
         infer = ["-m", "jobs.infer", "--input", f"s3://{archive}/", "--output", results, "--weights", weights,
@@ -315,12 +317,6 @@ def train(svc: LocalServices, steps: Steps, args, work: Path, weights: str, data
     svc.submit(cmd, "train.log", steps, train_progress(args.train_iters))
     steps.done(f"{final}")
     return str(final)
-
-
-def read_model_meta(weights: str) -> dict:
-    from mrcnn.checkpoint import read_metadata
-
-    return read_metadata(weights)
 
 
 def _model_line(meta: dict) -> str:

@@ -231,16 +231,15 @@ def evaluate_predictor(predictor, gt, *, images_root=None, batch_size=4, max_ima
                        storage_options=None):
     """COCO metrics of ``predictor`` over a COCO file's images (:func:`predict_gt_images`).
 
-    The one evaluation path of a model: ``jobs.evaluate --pred model.pt``, ``jobs.train``'s
-    held-out evaluation and the demo use it. ``max_images``: the first N GT images only.
+    The one evaluation path of a model: ``jobs.evaluate --pred model.pt`` and ``jobs.train``'s
+    held-out evaluation use it (the demo scores the batch job's Parquet, :func:`evaluate_parquet`). ``max_images``: the first N GT images only.
     """
     gt_coco = load_gt(gt, storage_options)
     if max_images is not None:
-        keep = {im["id"] for im in gt_coco.dataset["images"][:max_images]}
-        gt_coco.dataset["images"] = [im for im in gt_coco.dataset["images"] if im["id"] in keep]
-        gt_coco.dataset["annotations"] = [a for a in gt_coco.dataset["annotations"] if a["image_id"] in keep]
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt_coco.createIndex()
+        doc = gt_coco.dataset
+        keep = {im["id"] for im in doc["images"][:max_images]}
+        gt_coco = coco_from_dict({**doc, "images": [im for im in doc["images"] if im["id"] in keep],
+                                  "annotations": [a for a in doc["annotations"] if a["image_id"] in keep]})
     if images_root is None:  # the GT file's folder, with its protocol
         fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
         images_root = fs.unstrip_protocol(posixpath.dirname(gt_path))

@@ -127,14 +127,14 @@ def parse_args(argv=None):
         p.error(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.trainable_backbone_layers is not None and not 0 <= args.trainable_backbone_layers <= 5:
         p.error(f"--trainable-backbone-layers must be in 0..5, got {args.trainable_backbone_layers}")
-    if args.returned_layers is not None:
-        from mrcnn.backbone import normalize_returned_layers
+    from mrcnn.backbone import normalize_returned_layers, num_fpn_levels
 
+    if args.returned_layers is not None:
         try:
             args.returned_layers = normalize_returned_layers(args.returned_layers)
         except ValueError as e:
             p.error(f"--returned-layers: {e}")
-    levels = len(args.returned_layers or "1234") + 1
+    levels = num_fpn_levels(args.returned_layers)
     if args.anchor_sizes is not None and len(args.anchor_sizes) != levels:
         p.error(f"--anchor-sizes needs one size per FPN level ({levels}), got {len(args.anchor_sizes)}")
     if args.box_batch_size_per_image is not None and args.box_batch_size_per_image < 1:

@@ -45,6 +45,11 @@ def normalize_returned_layers(returned_layers: Optional[list[int]]) -> list[int]
     return layers
 
 
+def num_fpn_levels(returned_layers: Optional[list[int]] = None) -> int:
+    """FPN levels of a backbone reading ``returned_layers`` (None: all four): one each, plus 'pool'."""
+    return len(normalize_returned_layers(returned_layers)) + 1
+
+
 def returned_layers_of(backbone: nn.Module) -> list[int]:
     """The ResNet stages a :func:`resnet_fpn_backbone` feeds to its FPN."""
     return sorted(int(name[len("layer"):]) for name in backbone.body.return_layers)
