@@ -80,7 +80,7 @@ def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> fl
         n = len(us)
         return {"uri": np.array(us, dtype=object), "etag": np.array([None] * n, dtype=object),
                 "size": np.full(n, -1), "error": np.array([None] * n, dtype=object),
-                "shard_id": np.array(["s"] * n, dtype=object)}
+                "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
 
     actor(decode_batch(rows(uris[:1])))  # warm-up
     t0 = time.perf_counter()

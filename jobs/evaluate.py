@@ -221,7 +221,7 @@ def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_
             try:
                 decoded.append((uri, decode_image(fs.cat_file(uri))))
             except DecodeError as e:
-                rows.append(schema.error_row(reason=e.reason, image_uri=uri, **ids))
+                rows.append(schema.error_row(reason=e.reason, kind=e.kind, image_uri=uri, **ids))
         for (uri, arr), res in zip(decoded, predictor([arr for _, arr in decoded])):
             rows.append(schema.ok_row(res, image_uri=uri, width=arr.shape[1], height=arr.shape[0], **ids))
     return rows

@@ -55,7 +55,8 @@ def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequenc
         raise FileNotFoundError(f"no committed results (run_id=*/part-*.parquet) under {results_uri}")
     import pyarrow.dataset as pads
 
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    # the output schema: files written before a column existed read it as nulls
+    dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=schema.SCHEMA)
     flt = pc.field("run_id") == run_id if run_id is not None else None
     table = dataset.to_table(columns=list(columns) if columns else None, filter=flt)
     if run_id is not None and table.num_rows == 0:
@@ -157,7 +158,7 @@ class RenderResult:
     paths: list[str] = field(default_factory=list)  # PNGs written, in image_uri order
     uris: list[str] = field(default_factory=list)  # the image each PNG shows
     failures: list[tuple[str, str]] = field(default_factory=list)  # (image_uri, reason)
-    error_rows: list[tuple[str, str]] = field(default_factory=list)  # (image_uri, error) not rendered
+    error_rows: list[tuple[str, str, str]] = field(default_factory=list)  # (image_uri, error_kind, error) not rendered
 
 
 def _png_name(index: int, uri: str) -> str:
@@ -199,7 +200,7 @@ def render_table(
         fs.makedirs(root, exist_ok=True)
     for row in table.to_pylist():
         if row["status"] != schema.STATUS_OK:
-            result.error_rows.append((row["image_uri"], row["error"] or ""))
+            result.error_rows.append((row["image_uri"], row["error_kind"] or "", row["error"] or ""))
             continue
         if limit is not None and len(result.uris) >= limit:
             continue  # keep scanning: error rows are still collected

@@ -168,11 +168,12 @@ def _histogram_svg(hist: list[int]) -> str:
     return "".join(parts)
 
 
-def _errors_html(error_rows: list[tuple[str, str]], failures: list[tuple[str, str]]) -> str:
+def _errors_html(error_rows: list[tuple[str, str, str]], failures: list[tuple[str, str]]) -> str:
     out = []
     if error_rows:
-        body = "".join(f'<tr><td class="uri">{_e(u)}</td><td>{_e(r)}</td></tr>' for u, r in error_rows)
-        out.append(f'<table id="errors"><thead><tr><th>image_uri</th><th>reason</th></tr></thead><tbody>{body}</tbody></table>')
+        body = "".join(f'<tr><td class="uri">{_e(u)}</td><td>{_e(k)}</td><td>{_e(r)}</td></tr>' for u, k, r in error_rows)
+        out.append('<table id="errors"><thead><tr><th>image_uri</th><th>kind</th><th>reason</th></tr></thead>'
+                   f'<tbody>{body}</tbody></table>')
     else:
         out.append('<p class="muted">No error rows.</p>')
     if failures:

@@ -61,11 +61,11 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
                             model_name=MODEL, checkpoint_sha256=ckpt, run_id=run.run_id)
                 try:
                     if obj.error:
-                        raise ReadError(obj.error)
+                        raise ReadError(obj.error, obj.error_kind or "read")
                     img = decode_image(read_object(obj.uri), max_pixels=10_000_000, max_aspect=20)
                     rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
                 except (ReadError, DecodeError) as e:
-                    rows.append(schema.error_row(reason=e.reason, **meta))
+                    rows.append(schema.error_row(reason=e.reason, kind=e.kind, **meta))
             table = schema.rows_to_table(rows)
             run.stage(shard, table)
             summary.add_shard(table)

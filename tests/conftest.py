@@ -37,3 +37,23 @@ def s3_bucket(moto_server, monkeypatch):
     s3fs.S3FileSystem().mkdir(name)
     yield name
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def faulty_s3(s3_bucket, moto_server, monkeypatch):
+    """(bucket, proxy): ``s3_bucket`` reached through a fault-injecting proxy (tests/_fault_proxy.py).
+
+    AWS_ENDPOINT_URL points at the proxy and botocore makes one attempt per call
+    (AWS_MAX_ATTEMPTS=1), so the faults reach s3fs's and the job's own retries.
+    """
+    import s3fs
+
+    from _fault_proxy import FaultProxy
+
+    proxy = FaultProxy(moto_server).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_bucket, proxy
+    proxy.stop()
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -78,9 +78,9 @@ def test_ground_truth_scores_one(gt_path, tmp_path):
     # and a row of an image that is not in the GT.
     stale = _rows_from_gt(gt, keep=lambda k: False, processed_at=T0 - dt.timedelta(days=1))[0]
     rows += [stale,
-             schema.error_row(image_uri="s3://bucket/run/" + gt.dataset["images"][1]["file_name"], reason="decode failed",
+             schema.error_row(image_uri="s3://bucket/run/" + gt.dataset["images"][1]["file_name"], reason="decode failed", kind="decode",
                               processed_at=T0 + dt.timedelta(hours=1), **META),
-             schema.error_row(image_uri="s3://bucket/run/images/broken.png", reason="truncated", **META),
+             schema.error_row(image_uri="s3://bucket/run/images/broken.png", reason="truncated", kind="decode", **META),
              dict(rows[0], image_uri="s3://bucket/run/images/999999.png")]
     out = _write(rows, tmp_path / "pred")
     (out / "_staging").mkdir()

@@ -351,7 +351,9 @@ def test_plan_work_rules():
             "s3://b/etag": commit.StateEntry("old", 1, CKPT, "ok", "r0", None),
             "s3://b/size": commit.StateEntry("e", 1, CKPT, "ok", "r0", None),
             "s3://b/ckpt": commit.StateEntry("e", 1, "old", "ok", "r0", None),
-            "s3://b/err": commit.StateEntry("e", 1, CKPT, "error", "r0", None),
+            "s3://b/err": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "decode"),
+            "s3://b/slow": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "unavailable"),
+            "s3://b/deny": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "access"),
             "s3://b/mine": commit.StateEntry("e", 1, CKPT, "ok", "r1", None),
         },
         in_run={"s3://b/mine"},
@@ -363,6 +365,8 @@ def test_plan_work_rules():
         SourceObject("s3://b/size", "e", 2),
         SourceObject("s3://b/ckpt", "e", 1),
         SourceObject("s3://b/err", "e", 1),
+        SourceObject("s3://b/slow", "e", 1),
+        SourceObject("s3://b/deny", "e", 1),
         SourceObject("s3://b/mine", "changed-since", 1),
         SourceObject("s3://b/new", "e", 1),
         SourceObject("s3://b/new", "e", 1),
@@ -373,17 +377,49 @@ def test_plan_work_rules():
         got = [o.uri.rsplit("/", 1)[1] for o in commit.plan_work(listing, state, CKPT, stats=stats, **kw)]
         return got, stats
 
+    # storage errors (the image was never read) are planned again; the image's own are not
     got, st = plan(full=False, run_id="r1")
-    assert got == ["etag", "size", "ckpt", "new"]
-    assert (st.listed, st.duplicates, st.done_in_run, st.unchanged, st.new, st.changed) == (8, 1, 1, 2, 1, 3)
-    assert plan(full=False, run_id="r1", retry_errors=True)[0] == ["etag", "size", "ckpt", "err", "new"]
-    assert plan(full=True, run_id="r1")[0] == ["same", "etag", "size", "ckpt", "err", "new"]
-    assert plan(full=True)[0] == ["same", "etag", "size", "ckpt", "err", "mine", "new"]
+    assert got == ["etag", "size", "ckpt", "slow", "deny", "new"]
+    assert (st.listed, st.duplicates, st.done_in_run, st.unchanged, st.new, st.changed, st.retry) == (10, 1, 1, 2, 1, 3, 2)
+    got, st = plan(full=False, run_id="r1", retry_errors=True)
+    assert got == ["etag", "size", "ckpt", "err", "slow", "deny", "new"] and st.retry == 3
+    assert plan(full=True, run_id="r1")[0] == ["same", "etag", "size", "ckpt", "err", "slow", "deny", "new"]
+    assert plan(full=True)[0] == ["same", "etag", "size", "ckpt", "err", "slow", "deny", "mine", "new"]
     with pytest.raises(ValueError, match="state was read for run 'r1'"):
         plan(full=True, run_id="r9")
     # A plain dict of (etag, size, checkpoint) tuples works as state too.
     plain = {"s3://b/same": ("e", 1, CKPT)}
     assert [o.uri for o in commit.plan_work(listing[:1], plain, CKPT, False)] == []
+
+
+def test_committed_state_reads_error_kinds_and_derives_them_for_older_files(tmp_path):
+    """Files written before the error_kind column read it as null; their storage failures
+    ("read failed", "cannot stat source") count as retryable, other errors as decode."""
+    out = tmp_path / "out"
+    rows = [
+        schema.error_row(image_uri=f"s3://b/{name}", source_etag="e", source_size=1, reason=reason, kind=kind,
+                         model_name="m", checkpoint_sha256=CKPT, run_id="r0")
+        for name, reason, kind in [("new-slow", "read failed after 6 attempts: OSError: SlowDown", "unavailable"),
+                                   ("new-bad", "not a recognised image", "decode")]
+    ]
+    legacy = [
+        {**rows[0], "image_uri": f"s3://b/{name}", "error": reason}
+        for name, reason in [("old-slow", "read failed: OSError: Please reduce your request rate"),
+                             ("old-stat", "cannot stat source: ConnectionError: reset"),
+                             ("old-bad", "corrupt or truncated JPEG data"),
+                             ("old-gone", "source not found: s3://b/old-gone")]
+    ]
+    (out / "run_id=r0").mkdir(parents=True)
+    pq.write_table(schema.rows_to_table(rows), out / "run_id=r0" / "part-a.parquet")
+    old = schema.rows_to_table(legacy).drop_columns(["error_kind"])  # the schema before the column
+    pq.write_table(old, out / "run_id=r0" / "part-b.parquet")
+    state = commit.committed_state(str(out))
+    kinds = {u.rsplit("/", 1)[1]: e.error_kind for u, e in state.items()}
+    assert kinds == {"new-slow": "unavailable", "new-bad": "decode", "old-slow": "read", "old-stat": "read",
+                     "old-bad": "decode", "old-gone": "not_found"}
+    listing = [SourceObject(f"s3://b/{n}", "e", 1) for n in kinds]
+    assert sorted(o.uri.rsplit("/", 1)[1] for o in commit.plan_work(listing, state, CKPT, False)) == [
+        "new-slow", "old-slow", "old-stat"]
 
 
 def test_plan_work_streams():
@@ -419,7 +455,7 @@ def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):
 
 def _rows(run, objs):
     return schema.rows_to_table([
-        schema.error_row(image_uri=o.uri, source_etag=o.etag, source_size=o.size, reason="x",
+        schema.error_row(image_uri=o.uri, source_etag=o.etag, source_size=o.size, reason="x", kind="decode",
                          model_name="m", checkpoint_sha256=CKPT, run_id=run.run_id)
         for o in objs
     ])

@@ -46,11 +46,13 @@ def test_decode_batch_and_actor_rows(tmp_path, weights):
         "etag": np.array(["e0", None, "e2", None], dtype=object),
         "size": np.array([10, -1, 0, -1]),
         "error": np.array([None, None, None, "source not found: missing.jpg"], dtype=object),
+        "error_kind": np.array([None, None, None, "not_found"], dtype=object),
         "shard_id": np.array(["s1", "s1", "s2", "s2"], dtype=object),
     }
     decoded = decode_batch(batch)
     assert list(decoded["decode_error"][:2]) == ["", ""]
     assert "empty file" in decoded["decode_error"][2] and "source not found" in decoded["decode_error"][3]
+    assert list(decoded["error_kind"]) == ["", "", "decode", "not_found"]
 
     actor = PredictorActor(weights, model_name="m", checkpoint_sha256="c" * 64, run_id="r1", micro_batch=1)
     table = actor(decoded)
@@ -59,6 +61,7 @@ def test_decode_batch_and_actor_rows(tmp_path, weights):
     schema.validate_table(out)
     rows = out.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "error"]
+    assert [r["error_kind"] for r in rows] == [None, None, "decode", "not_found"]
     assert (rows[0]["source_etag"], rows[0]["source_size"], rows[1]["source_etag"], rows[1]["source_size"]) == ("e0", 10, None, None)
     direct = [actor.predictor([decoded["image"][i]])[0] for i in range(2)]
     compared = 0
@@ -68,3 +71,21 @@ def test_decode_batch_and_actor_rows(tmp_path, weights):
         np.testing.assert_allclose([i["score"] for i in r["instances"]], d["scores"], rtol=1e-6)
         compared += len(d["labels"])
     assert compared > 0
+
+
+def test_decode_batch_reads_items_whose_stat_failed_in_storage(tmp_path):
+    """A list-file entry whose stat failed in the store (not a missing object) gets a read of
+    its own; a permanent stat error is the row's error as it is."""
+    p = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
+    batch = {
+        "uri": np.array([str(p), str(p)], dtype=object),
+        "etag": np.array([None, None], dtype=object),
+        "size": np.array([-1, -1]),
+        "error": np.array(["cannot stat source: OSError: SlowDown", "not a file: x"], dtype=object),
+        "error_kind": np.array(["unavailable", "not_found"], dtype=object),
+        "shard_id": np.array(["s", "s"], dtype=object),
+    }
+    decoded = decode_batch(batch)
+    assert list(decoded["decode_error"]) == ["", "not a file: x"]
+    assert list(decoded["error_kind"]) == ["", "not_found"] and decoded["image"][0].shape == (8, 8, 3)

@@ -43,7 +43,7 @@ def test_ok_row_and_parquet_roundtrip_types():
     res, masks = result_for(12, 17)
     rows = [schema.ok_row(res, width=17, height=12, **META),
             schema.ok_row(result_for(12, 17, n=0)[0], width=17, height=12, **{**META, "image_uri": "s3://b/none.jpg"}),
-            schema.error_row(reason="bad\nthing  here", **{**META, "image_uri": "s3://b/bad.jpg"})]
+            schema.error_row(reason="bad\nthing  here", kind="decode", **{**META, "image_uri": "s3://b/bad.jpg"})]
     table = schema.rows_to_table(rows)
     schema.validate_table(table)
     buf = io.BytesIO()
@@ -99,7 +99,7 @@ def test_ok_row_rejects_inconsistent_results():
     with pytest.raises(ValueError, match="timezone-aware"):
         schema.ok_row(res, width=17, height=12, processed_at=dt.datetime(2026, 1, 1), **META)
     with pytest.raises(ValueError, match="non-empty reason"):
-        schema.error_row(reason=" \n ", **META)
+        schema.error_row(reason=" \n ", kind="decode", **META)
 
 
 def test_validate_table_names_the_problems():
@@ -108,7 +108,7 @@ def test_validate_table_names_the_problems():
     bad_area = {**row, "instances": [{**row["instances"][0], "area": 1}]}
     wrong_size = {**row, "width": 18}
     bad_status = {**row, "status": "maybe"}
-    err_no_reason = {**schema.error_row(reason="x", **META), "error": None}
+    err_no_reason = {**schema.error_row(reason="x", kind="decode", **META), "error": None}
     table = schema.rows_to_table([bad_area, wrong_size, bad_status, err_no_reason])
     with pytest.raises(ValueError) as ei:
         schema.validate_table(table)
@@ -122,5 +122,5 @@ def test_validate_table_names_the_problems():
 
 
 def test_long_reasons_are_capped():
-    row = schema.error_row(reason="x" * 5000, **META)
+    row = schema.error_row(reason="x" * 5000, kind="decode", **META)
     assert len(row["error"]) == schema.MAX_ERROR_CHARS and row["error"].endswith("...")

@@ -118,6 +118,7 @@ def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
         assert got[0].error is None and got[1].error is None and got[3].error is None
         assert got[2].error.startswith("source not found")
         assert got[4].error.startswith("not a file")
+        assert [o.error_kind for o in got] == [None, None, "not_found", None, "not_found"]
 
 
 def test_stat_uris_is_lazy_over_an_endless_input(tmp_path):
@@ -130,10 +131,12 @@ def test_stat_uris_is_lazy_over_an_endless_input(tmp_path):
 def test_read_object_limits_and_errors(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"0123456789")
     assert storage.read_object(str(tmp_path / "x.jpg"), max_bytes=10) == b"0123456789"
-    with pytest.raises(ReadError, match="file too large"):
+    with pytest.raises(ReadError, match="file too large") as e:
         storage.read_object(str(tmp_path / "x.jpg"), max_bytes=9)
-    with pytest.raises(ReadError, match="source not found"):
+    assert e.value.kind == "limit"
+    with pytest.raises(ReadError, match="source not found") as e:
         storage.read_object(str(tmp_path / "nope.jpg"))
+    assert e.value.kind == "not_found"
 
 
 def test_normalize_etag():
@@ -204,8 +207,9 @@ def test_s3_list_file_and_read(s3_bucket):
     assert storage.read_object(f"s3://{s3_bucket}/a/empty.jpg") == b""  # S3 gives 416 for its range
     with pytest.raises(ReadError, match="file too large"):
         storage.read_object(got[0].uri, max_bytes=4)
-    with pytest.raises(ReadError, match="source not found"):
+    with pytest.raises(ReadError, match="source not found") as e:
         storage.read_object(got[1].uri)
+    assert e.value.kind == "not_found" and got[1].error_kind == "not_found"
 
 
 def test_other_fsspec_filesystems_use_walk(tmp_path):
@@ -221,3 +225,106 @@ def test_other_fsspec_filesystems_use_walk(tmp_path):
     assert sorted(o.size for o in got) == [2, 3]
     assert all(o.etag and o.etag.startswith("mtime-") for o in got)  # no ETag: creation time + size
     assert storage.read_object(f"memory://{root}/a/x.jpg") == b"12"
+
+
+# ------------------------------------------------------------------ failures and retries
+
+def _client_error(code, status):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": f"{code} message"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def _as_s3fs_raises(error):
+    """The exception s3fs raises for a botocore error (translated, the ClientError as cause)."""
+    from s3fs.errors import translate_boto_error
+
+    try:
+        raise translate_boto_error(error)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def test_classify_storage_error_by_store_answer_then_type():
+    import aiohttp
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+    cases = {
+        "unavailable": [_client_error("SlowDown", 503), _client_error("ServiceUnavailable", 503),
+                        _client_error("InternalError", 500), _client_error("Whatever", 502),
+                        _client_error("ExpiredToken", 400), _client_error("RequestTimeout", 400),
+                        _as_s3fs_raises(_client_error("SlowDown", 503)),
+                        _as_s3fs_raises(_client_error("ExpiredToken", 400)),
+                        OSError(16, "Please reduce your request rate"),  # s3fs's SlowDown without a cause
+                        ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out"),
+                        EndpointConnectionError(endpoint_url="http://x"), ConnectionClosedError(endpoint_url="http://x"),
+                        ReadTimeoutError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError()],
+        "access": [_client_error("AccessDenied", 403), _as_s3fs_raises(_client_error("AccessDenied", 403)),
+                   _client_error("InvalidAccessKeyId", 403), PermissionError("denied")],
+        "not_found": [_client_error("NoSuchKey", 404), _as_s3fs_raises(_client_error("NoSuchKey", 404)),
+                      FileNotFoundError("gone")],
+        "read": [ValueError("odd"), OSError(22, "The specified bucket is not valid."),
+                 _client_error("InvalidArgument", 400)],
+    }
+    for kind, errors in cases.items():
+        for e in errors:
+            assert storage.classify_storage_error(e) == kind, (kind, repr(e))
+    assert sum(map(len, cases.values())) == 25
+
+
+def test_call_with_retries_retries_only_unavailable_and_stops_at_attempts():
+    sleeps = []
+    calls = iter([_client_error("SlowDown", 503), _client_error("SlowDown", 503), "ok"])
+
+    def flaky():
+        v = next(calls)
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    policy = storage.RetryPolicy(attempts=3, base_s=0.5, cap_s=0.75)
+    assert storage.call_with_retries(flaky, policy, sleep=sleeps.append) == "ok"
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 0.75  # capped backoff
+
+    n = []
+    def always(e):
+        def f():
+            n.append(1)
+            raise e
+        return f
+    with pytest.raises(Exception) as ei:
+        storage.call_with_retries(always(_client_error("SlowDown", 503)), policy, sleep=lambda s: None)
+    assert len(n) == 3 and ei.value.retry_attempts == 3
+    n.clear()
+    with pytest.raises(PermissionError):
+        storage.call_with_retries(always(PermissionError("denied")), policy, sleep=lambda s: None)
+    assert len(n) == 1  # not a transient failure: no retry
+    with pytest.raises(ValueError):
+        storage.RetryPolicy(attempts=0)
+
+
+def test_read_object_rides_out_throttling_through_a_faulty_proxy(faulty_s3):
+    bucket, proxy = faulty_s3
+    put_objects(bucket, {"a/x.png": b"12345"})
+    uri = f"s3://{bucket}/a/x.png"
+    # s3fs retries SlowDown 5 times per call: 12 failures need the job's third attempt
+    proxy.fail_first_gets = 12
+    assert storage.read_object(uri, retry=storage.RetryPolicy(attempts=4, base_s=0.01)) == b"12345"
+    assert proxy.injected["slowdown"] == 12
+    proxy._per_key.clear()
+    with pytest.raises(ReadError) as e:  # the same faults with fewer attempts than they need
+        storage.read_object(uri, retry=storage.RetryPolicy(attempts=2, base_s=0.01))
+    assert e.value.kind == "unavailable" and "after 2 attempts" in e.value.reason
+    proxy.reset()
+    proxy.reset_every = 1  # every GET's connection reset
+    with pytest.raises(ReadError) as e:
+        storage.read_object(uri, retry=storage.RetryPolicy(attempts=2, base_s=0.01))
+    assert e.value.kind == "unavailable"
+    proxy.reset()
+    proxy.down = True  # listing pages fail as unavailable too, after their retries
+    with pytest.raises(OSError) as e:
+        list(storage.list_prefix(f"s3://{bucket}/a", retry=storage.RetryPolicy(attempts=2, base_s=0.01)))
+    assert storage.classify_storage_error(e.value) == "unavailable"
+    proxy.reset()
+    assert [o.uri for o in storage.list_prefix(f"s3://{bucket}/a")] == [uri]

@@ -46,7 +46,7 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
     # The fake model finds one instance per decodable image; the two bad inputs are errors.
     bad = [u for u in done if u.endswith(("empty.jpg", "notes.png"))]
     assert s["error"] == 2 - len(bad) and s["instances"] == s["ok"]
-    assert sum(s["error_kinds"].values()) == s["error"]
+    assert sum(s["error_reasons"].values()) == sum(s["error_kinds"].values()) == s["error"]
     assert s["wall_s"] > 0 and s["images_per_s"] > 0
     printed = capsys.readouterr().out
     assert f"run {run.run_id} (resumed)" in printed and f"ok {s['ok']}, error {s['error']}" in printed
@@ -55,7 +55,8 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
     run2, _ = run_job(str(inp), str(tmp_path / "out2"), CKPT)
     s2 = read_summary(str(tmp_path / "out2"), run2.run_id)
     assert (s2["ok"], s2["error"], s2["instances"], s2["skipped"]) == (10, 2, 10, 0)
-    assert s2["error_kinds"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
+    assert s2["error_reasons"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
+    assert s2["error_kinds"] == {"decode": 2}
     assert s2["shards_computed"] == len(commit.committed_files(str(tmp_path / "out2"))) and s2["shards_reused"] == 0
 
 

@@ -121,9 +121,9 @@ def dataset(tmp_path, s3_bucket):
         rows.append(schema.ok_row(_result(inst), image_uri=uri, width=w, height=h, run_id="r1",
                                   processed_at=T1, **common))
     rows.append(schema.error_row(image_uri=f"file://{src}/e1.jpg", run_id="r1", processed_at=T1,
-                                 reason="corrupt or truncated JPEG data: <script>alert(1)</script>", **common))
+                                 reason="corrupt or truncated JPEG data: <script>alert(1)</script>", kind="decode", **common))
     rows.append(schema.error_row(image_uri=f"file://{src}/missing.jpg", run_id="r1", processed_at=T1,
-                                 reason=f"source not found: file://{src}/missing.jpg", **common))
+                                 reason=f"source not found: file://{src}/missing.jpg", kind="not_found", **common))
     table = schema.rows_to_table(rows)
     schema.validate_table(table)
     (out / "run_id=r1").mkdir(parents=True)
@@ -310,9 +310,10 @@ def test_report_contents(dataset):
     # Errors: both reasons, escaped.
     errors = page.tables["errors"][1:]
     assert [r[0].rsplit("/", 1)[1] for r in errors] == ["e1.jpg", "missing.jpg"]
-    assert errors[0][1] == "corrupt or truncated JPEG data: <script>alert(1)</script>"
+    assert [r[1] for r in errors] == ["decode", "not_found"]
+    assert errors[0][2] == "corrupt or truncated JPEG data: <script>alert(1)</script>"
     assert "<script>" not in text and "&lt;script&gt;" in text
-    assert "source not found: file://" in errors[1][1]
+    assert "source not found: file://" in errors[1][2]
     # One embedded overlay per ok image, none for errors; self-contained.
     assert page.images == 4
     assert "<link" not in text and "src=\"http" not in text

@@ -3,8 +3,9 @@
 Runs on the Ray cluster named by RAY_ADDRESS (``ray job submit --working-dir . --
 python -m jobs.infer ...``) or, without it, on an embedded local Ray. Exit status 0 on
 success (per-image failures are error rows, not failures), 2 on an infrastructure or
-usage error (storage unreachable, bad credentials, missing or corrupt weights), with a
-one-line message on stderr.
+usage error (storage unreachable, bad credentials, missing or corrupt weights, most reads
+failing part-way through: the same command resumes the run), with a one-line message on
+stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import warnings
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .lock import LockedError
-from .pipeline import InfraError, JobConfig, run_job
+from .pipeline import DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job
+from .storage import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
+    p.add_argument("--read-attempts", type=int, default=RetryPolicy.attempts,
+                   help="tries per read, listing page and stat while the store answers as unavailable "
+                        "(throttling, 5xx, timeouts, connection errors)")
+    p.add_argument("--read-backoff", type=float, default=RetryPolicy.base_s,
+                   help="seconds: retry i waits a random time up to min(%(default)s * 2**i, 30)")
+    p.add_argument("--max-concurrent-reads", type=int, default=DEFAULT_MAX_CONCURRENT_READS,
+                   help="decode tasks at once, cluster-wide: each reads one object at a time, so this caps the "
+                        "GETs in flight (the default stays within S3's 5,500 GET/s of a partitioned prefix "
+                        "at 100 ms per GET)")
+    p.add_argument("--passes", type=int, default=JobConfig.passes,
+                   help="passes over the images whose reads still failed in storage; the last pass "
+                        "commits them as error rows that the next run plans again")
     p.add_argument("--run-id", default=None, help="resume or create this run id")
     p.add_argument("--break-lock", action="store_true",
                    help="take the output's writer lease over at once (only when the run holding it is gone)")
@@ -53,16 +67,21 @@ def parse_args(argv=None) -> JobConfig:
 
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
     # --report is not part of the run's parameters: adding it to a rerun still resumes the run.
-    for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels"):
+    for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels", "read_attempts", "passes",
+                 "max_concurrent_reads"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.num_gpus_per_actor < 0 or a.num_cpus_per_actor <= 0:
         p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
+    if a.read_backoff < 0:
+        p.error("--read-backoff must be >= 0")
     return JobConfig(
         input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
         num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
         batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
         images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,
+        read_retry=RetryPolicy(attempts=a.read_attempts, base_s=a.read_backoff), passes=a.passes,
+        max_concurrent_reads=a.max_concurrent_reads,
     )
 
 

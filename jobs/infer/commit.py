@@ -208,6 +208,7 @@ class StateEntry(NamedTuple):
     status: str
     run_id: str
     processed_at: _dt.datetime
+    error_kind: str | None = None
 
 
 class CommittedState(Mapping[str, StateEntry]):
@@ -233,7 +234,22 @@ class CommittedState(Mapping[str, StateEntry]):
         return len(self._latest)
 
 
-_STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "status", "run_id", "processed_at"]
+_STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "status", "run_id", "processed_at",
+                  "error_kind", "error"]
+# Read with this schema so that files written before a column existed give nulls for it.
+_STATE_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in _STATE_COLUMNS])
+
+
+def legacy_error_kind(reason: str | None) -> str:
+    """The error kind of an error row written before ``error_kind`` existed, from its reason:
+    its storage failures (``read failed: ...``, ``cannot stat source: ...``) count as ``read``,
+    so they are planned again; everything else as ``decode``."""
+    reason = reason or ""
+    if reason.startswith("source not found") or reason.startswith("not a file"):
+        return "not_found"
+    if reason.startswith(("read failed", "cannot stat source")):
+        return "read"
+    return "decode"
 
 
 def committed_files(output_uri: str) -> list[str]:
@@ -251,16 +267,18 @@ def committed_state(output_uri: str, *, run_id: str | None = None) -> CommittedS
     files = committed_files(output_uri)
     if not files:
         return CommittedState({}, set(), run_id)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=_STATE_COLUMNS)
+    table = pads.dataset(files, filesystem=fs, format="parquet", schema=_STATE_SCHEMA).to_table(columns=_STATE_COLUMNS)
     table = table.sort_by(
         [("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")]
     )
     latest: dict[str, StateEntry] = {}
     in_run: set[str] = set()
     cols = [table.column(c).to_pylist() for c in _STATE_COLUMNS]
-    for uri, etag, size, ckpt, status, rid, ts in zip(*cols):
+    for uri, etag, size, ckpt, status, rid, ts, kind, reason in zip(*cols):
         if uri not in latest:
-            latest[uri] = StateEntry(etag, size, ckpt, status, rid, ts)
+            if status == schema.STATUS_ERROR and kind is None:
+                kind = legacy_error_kind(reason)
+            latest[uri] = StateEntry(etag, size, ckpt, status, rid, ts, kind)
         if run_id is not None and rid == run_id:
             in_run.add(uri)
     return CommittedState(latest, in_run, run_id)
@@ -274,6 +292,7 @@ class PlanStats:
     duplicates: int = 0  # same URI listed twice (list files)
     done_in_run: int = 0  # already committed by the run being resumed
     unchanged: int = 0  # incremental: same etag, size and checkpoint as the latest row
+    retry: int = 0  # incremental: unchanged, but the latest row is a storage (retryable) error
     new: int = 0
     changed: int = 0
     planned: int = 0
@@ -293,8 +312,10 @@ def plan_work(
 
     Dropped: repeats of a URI; images already committed in ``run_id`` (``state.in_run``);
     unless ``full``, images whose latest committed row has the same etag, size and
-    checkpoint (and, with ``retry_errors``, status 'ok'). Keeps a set of the URIs seen
-    to drop repeats, so memory grows with the listing's distinct URIs, not its pages.
+    checkpoint and is not a storage error (``schema.RETRYABLE_ERROR_KINDS``: the image was
+    never read); with ``retry_errors``, only images whose latest row is ok. Keeps a set of
+    the URIs seen to drop repeats, so memory grows with the listing's distinct URIs, not
+    its pages.
     """
     stats = stats if stats is not None else PlanStats()
     in_run: set[str] = set()
@@ -313,14 +334,19 @@ def plan_work(
             stats.done_in_run += 1
             continue
         entry = state.get(obj.uri)
+        retry = False
         if not full and entry is not None:
             same = (entry[0], entry[1], entry[2]) == (obj.etag, obj.size, checkpoint_sha256)
             failed = getattr(entry, "status", schema.STATUS_OK) == schema.STATUS_ERROR
-            if same and not (retry_errors and failed):
+            retry = failed and (retry_errors or getattr(entry, "error_kind", None) in schema.RETRYABLE_ERROR_KINDS)
+            if same and not retry:
                 stats.unchanged += 1
                 continue
+            retry = same
         if entry is None:
             stats.new += 1
+        elif retry:
+            stats.retry += 1
         else:
             stats.changed += 1
         stats.planned += 1

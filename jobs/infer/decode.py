@@ -68,12 +68,14 @@ _KNOWN_MAGIC = (
 
 
 class DecodeError(Exception):
-    """The bytes are not a usable image. ``reason`` is one line; ``size`` is (w, h) if known."""
+    """The bytes are not a usable image. ``reason`` is one line; ``size`` is (w, h) if known;
+    ``kind`` is the output's error kind: ``"limit"`` (over max_pixels/max_aspect) or ``"decode"``."""
 
-    def __init__(self, reason: str, size: tuple[int, int] | None = None):
+    def __init__(self, reason: str, size: tuple[int, int] | None = None, *, kind: str = "decode"):
         super().__init__(reason)
         self.reason = reason
         self.size = size
+        self.kind = kind
 
 
 def _sniff(data: bytes) -> str | None:
@@ -146,7 +148,7 @@ def decode_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {e}") from e
+        raise DecodeError(f"decompression bomb: {e}", kind="limit") from e
     except UnidentifiedImageError:
         fmt = _sniff(data)
         if fmt:
@@ -165,17 +167,17 @@ def decode_image(
             raise DecodeError(
                 f"decompression bomb: {width}x{height} = {width * height} pixels "
                 f"exceeds the limit of {max_pixels}",
-                size,
+                size, kind="limit",
             )
         aspect = max(width, height) / min(width, height)
         if aspect > max_aspect:
             raise DecodeError(
-                f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1 > {max_aspect:g}:1)", size
+                f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1 > {max_aspect:g}:1)", size, kind="limit"
             )
         try:
             im.load()
         except Image.DecompressionBombError as e:
-            raise DecodeError(f"decompression bomb: {e}", size) from e
+            raise DecodeError(f"decompression bomb: {e}", size, kind="limit") from e
         except Exception as e:  # noqa: BLE001
             raise DecodeError(f"corrupt or truncated {im.format} data: {type(e).__name__}: {e}", size) from e
         try:

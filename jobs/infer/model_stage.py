@@ -4,8 +4,8 @@ Ray Data calls :func:`decode_batch` in a CPU task pool and :class:`PredictorActo
 actor pool (see ``pipeline.py``); both take and return column batches, so they run the
 same way without Ray (the GPU benchmark and tests call them directly).
 
-Input rows (the plan manifest): ``uri, etag, size, error, shard_id``; ``size`` -1 and
-``etag`` null mean unknown, ``error`` is set when the object could not be stat'ed.
+Input rows (the plan manifest): ``uri, etag, size, error, error_kind, shard_id``; ``size``
+-1 and ``etag`` null mean unknown, ``error`` is set when the object could not be stat'ed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from . import schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .storage import ReadError, read_object
+from .storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 SHARD_COLUMN = "shard_id"
 # Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.
@@ -41,23 +41,39 @@ def decode_batch(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_aspect: float = DEFAULT_MAX_ASPECT,
+    retry: RetryPolicy = RetryPolicy(),
 ) -> dict[str, np.ndarray]:
-    """Read and decode each row's object; failures become ``decode_error`` strings."""
+    """Read and decode each row's object; failures become ``decode_error`` strings with their
+    ``error_kind``.
+
+    Reads are retried as ``retry`` says; once one read of the batch has failed as
+    ``unavailable`` with every retry spent, the batch's later reads get one try each (the
+    store is struggling: the job's next pass retries them instead of this task waiting out
+    a backoff per image).
+    """
     n = len(batch["uri"])
     images = np.empty(n, dtype=object)
     errors = np.empty(n, dtype=object)
+    kinds = np.empty(n, dtype=object)
     for i in range(n):
         stat_error = _opt_str(batch["error"][i])
+        stat_kind = _opt_str(batch["error_kind"][i])
         try:
-            if stat_error:
-                raise ReadError(stat_error)
-            images[i] = decode_image(read_object(str(batch["uri"][i])), max_pixels=max_pixels, max_aspect=max_aspect)
-            errors[i] = ""
+            if stat_error and stat_kind not in schema.RETRYABLE_ERROR_KINDS:
+                raise ReadError(stat_error, stat_kind or "read")
+            # a stat that failed in the store (not a missing object) is worth a read of its own
+            data = read_object(str(batch["uri"][i]), retry=retry)
+            images[i] = decode_image(data, max_pixels=max_pixels, max_aspect=max_aspect)
+            errors[i], kinds[i] = "", ""
         except (ReadError, DecodeError) as e:
             images[i] = _NO_IMAGE
             errors[i] = schema.one_line(e.reason) or type(e).__name__
+            kinds[i] = e.kind
+            if e.kind == "unavailable":
+                retry = NO_RETRIES
     out = {k: batch[k] for k in ("uri", "etag", "size", SHARD_COLUMN)}
     out["decode_error"] = errors.astype(str)
+    out["error_kind"] = kinds.astype(str)
     out["image"] = images
     return out
 
@@ -116,7 +132,7 @@ class PredictorActor:
         todo = [i for i in range(n) if not batch["decode_error"][i]]
         for i in range(n):
             if batch["decode_error"][i]:
-                rows[i] = self._error(batch, i, str(batch["decode_error"][i]), now)
+                rows[i] = self._error(batch, i, str(batch["decode_error"][i]), str(batch["error_kind"][i]), now)
         for c0 in range(0, len(todo), self.micro_batch):
             idx = todo[c0 : c0 + self.micro_batch]
             # zero_copy batches are read-only views: the Predictor copies them to tensors.
@@ -127,7 +143,7 @@ class PredictorActor:
                 results = [f"model failed: {type(e).__name__}: {schema.one_line(str(e))}"]
             for i, img, res in zip(idx, images, results):
                 if isinstance(res, str):
-                    rows[i] = self._error(batch, i, res, now, img)
+                    rows[i] = self._error(batch, i, res, "model", now, img)
                 else:
                     rows[i] = schema.ok_row(
                         res, width=img.shape[1], height=img.shape[0], processed_at=now, **self._ids(batch, i)
@@ -143,6 +159,6 @@ class PredictorActor:
             **self.meta,
         )
 
-    def _error(self, batch, i: int, reason: str, now, img: np.ndarray | None = None) -> dict:
+    def _error(self, batch, i: int, reason: str, kind: str, now, img: np.ndarray | None = None) -> dict:
         wh = {} if img is None else {"width": img.shape[1], "height": img.shape[0]}
-        return schema.error_row(reason=reason, processed_at=now, **wh, **self._ids(batch, i))
+        return schema.error_row(reason=reason, kind=kind, processed_at=now, **wh, **self._ids(batch, i))

@@ -15,6 +15,12 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 4. The driver streams the result rows (``iter_batches``), collects them per shard and,
    when a shard is complete, stages and commits it (``commit.Run``). A kill at any point
    leaves only whole committed shards; the rerun resumes the run and plans them out.
+   A shard holding storage failures (``schema.RETRYABLE_ERROR_KINDS``, after the reads'
+   own retries) is not committed in the first pass: once the stream ends its images go
+   through the pipeline again (``JobConfig.passes``), and only the last pass commits
+   what still fails, as rows the next run plans again. :class:`StorageHealth` watches
+   the rows as they arrive and stops the run (:class:`StorageOutage`, exit 2) when most
+   reads fail, before any of theirs is committed.
 5. Summary (printed, ``_runs/<run_id>/summary.json``), manifest and ``_SUCCESS``.
 """
 
@@ -23,18 +29,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import commit
+from . import commit, schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
-from .storage import SourceObject, join, list_inputs, resolve
+from .storage import RetryPolicy, SourceObject, join, list_inputs, resolve
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -44,13 +51,66 @@ PLAN_CHUNK_ROWS = 50_000
 # make one decode task feed every actor; blocks of a few batches spread the work over the
 # decode tasks and the actor pool, and stay cheap to schedule.
 BLOCK_BATCHES = 4
+# Fault tolerance, set here rather than left to Ray Data's defaults (which restart and retry
+# forever): the tasks and actors of a lost node are retried and restarted elsewhere; a decode
+# task that keeps killing its worker (say, a decoder crash on hostile bytes) fails the run
+# after DECODE_TASK_RETRIES tries, and an actor that keeps dying after ACTOR_RESTARTS
+# restarts, instead of looping; the same command then resumes the run. Actor tasks retry
+# without a count of their own (-1): while a lost actor waits for a new node they fail fast as
+# "unavailable" again and again, and a count would run out before the node arrives (measured:
+# 4 retries failed the run in tests/test_infer_faults.py); the restart budget bounds them.
+# Python exceptions are not retried: per-image failures are already rows.
+DECODE_TASK_RETRIES = 4
+ACTOR_RESTARTS = 8
+ACTOR_TASK_RETRIES = -1
+# Cap on decode tasks running at once, cluster-wide. A task reads one object at a time, so
+# this bounds the GETs in flight: S3 serves at least 5,500 GET/HEAD per second per partitioned
+# prefix, and at its typical 100-200 ms per small-object GET, 512 readers stay at about
+# 2,500-5,000 GET/s, within one partition's rate before any decoding time is counted.
+DEFAULT_MAX_CONCURRENT_READS = 512
 PLAN_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()), ("error", pa.string()), (SHARD_COLUMN, pa.string())]
+    [("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()), ("error", pa.string()),
+     ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
 )
 
 
 class InfraError(RuntimeError):
     """A failure of the job's environment (storage, weights), not of one image."""
+
+
+class StorageOutage(InfraError):
+    """Most reads are failing in the store itself: the run stops instead of writing error rows."""
+
+
+class StorageHealth:
+    """Watches result rows as they arrive; :meth:`check` raises :class:`StorageOutage` when,
+    over the last ``window`` images, at least ``min_failures`` and at least ``fraction`` of
+    them failed in storage (``schema.RETRYABLE_ERROR_KINDS``): the store is down or the
+    credentials are gone, and the images are not to blame."""
+
+    def __init__(self, window: int = 200, fraction: float = 0.5, min_failures: int = 10):
+        if window < 1 or not 0 < fraction <= 1 or min_failures < 1:
+            raise ValueError("StorageHealth needs window >= 1, 0 < fraction <= 1, min_failures >= 1")
+        self.recent: deque[bool] = deque(maxlen=window)
+        self.fraction, self.min_failures = fraction, min_failures
+        self.failures, self.example = 0, ""
+
+    def observe(self, kinds: Iterable[str | None], reasons: Iterable[str | None]) -> None:
+        for kind, reason in zip(kinds, reasons):
+            failed = kind in schema.RETRYABLE_ERROR_KINDS
+            if len(self.recent) == self.recent.maxlen:
+                self.failures -= self.recent[0]
+            self.recent.append(failed)
+            self.failures += failed
+            if failed:
+                self.example = f"{kind}: {reason}"
+
+    def check(self) -> None:
+        n = len(self.recent)
+        if self.failures >= self.min_failures and self.failures >= self.fraction * n:
+            raise StorageOutage(
+                f"storage failing: {self.failures} of the last {n} images could not be read ({self.example}); "
+                "their rows were not committed: run the same command again once the store answers")
 
 
 @dataclass
@@ -68,7 +128,13 @@ class JobConfig:
     images_per_shard: int = commit.DEFAULT_SHARD_SIZE
     run_id: str | None = None
     decode_cpus: float = 0.5
+    max_concurrent_reads: int = DEFAULT_MAX_CONCURRENT_READS
     break_lock: bool = False
+    read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
+    passes: int = 2  # pipeline passes over images whose reads failed in storage
+    outage_window: int = 200  # StorageHealth's settings
+    outage_fraction: float = 0.5
+    outage_min_failures: int = 10
 
 
 def checkpoint_identity(weights: str) -> tuple[str, str]:
@@ -100,8 +166,9 @@ def _check_input(uri: str) -> None:
         raise InfraError(f"cannot reach input {uri}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
-def _write_plan(run: commit.Run, shards: Iterator[commit.Shard], summary: RunSummary) -> tuple[list[str], dict[str, int]]:
-    """Commit already-staged shards; write the others' items to plan files.
+def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSummary, *,
+                reuse_staged: bool = True) -> tuple[list[str], dict[str, int]]:
+    """Commit already-staged shards (``reuse_staged``); write the others' items to plan files.
 
     Returns (plan file paths, shard_id -> item count of the shards to compute).
     """
@@ -124,7 +191,7 @@ def _write_plan(run: commit.Run, shards: Iterator[commit.Shard], summary: RunSum
             v.clear()
 
     for shard in shards:
-        if run.is_staged(shard):
+        if reuse_staged and run.is_staged(shard):
             summary.add_shard(run.read_staged(shard.shard_id), reused=True)
             run.commit(shard.shard_id)
             continue
@@ -134,6 +201,7 @@ def _write_plan(run: commit.Run, shards: Iterator[commit.Shard], summary: RunSum
             cols["etag"].append(o.etag)
             cols["size"].append(-1 if o.size is None else o.size)
             cols["error"].append(o.error)
+            cols["error_kind"].append(o.error_kind)
             cols[SHARD_COLUMN].append(shard.shard_id)
         if len(cols["uri"]) >= PLAN_CHUNK_ROWS:
             flush()
@@ -177,10 +245,13 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BLOCK_BATCHES)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect},
+        fn_kwargs={"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect, "retry": cfg.read_retry},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
+        compute=ray.data.TaskPoolStrategy(size=cfg.max_concurrent_reads),
+        max_retries=DECODE_TASK_RETRIES,
+        retry_exceptions=False,
     )
     use_gpu = cfg.num_gpus_per_actor > 0
     return ds.map_batches(
@@ -199,53 +270,100 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
         batch_format="numpy",
         num_gpus=cfg.num_gpus_per_actor,
         num_cpus=cfg.num_cpus_per_actor,
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_TASK_RETRIES,
     )
 
 
-def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary,
-                    may_commit=lambda: None, progress=None) -> None:
+@dataclass
+class Deferred:
+    """A complete shard held back from commit because some of its reads failed in storage:
+    ``kept`` are its final rows, ``retry`` the items the next pass reads again."""
+
+    shard: commit.Shard
+    kept: pa.Table
+    retry: tuple[SourceObject, ...]
+
+
+_RETRYABLE = pa.array(sorted(schema.RETRYABLE_ERROR_KINDS))
+
+
+def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary, *,
+                    final: bool = True, health: StorageHealth | None = None,
+                    held: dict[str, Deferred] | None = None,
+                    may_commit=lambda: None, progress=None) -> dict[str, Deferred]:
     """Group streamed result rows by shard; stage + commit each shard once it is complete.
 
-    ``may_commit()`` runs before each commit and raises when this run must stop committing;
-    ``progress(images committed, images to commit)`` after each commit.
+    ``expected``: shard_id -> rows to come in this pass; ``held``: the shards deferred by the
+    previous pass, whose kept rows complete the ones this pass computes again. Unless
+    ``final``, a complete shard with storage failures is not committed but returned, by
+    shard_id, for another pass. ``health`` sees every row as it arrives and stops the run on
+    an outage. ``may_commit()`` runs before each commit and raises when this run must stop
+    committing; ``progress(images)`` after each commit.
     """
-    total, committed = sum(expected.values()), 0
+    held = held or {}
     pending: dict[str, list[pa.Table]] = {}
     counts: dict[str, int] = {}
     done: set[str] = set()
+    deferred: dict[str, Deferred] = {}
     for batch in batches:
+        if health is not None:
+            health.observe(batch.column("error_kind").to_pylist(), batch.column("error").to_pylist())
+            health.check()
         sids = batch.column(SHARD_COLUMN)
         for sid in set(sids.to_pylist()):
             if sid in done:
-                continue  # a re-executed block repeating rows of a committed shard
+                continue  # a re-executed block repeating rows of a shard already handled
             if sid not in expected:
                 raise RuntimeError(f"result row for unknown shard {sid}")
             part = batch.filter(pc.equal(sids, sid)).drop_columns([SHARD_COLUMN])
             pending.setdefault(sid, []).append(part)
             counts[sid] = counts.get(sid, 0) + part.num_rows
-            if counts[sid] >= expected[sid]:
-                table = pa.concat_tables(pending.pop(sid))
-                if table.num_rows > expected[sid]:
-                    # A retried task must not give an image two rows: keep the first.
-                    seen: set[str] = set()
-                    keep = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
-                    table = table.filter(pa.array(keep))
-                items = tuple(
-                    SourceObject(u, e, s)
-                    for u, e, s in zip(*(table.column(c).to_pylist() for c in ("image_uri", "source_etag", "source_size")))
-                )
-                shard = commit.Shard(sid, items)
-                run.stage(shard, table)
-                may_commit()
-                run.commit(sid)
-                summary.add_shard(table)
-                committed += expected.pop(sid)
-                del counts[sid]
-                done.add(sid)
-                if progress is not None:
-                    progress(committed, total)
+            if counts[sid] < expected[sid]:
+                continue
+            table = pa.concat_tables(pending.pop(sid))
+            if table.num_rows > expected[sid]:
+                # A retried task must not give an image two rows: keep the first.
+                seen: set[str] = set()
+                keep = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
+                table = table.filter(pa.array(keep))
+            expected.pop(sid)
+            del counts[sid]
+            done.add(sid)
+            if sid in held:
+                shard, table = held[sid].shard, pa.concat_tables([held[sid].kept, table])
+            else:
+                shard = commit.Shard(sid, _items(table))
+            failed = pc.fill_null(pc.is_in(table.column("error_kind"), _RETRYABLE), False)
+            if not final and pc.any(failed).as_py():
+                retry = table.filter(failed)
+                deferred[sid] = Deferred(shard, table.filter(pc.invert(failed)), _items(retry))
+                summary.deferred += retry.num_rows
+                continue
+            run.stage(shard, table)
+            may_commit()
+            run.commit(sid)
+            summary.add_shard(table)
+            if progress is not None:
+                progress(table.num_rows)
     if expected:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
+    return deferred
+
+
+def _items(table: pa.Table) -> tuple[SourceObject, ...]:
+    cols = (table.column(c).to_pylist() for c in ("image_uri", "source_etag", "source_size"))
+    return tuple(SourceObject(u, e, s) for u, e, s in zip(*cols))
+
+
+def _listing(cfg: JobConfig) -> Iterator[SourceObject]:
+    """The input listing; a listing that fails (after its retries) is an InfraError."""
+    try:
+        yield from list_inputs(cfg.input, retry=cfg.read_retry)
+    except FileNotFoundError as e:
+        raise InfraError(f"input not found: {' '.join(str(e).split())}") from None
+    except Exception as e:  # noqa: BLE001
+        raise InfraError(f"cannot list input {cfg.input}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 def _output_error(output: str, e: Exception) -> InfraError:
@@ -296,16 +414,33 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpo
     summary = RunSummary(run.run_id, resumed=run.resumed)
     stats = commit.PlanStats()
     state = commit.committed_state(cfg.output, run_id=run.run_id)
-    items = commit.plan_work(list_inputs(cfg.input), state, checkpoint_sha256, cfg.full, run_id=run.run_id, stats=stats)
+    items = commit.plan_work(_listing(cfg), state, checkpoint_sha256, cfg.full, run_id=run.run_id, stats=stats)
     shards = commit.make_shards(items, checkpoint_sha256=checkpoint_sha256, target_size=cfg.images_per_shard)
     plan_files, expected = _write_plan(run, shards, summary)
     summary.add_plan(stats)
+    total, committed = sum(expected.values()), 0
+
+    def committed_more(n: int) -> None:
+        nonlocal committed
+        committed += n
+        if progress is not None:
+            progress(committed, total)
+
     if progress is not None:
-        progress(0, sum(expected.values()))
-    if plan_files:
+        progress(0, total)
+    health = StorageHealth(cfg.outage_window, cfg.outage_fraction, cfg.outage_min_failures)
+    held: dict[str, Deferred] = {}
+    for pass_no in range(1, max(1, cfg.passes) + 1):
+        if not plan_files:
+            break
+        summary.passes = pass_no
         ds = build_dataset(cfg, plan_files, run_id=run.run_id, checkpoint_sha256=checkpoint_sha256, model_name=model_name)
-        _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary, lease.check,
-                        progress)
+        held = _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary,
+                               final=pass_no >= cfg.passes, health=health, held=held, may_commit=lease.check,
+                               progress=committed_more)
+        # the next pass reads only the failed items, under their shard's id
+        retry_shards = (commit.Shard(sid, d.retry) for sid, d in held.items())
+        plan_files, expected = _write_plan(run, retry_shards, summary, reuse_staged=False) if held else ([], {})
     lease.check()
     summary.finish().write(cfg.output)
     manifest = run.finish()

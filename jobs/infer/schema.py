@@ -16,6 +16,9 @@ width, height (int32)     size of the decoded image after EXIF orientation; null
                           image could not be decoded and the header gave no size
 status (string)           ``'ok'`` or ``'error'``; never null
 error (string)            one-line reason when status is ``'error'``, else null
+error_kind (string)       why an error row failed, one of :data:`ERROR_KINDS`, else null;
+                          storage kinds (:data:`RETRYABLE_ERROR_KINDS`) mean the bytes were
+                          never seen, so the next run processes the image again
 instances (list<struct>)  detections of an ok row ([] when there are none); null for errors:
   label (int32)             model class index
   label_name (string)       class name
@@ -46,6 +49,19 @@ import pyarrow as pa
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# error_kind values. The first three are storage failures (the image's bytes were never
+# seen): incremental runs plan them again. The others are about the image itself.
+ERROR_KINDS = {
+    "unavailable": "storage throttled, unreachable or failing (5xx, timeouts, connection errors, "
+                   "expired credentials) after the run's retries",
+    "access": "access to the object denied",
+    "read": "another storage failure",
+    "not_found": "the object does not exist (or is not a file)",
+    "limit": "over the run's limits (file bytes, pixels, aspect ratio)",
+    "decode": "not a usable image (corrupt, truncated, unsupported format or pixel mode)",
+    "model": "the model failed on this image",
+}
+RETRYABLE_ERROR_KINDS = frozenset({"unavailable", "access", "read"})
 MAX_ERROR_CHARS = 500  # error strings are one line, capped so a hostile input cannot bloat rows
 
 
@@ -73,6 +89,7 @@ SCHEMA = pa.schema(
         _f("height", pa.int32(), "decoded height after EXIF orientation"),
         _f("status", pa.string(), "'ok' or 'error'", nullable=False),
         _f("error", pa.string(), "one-line reason when status is 'error'"),
+        _f("error_kind", pa.string(), "why an error row failed: " + ", ".join(ERROR_KINDS)),
         _f("instances", pa.list_(INSTANCE_TYPE), "detections; [] if none, null on error"),
         _f("model_name", pa.string(), "model that produced the row"),
         _f("checkpoint_sha256", pa.string(), "SHA-256 of the checkpoint file"),
@@ -177,6 +194,7 @@ def ok_row(
         "height": int(height),
         "status": STATUS_OK,
         "error": None,
+        "error_kind": None,
         "instances": instances,
         "model_name": model_name,
         "checkpoint_sha256": checkpoint_sha256,
@@ -191,6 +209,7 @@ def error_row(
     source_etag: str | None,
     source_size: int | None,
     reason: str,
+    kind: str,
     model_name: str,
     checkpoint_sha256: str,
     run_id: str,
@@ -198,10 +217,13 @@ def error_row(
     height: int | None = None,
     processed_at: _dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """A row for an image that could not be processed; ``reason`` is made one line."""
+    """A row for an image that could not be processed; ``reason`` is made one line,
+    ``kind`` is one of :data:`ERROR_KINDS`."""
     reason = one_line(reason)
     if not reason:
         raise ValueError("an error row needs a non-empty reason")
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"error kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
     return {
         "image_uri": image_uri,
         "source_etag": source_etag,
@@ -210,6 +232,7 @@ def error_row(
         "height": None if height is None else int(height),
         "status": STATUS_ERROR,
         "error": reason,
+        "error_kind": kind,
         "instances": None,
         "model_name": model_name,
         "checkpoint_sha256": checkpoint_sha256,
@@ -272,7 +295,7 @@ def validate_table(table: pa.Table, *, check_masks: bool = True) -> None:
         where = f"row {i} ({row['image_uri']})"
         status = row["status"]
         if status == STATUS_OK:
-            if row["error"] is not None:
+            if row["error"] is not None or row["error_kind"] is not None:
                 problems.append(f"{where}: ok row with an error")
             if row["instances"] is None or row["width"] is None or row["height"] is None:
                 problems.append(f"{where}: ok row without instances/width/height")
@@ -300,6 +323,8 @@ def validate_table(table: pa.Table, *, check_masks: bool = True) -> None:
             err = row["error"]
             if not err or "\n" in err or "\r" in err:
                 problems.append(f"{where}: error row needs a one-line reason")
+            if row["error_kind"] not in ERROR_KINDS:
+                problems.append(f"{where}: error kind {row['error_kind']!r} is not one of {', '.join(ERROR_KINDS)}")
             if row["instances"] is not None:
                 problems.append(f"{where}: error row with instances")
         else:

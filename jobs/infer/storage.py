@@ -27,17 +27,27 @@ Change tokens (``etag``) are opaque strings compared together with the size:
   the worker; mtime+size is what make/rsync use and changes whenever a file is rewritten
   or replaced. It misses only a content change that keeps both size and mtime (e.g.
   ``cp -p`` of a different file of the same size), which we accept.
+
+Failures are classified (:func:`classify_storage_error`) into the output's storage error
+kinds: ``unavailable`` (throttling, 5xx, timeouts, connection errors, expired credentials:
+worth retrying), ``access`` (denied), ``not_found`` and ``read`` (anything else). Reads,
+stats and listing pages retry ``unavailable`` failures with exponential backoff and full
+jitter (:class:`RetryPolicy`), on top of botocore's own retries (``AWS_RETRY_MODE``,
+``AWS_MAX_ATTEMPTS``) and s3fs's (SlowDown only).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import io
 import os
 import posixpath
+import random
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 from fsspec.compression import compr
@@ -55,21 +65,150 @@ class SourceObject:
     """One input: canonical URI, change token and size (None when unknown).
 
     ``error`` is set when the object could not even be stat'ed (e.g. a list-file entry
-    that does not exist); the job turns such items into error rows.
+    that does not exist), with its error kind in ``error_kind``; the job turns such items
+    into error rows (or, for a storage kind, tries to read them anyway).
     """
 
     uri: str
     etag: str | None
     size: int | None
     error: str | None = None
+    error_kind: str | None = None
 
 
 class ReadError(Exception):
-    """An input object could not be read; ``reason`` is one line."""
+    """An input object could not be read; ``reason`` is one line, ``kind`` the output's error
+    kind (``unavailable``, ``access``, ``read``, ``not_found`` or ``limit``)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "read"):
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
+
+
+# ------------------------------------------------------------------ failures and retries
+
+# Error codes that mean "try again later": S3's throttling and 5xx codes, the throttling and
+# transient codes botocore's standard retry mode uses, and expired temporary credentials
+# (botocore refreshes refreshable credentials on the next call).
+_UNAVAILABLE_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException",
+    "PriorRequestNotComplete", "OperationAborted", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "LimitExceededException",
+    "ProvisionedThroughputExceededException", "TransactionInProgressException", "EC2ThrottledException",
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired",
+})
+_UNAVAILABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_ACCESS_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                           "InvalidToken", "AccountProblem", "InvalidObjectState"})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "NotFound"})
+_UNAVAILABLE_ERRNOS = frozenset({
+    errno.EBUSY,  # s3fs's translation of SlowDown / 503
+    getattr(errno, "EREMOTEIO", -1),  # s3fs's translation of 500 InternalError
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN,
+})
+# Exception class names (of botocore, aiohttp, urllib3, fsspec) that are connection or timeout
+# failures; matched by name so that none of those packages has to be importable here.
+_UNAVAILABLE_TYPES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "HTTPClientError", "IncompleteReadError", "ResponseStreamingError",
+    "CredentialRetrievalError", "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+    "ClientPayloadError", "ClientOSError", "ServerTimeoutError", "ProtocolError", "FSTimeoutError",
+})
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _kind_from_response(e: BaseException) -> str | None:
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    if code in _UNAVAILABLE_CODES or status in _UNAVAILABLE_STATUS:
+        return "unavailable"
+    if code in _ACCESS_CODES or status == 403:
+        return "access"
+    if code in _NOT_FOUND_CODES or status == 404:
+        return "not_found"
+    return None
+
+
+def _kind_from_type(e: BaseException) -> str | None:
+    if isinstance(e, FileNotFoundError):
+        return "not_found"
+    if isinstance(e, PermissionError):
+        return "access"
+    if isinstance(e, (ConnectionError, TimeoutError)):  # incl. socket.timeout, asyncio.TimeoutError
+        return "unavailable"
+    if any(c.__name__ in _UNAVAILABLE_TYPES for c in type(e).__mro__):
+        return "unavailable"
+    if isinstance(e, OSError) and e.errno in _UNAVAILABLE_ERRNOS:
+        return "unavailable"
+    return None
+
+
+def classify_storage_error(exc: BaseException) -> str:
+    """The error kind of a failed storage call: ``unavailable``, ``access``, ``not_found`` or ``read``.
+
+    The store's own answer (a botocore ClientError's code and HTTP status, anywhere in the
+    exception's cause chain: s3fs re-raises it as an OSError) decides first; then the
+    exception types of the chain; anything unrecognised is ``read``.
+    """
+    for e in _chain(exc):
+        kind = _kind_from_response(e)
+        if kind:
+            return kind
+    for e in _chain(exc):
+        kind = _kind_from_type(e)
+        if kind:
+            return kind
+    return "read"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a storage call that failed as ``unavailable`` is retried: ``attempts`` tries in all,
+    sleeping a random time in ``[0, min(cap_s, base_s * 2**i)]`` before try ``i + 2``
+    (exponential backoff with full jitter, as AWS's guidance on retries describes)."""
+
+    attempts: int = 6
+    base_s: float = 1.0
+    cap_s: float = 30.0
+
+    def __post_init__(self):
+        if self.attempts < 1 or self.base_s < 0 or self.cap_s < 0:
+            raise ValueError(f"invalid retry policy {self}: attempts >= 1, base_s >= 0, cap_s >= 0")
+
+    def delay(self, retry: int, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** retry))
+
+
+NO_RETRIES = RetryPolicy(attempts=1)
+T = TypeVar("T")
+
+
+def call_with_retries(fn: Callable[[], T], policy: RetryPolicy, *, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried while it fails as ``unavailable`` and ``policy`` allows; the last
+    failure is raised with ``retry_attempts`` (tries made) set on it."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == policy.attempts or classify_storage_error(e) != "unavailable":
+                e.retry_attempts = attempt
+                raise
+            sleep(policy.delay(attempt - 1))
+    raise AssertionError("unreachable")
 
 
 # ------------------------------------------------------------------ resolving
@@ -162,12 +301,12 @@ def _walk_local(root: str) -> Iterator[SourceObject]:
             stack.extend(reversed(subdirs))
 
 
-def _walk_s3(fs, path: str, page_size: int) -> Iterator[SourceObject]:
+def _walk_s3(fs, path: str, page_size: int, retry: RetryPolicy) -> Iterator[SourceObject]:
     bucket, _, key = path.partition("/")
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
     while True:
-        page = fs.call_s3("list_objects_v2", **kwargs)
+        page = call_with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs), retry)
         for obj in page.get("Contents", []):
             if obj["Key"].endswith("/"):  # "directory" marker objects
                 continue
@@ -187,11 +326,11 @@ def _walk_generic(fs, path: str) -> Iterator[SourceObject]:
                 yield _source_from_info(fs, info["name"], info)
 
 
-def list_prefix(uri: str, *, page_size: int = 1000) -> Iterator[SourceObject]:
+def list_prefix(uri: str, *, page_size: int = 1000, retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """Every object under ``uri`` (a directory / key prefix), streamed as listed.
 
     Raises FileNotFoundError when a local directory does not exist; an empty or missing
-    S3 prefix simply yields nothing.
+    S3 prefix simply yields nothing. S3 listing pages are retried as ``retry`` says.
     """
     fs, path = resolve(uri)
     if isinstance(fs, LocalFileSystem):
@@ -199,7 +338,7 @@ def list_prefix(uri: str, *, page_size: int = 1000) -> Iterator[SourceObject]:
             raise FileNotFoundError(f"input directory not found: {uri}")
         yield from _walk_local(path)
     elif "s3" in fs.protocol and hasattr(fs, "call_s3"):
-        yield from _walk_s3(fs, path, page_size)
+        yield from _walk_s3(fs, path, page_size, retry)
     else:
         yield from _walk_generic(fs, path)
 
@@ -220,22 +359,23 @@ def iter_list_file(uri: str) -> Iterator[str]:
                     yield line
 
 
-def _stat_one(uri: str) -> SourceObject:
+def _stat_one(uri: str, retry: RetryPolicy) -> SourceObject:
     try:
         fs, path = resolve(uri)
         if isinstance(fs, LocalFileSystem):
             st = os.stat(path)
             if not os.path.isfile(path):
-                return SourceObject(canonical_uri(fs, path), None, None, f"not a file: {uri}")
+                return SourceObject(canonical_uri(fs, path), None, None, f"not a file: {uri}", "not_found")
             return SourceObject(canonical_uri(fs, path), local_etag(st), st.st_size)
-        info = fs.info(path)
+        info = call_with_retries(lambda: fs.info(path), retry)
         if info.get("type") != "file":
-            return SourceObject(canonical_uri(fs, path), None, None, f"not a file: {uri}")
+            return SourceObject(canonical_uri(fs, path), None, None, f"not a file: {uri}", "not_found")
         return _source_from_info(fs, path, info)
     except FileNotFoundError:
-        return SourceObject(_canonical_or_raw(uri), None, None, f"source not found: {uri}")
+        return SourceObject(_canonical_or_raw(uri), None, None, f"source not found: {uri}", "not_found")
     except Exception as e:  # noqa: BLE001  (one bad line must not stop the run)
-        return SourceObject(_canonical_or_raw(uri), None, None, f"cannot stat source: {type(e).__name__}: {e}")
+        return SourceObject(_canonical_or_raw(uri), None, None, f"cannot stat source: {_describe(e)}",
+                            classify_storage_error(e))
 
 
 def _canonical_or_raw(uri: str) -> str:
@@ -246,7 +386,7 @@ def _canonical_or_raw(uri: str) -> str:
         return uri
 
 
-def stat_uris(uris: Iterable[str], *, concurrency: int = 16) -> Iterator[SourceObject]:
+def stat_uris(uris: Iterable[str], *, concurrency: int = 16, retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """SourceObjects for ``uris`` in input order, ``concurrency`` stats in flight at once.
 
     A sliding window keeps memory bounded: a list of a million URIs is never held whole.
@@ -256,7 +396,7 @@ def stat_uris(uris: Iterable[str], *, concurrency: int = 16) -> Iterator[SourceO
     with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
         window: deque[cf.Future] = deque()
         for uri in it:
-            window.append(pool.submit(_stat_one, uri))
+            window.append(pool.submit(_stat_one, uri, retry))
             if len(window) >= 2 * concurrency:
                 yield window.popleft().result()
         while window:
@@ -270,35 +410,43 @@ def is_list_file(uri: str) -> bool:
     return has_extension(stem, LIST_FILE_EXTENSIONS)
 
 
-def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> Iterator[SourceObject]:
+def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """The job's inputs for ``--input``.
 
     * a list file (``.txt``/``.lst``/``.list``, optionally compressed): every line is an
       input, whatever its extension (an explicit list means "process these");
     * a directory / key prefix: the objects whose extension is in ``extensions``
       (case-insensitive); other files (sidecar JSON, READMEs) are not inputs.
+
+    ``retry`` applies to listing pages and stats.
     """
     exts = frozenset(e.lower() for e in extensions)
     if is_list_file(uri):
-        yield from stat_uris(iter_list_file(uri))
+        yield from stat_uris(iter_list_file(uri), retry=retry)
         return
-    for obj in list_prefix(uri):
+    for obj in list_prefix(uri, retry=retry):
         if has_extension(obj.uri, exts):
             yield obj
 
 
 # ------------------------------------------------------------------ reading
 
-def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of one input object, or ReadError with a one-line reason.
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, retry: RetryPolicy = RetryPolicy()) -> bytes:
+    """The bytes of one input object, or ReadError with a one-line reason and error kind.
 
     At most ``max_bytes + 1`` bytes are fetched (one ranged GET on object stores), so a
-    multi-gigabyte file named ``.jpg`` cannot exhaust a worker's memory.
+    multi-gigabyte file named ``.jpg`` cannot exhaust a worker's memory. Failures that
+    :func:`classify_storage_error` calls ``unavailable`` are retried as ``retry`` says.
     """
-    try:
-        fs, path = resolve(uri)
+
+    def fetch(fs, path) -> bytes:
         try:
-            data = fs.cat_file(path, start=0, end=max_bytes + 1)
+            return fs.cat_file(path, start=0, end=max_bytes + 1)
         except FileNotFoundError:
             raise
         except OSError:
@@ -306,10 +454,17 @@ def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
             if fs.info(path).get("size") == 0:
                 return b""
             raise
-    except FileNotFoundError:
-        raise ReadError(f"source not found: {uri}") from None
+
+    try:
+        fs, path = resolve(uri)
+        data = call_with_retries(lambda: fetch(fs, path), retry)
     except Exception as e:  # noqa: BLE001
-        raise ReadError(f"read failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
+        kind = classify_storage_error(e)
+        if kind == "not_found":
+            raise ReadError(f"source not found: {uri}", kind) from None
+        tries = getattr(e, "retry_attempts", 1)
+        after = f" after {tries} attempts" if tries > 1 else ""
+        raise ReadError(f"read failed{after}: {_describe(e)}", kind) from e
     if len(data) > max_bytes:
-        raise ReadError(f"file too large: more than {max_bytes} bytes")
+        raise ReadError(f"file too large: more than {max_bytes} bytes", "limit")
     return data

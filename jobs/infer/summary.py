@@ -7,7 +7,10 @@ summary sits at ``_runs/<run_id>/summary.json`` next to the run's manifest.
 
 Counts are for this invocation. After a resume, images committed by the killed attempt
 show up as ``skipped_done_in_run``, not as ok/error again; the manifest's ``rows`` is the
-run's total.
+run's total. ``error_kinds`` counts error rows by their ``error_kind`` column,
+``error_reasons`` by the start of their reason (the most common ones). ``planned_retry``
+are images planned again because their latest row was a storage error; ``deferred`` the
+images read again in a later pass of this run (``passes``) after a storage failure.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .storage import join, resolve
 TOP_ERRORS = 10
 
 
-def _reason_kind(reason: str) -> str:
+def _reason_start(reason: str) -> str:
     # "corrupt or truncated JPEG data: OSError: ..." -> "corrupt or truncated JPEG data"
     return reason.split(":", 1)[0][:80]
 
@@ -41,14 +44,18 @@ class RunSummary:
     skipped_unchanged: int = 0
     skipped_done_in_run: int = 0
     planned: int = 0
+    planned_retry: int = 0
     ok: int = 0
     error: int = 0
     instances: int = 0
     shards_computed: int = 0
     shards_reused: int = 0
+    passes: int = 1
+    deferred: int = 0
     wall_s: float = 0.0
     started_at: float = field(default_factory=time.time)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    error_reasons: dict[str, int] = field(default_factory=dict)
 
     # -- filling in
     def add_plan(self, stats: PlanStats) -> None:
@@ -57,6 +64,7 @@ class RunSummary:
         self.skipped_unchanged = stats.unchanged
         self.skipped_done_in_run = stats.done_in_run
         self.planned = stats.planned
+        self.planned_retry = stats.retry
 
     def add_shard(self, table: pa.Table, *, reused: bool = False) -> None:
         """Count a shard's rows (a table with the output schema)."""
@@ -66,9 +74,12 @@ class RunSummary:
         self.error += table.num_rows - ok
         lengths = pc.list_value_length(table.column("instances"))
         self.instances += pc.sum(lengths).as_py() or 0
-        kinds = Counter(self.error_kinds)
+        reasons = Counter(self.error_reasons)
         for reason in table.column("error").drop_null().to_pylist():
-            kinds[_reason_kind(reason)] += 1
+            reasons[_reason_start(reason)] += 1
+        self.error_reasons = dict(reasons)
+        kinds = Counter(self.error_kinds)
+        kinds.update(table.column("error_kind").drop_null().to_pylist())
         self.error_kinds = dict(kinds)
         if reused:
             self.shards_reused += 1
@@ -94,8 +105,8 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        top = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_ERRORS]
-        d["error_kinds"] = dict(top)
+        top = sorted(self.error_reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_ERRORS]
+        d["error_reasons"] = dict(top)
         d.update(processed=self.processed, skipped=self.skipped, images_per_s=round(self.images_per_s, 3))
         return d
 
@@ -109,8 +120,14 @@ class RunSummary:
             f"  shards computed {self.shards_computed}, reused {self.shards_reused}",
             f"  wall {self.wall_s:.1f} s, {self.images_per_s:.2f} images/s",
         ]
-        for kind, n in self.to_dict()["error_kinds"].items():
-            lines.append(f"  error {n:>6} x {kind}")
+        if self.planned_retry:
+            lines.insert(2, f"  planned again after a storage error: {self.planned_retry}")
+        if self.passes > 1:
+            lines.append(f"  passes {self.passes}: {self.deferred} reads retried after a storage failure")
+        if self.error_kinds:
+            lines.append("  error kinds: " + ", ".join(f"{k} {n}" for k, n in sorted(self.error_kinds.items())))
+        for reason, n in self.to_dict()["error_reasons"].items():
+            lines.append(f"  error {n:>6} x {reason}")
         return "\n".join(lines)
 
     def write(self, output_uri: str) -> str:
