@@ -12,6 +12,7 @@ to the real endpoint unless a fault applies. Faults, set by the test at any time
 * ``down``: every request (listing included) answers 503 ServiceUnavailable, an outage;
   ``down_after_gets``: the outage starts by itself after that many object GETs.
 
+``get_delay_s`` delays every forwarded object GET (so that concurrent readers overlap).
 ``injected`` counts the faults by kind, ``gets`` the object GETs seen, ``max_in_flight``
 the most object GETs the proxy was serving at once.
 """
@@ -22,6 +23,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -40,6 +42,7 @@ class FaultProxy:
         self.reset_every = 0
         self.fail_keys: tuple[str, ...] = ()
         self.deny_gets = False
+        self.get_delay_s = 0.0
         self.down = False
         self.down_after_gets: int | None = None
         self.injected: Counter = Counter()
@@ -155,6 +158,7 @@ class FaultProxy:
                 counted = proxy.is_object_get(self.command, self.path)
                 if counted:
                     proxy._track(+1)
+                    time.sleep(proxy.get_delay_s)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
                     conn.request(self.command, self.path, body=body or None, headers=headers)
