@@ -25,6 +25,7 @@ __all__ = ["Predictor", "MASK_FORMATS"]
 
 MASK_FORMATS = ("rle", "bool")
 MASK_THRESHOLD = 0.5
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 
 
 class Predictor:
@@ -38,8 +39,10 @@ class Predictor:
             else ``str(label)``.
         score_thresh: when given, replaces the model's box score threshold
             (``model.roi_heads.score_thresh``: detections need score > score_thresh).
+        max_detections: when given, replaces the model's detections kept per image
+            (``model.roi_heads.detections_per_img``, the highest scores).
         mask_format: "rle" (COCO compressed RLE dicts) or "bool" (N x H x W ndarray).
-        amp: bf16 autocast; default on for CUDA, off for CPU.
+        precision: "fp32", "bf16" or "fp16" (autocast); default bf16 on CUDA, fp32 on CPU.
         channels_last: run the convolutions channels-last (default on). Faster on CUDA and
             on CPU (oneDNN: about 1.7x for ResNet-50-FPN here, see bench/RESULTS.md), and
             RoIAlign then reads the FPN maps without a transpose. Results equal the NCHW
@@ -59,17 +62,20 @@ class Predictor:
         device: Optional[Any] = None,
         class_names: Optional[Sequence[str]] = None,
         score_thresh: Optional[float] = None,
+        max_detections: Optional[int] = None,
         mask_format: str = "rle",
-        amp: Optional[bool] = None,
+        precision: Optional[str] = None,
         channels_last: bool = True,
     ):
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.mask_format = mask_format
-        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         model = model.to(self.device).eval()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -77,6 +83,10 @@ class Predictor:
             if not hasattr(getattr(model, "roi_heads", None), "score_thresh"):
                 raise ValueError("score_thresh given, but the model has no roi_heads.score_thresh to set")
             model.roi_heads.score_thresh = float(score_thresh)
+        if max_detections is not None:
+            if int(max_detections) < 1 or not hasattr(getattr(model, "roi_heads", None), "detections_per_img"):
+                raise ValueError("max_detections must be >= 1 and the model must have roi_heads.detections_per_img")
+            model.roi_heads.detections_per_img = int(max_detections)
         self.model = model
         self.num_classes = _num_classes(model)
         if class_names is None:
@@ -136,9 +146,10 @@ class Predictor:
             return [self._finish(out, tuple(img.shape[-2:]), raw) for out, img in zip(outputs, images)]
 
     def _autocast(self):
-        if not self.amp:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _finish(self, out: dict, image_size: tuple[int, int], raw: bool) -> dict:
         boxes = out["boxes"].float()

@@ -57,3 +57,41 @@ def faulty_s3(s3_bucket, moto_server, monkeypatch):
     yield s3_bucket, proxy
     proxy.stop()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def in_process_dataset(monkeypatch):
+    """pipeline.build_dataset replaced by its stages run in this process, one batch at a time:
+    ``pipeline.run_job`` then runs its real driver loop (plan, passes, commits) without Ray."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from jobs.infer import pipeline
+    from jobs.infer.model_stage import PredictorActor, decode_batch
+    from jobs.infer.storage import resolve
+
+    actors = {}
+
+    def build(cfg, plan_files, *, run_id, checkpoint_sha256, model_name):
+        key = (run_id, checkpoint_sha256, cfg.score_thresh, cfg.max_instances, cfg.precision)
+        if key not in actors:
+            actors[key] = PredictorActor(cfg.weights, model_name=model_name, checkpoint_sha256=checkpoint_sha256,
+                                         run_id=run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
+                                         max_instances=cfg.max_instances, precision=cfg.precision)
+        actor = actors[key]
+        fs, _ = resolve(cfg.output)
+
+        class Dataset:
+            def iter_batches(self, **_):
+                for path in plan_files:
+                    with fs.open(path, "rb") as f:
+                        plan = pq.read_table(f)
+                    for start in range(0, plan.num_rows, cfg.batch_size):
+                        chunk = plan.slice(start, cfg.batch_size)
+                        batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
+                        yield actor(decode_batch(batch, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect,
+                                                 retry=cfg.read_retry))
+
+        return Dataset()
+
+    monkeypatch.setattr(pipeline, "build_dataset", build)

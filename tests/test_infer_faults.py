@@ -22,8 +22,7 @@ import pytest
 from PIL import Image
 
 from jobs.infer import commit, pipeline
-from jobs.infer.model_stage import PredictorActor, decode_batch
-from jobs.infer.storage import RetryPolicy, resolve
+from jobs.infer.storage import RetryPolicy
 from jobs.infer.summary import read_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,35 +45,6 @@ def _put_inputs(bucket, n, *, corrupt=()):
         fs.pipe_file(f"{bucket}/in/{name}", b"\x89PNG\r\n\x1a\n not really")
         names.append(name)
     return names
-
-
-@pytest.fixture
-def in_process_dataset(monkeypatch):
-    """pipeline.build_dataset replaced by its stages run in this process, one batch at a time."""
-    actors = {}
-
-    def build(cfg, plan_files, *, run_id, checkpoint_sha256, model_name):
-        key = (run_id, checkpoint_sha256)
-        if key not in actors:
-            actors[key] = PredictorActor(cfg.weights, model_name=model_name, checkpoint_sha256=checkpoint_sha256,
-                                         run_id=run_id, micro_batch=cfg.batch_size)
-        actor = actors[key]
-        fs, _ = resolve(cfg.output)
-
-        class Dataset:
-            def iter_batches(self, **_):
-                for path in plan_files:
-                    with fs.open(path, "rb") as f:
-                        plan = pq.read_table(f)
-                    for start in range(0, plan.num_rows, cfg.batch_size):
-                        chunk = plan.slice(start, cfg.batch_size)
-                        batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
-                        yield actor(decode_batch(batch, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect,
-                                                 retry=cfg.read_retry))
-
-        return Dataset()
-
-    monkeypatch.setattr(pipeline, "build_dataset", build)
 
 
 def _config(bucket, out, **kw):

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0,
                    help="CPUs per actor (torch threads on CPU; one replica per core outruns one replica on many)")
     p.add_argument("--batch-size", type=int, default=4, help="images per model call")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="keep instances scoring above this (default: the checkpoint's own threshold)")
+    p.add_argument("--max-instances", type=int, default=None,
+                   help="instances kept per image, the highest scores (default: the checkpoint's own)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="GPU actors' arithmetic (default bf16; CPU actors run fp32). Like the three flags "
+                        "here, changing it gives every image a new result: the next run reprocesses all")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
@@ -75,6 +82,12 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
     if a.read_backoff < 0:
         p.error("--read-backoff must be >= 0")
+    if a.score_thresh is not None and not 0 <= a.score_thresh <= 1:
+        p.error("--score-thresh must be in [0, 1]")
+    if a.max_instances is not None and a.max_instances < 1:
+        p.error("--max-instances must be >= 1")
+    if a.precision not in (None, "fp32") and a.num_gpus_per_actor <= 0:
+        p.error(f"--precision {a.precision} needs GPU actors (--num-gpus-per-actor > 0); CPU actors run fp32")
     return JobConfig(
         input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
         num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
@@ -82,6 +95,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,
         read_retry=RetryPolicy(attempts=a.read_attempts, base_s=a.read_backoff), passes=a.passes,
         max_concurrent_reads=a.max_concurrent_reads,
+        score_thresh=a.score_thresh, max_instances=a.max_instances, precision=a.precision,
     )
 
 

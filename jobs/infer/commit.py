@@ -209,6 +209,7 @@ class StateEntry(NamedTuple):
     run_id: str
     processed_at: _dt.datetime
     error_kind: str | None = None
+    settings: str | None = None
 
 
 class CommittedState(Mapping[str, StateEntry]):
@@ -235,7 +236,7 @@ class CommittedState(Mapping[str, StateEntry]):
 
 
 _STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "status", "run_id", "processed_at",
-                  "error_kind", "error"]
+                  "error_kind", "error", "settings"]
 # Read with this schema so that files written before a column existed give nulls for it.
 _STATE_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in _STATE_COLUMNS])
 
@@ -274,11 +275,11 @@ def committed_state(output_uri: str, *, run_id: str | None = None) -> CommittedS
     latest: dict[str, StateEntry] = {}
     in_run: set[str] = set()
     cols = [table.column(c).to_pylist() for c in _STATE_COLUMNS]
-    for uri, etag, size, ckpt, status, rid, ts, kind, reason in zip(*cols):
+    for uri, etag, size, ckpt, status, rid, ts, kind, reason, settings in zip(*cols):
         if uri not in latest:
             if status == schema.STATUS_ERROR and kind is None:
                 kind = legacy_error_kind(reason)
-            latest[uri] = StateEntry(etag, size, ckpt, status, rid, ts, kind)
+            latest[uri] = StateEntry(etag, size, ckpt, status, rid, ts, kind, settings)
         if run_id is not None and rid == run_id:
             in_run.add(uri)
     return CommittedState(latest, in_run, run_id)
@@ -307,12 +308,13 @@ def plan_work(
     run_id: str | None = None,
     retry_errors: bool = False,
     stats: PlanStats | None = None,
+    settings: str | None = None,
 ) -> Iterator[SourceObject]:
     """The listed objects that this run must process, streamed in listing order.
 
     Dropped: repeats of a URI; images already committed in ``run_id`` (``state.in_run``);
-    unless ``full``, images whose latest committed row has the same etag, size and
-    checkpoint and is not a storage error (``schema.RETRYABLE_ERROR_KINDS``: the image was
+    unless ``full``, images whose latest committed row has the same etag, size, checkpoint
+    and ``settings`` (the run's output settings, ``schema.settings_key``) and is not a storage error (``schema.RETRYABLE_ERROR_KINDS``: the image was
     never read); with ``retry_errors``, only images whose latest row is ok. Keeps a set of
     the URIs seen to drop repeats, so memory grows with the listing's distinct URIs, not
     its pages.
@@ -336,7 +338,8 @@ def plan_work(
         entry = state.get(obj.uri)
         retry = False
         if not full and entry is not None:
-            same = (entry[0], entry[1], entry[2]) == (obj.etag, obj.size, checkpoint_sha256)
+            same = ((entry[0], entry[1], entry[2]) == (obj.etag, obj.size, checkpoint_sha256)
+                    and getattr(entry, "settings", None) == settings)
             failed = getattr(entry, "status", schema.STATUS_OK) == schema.STATUS_ERROR
             retry = failed and (retry_errors or getattr(entry, "error_kind", None) in schema.RETRYABLE_ERROR_KINDS)
             if same and not retry:

@@ -82,7 +82,9 @@ class PredictorActor:
     """Loads the checkpoint once; turns decoded batches into output rows (a pyarrow Table).
 
     The returned table has the output schema (:data:`schema.SCHEMA`) plus ``shard_id``.
-    ``micro_batch`` bounds how many images go through one model call. On CPU,
+    ``micro_batch`` bounds how many images go through one model call; ``score_thresh``,
+    ``max_instances`` and ``precision`` override the checkpoint's (see ``Predictor``) and are
+    recorded in every row's ``settings``. On CPU,
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
     unless told otherwise, which would waste the CPUs the actor reserved).
     """
@@ -98,6 +100,8 @@ class PredictorActor:
         micro_batch: int = 4,
         num_threads: int | None = None,
         score_thresh: float | None = None,
+        max_instances: int | None = None,
+        precision: str | None = None,
     ):
         import torch
 
@@ -105,8 +109,10 @@ class PredictorActor:
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh)
-        self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id)
+        self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh,
+                                                   max_detections=max_instances, precision=precision)
+        settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision)
+        self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
 
     def _predict(self, images: list[np.ndarray]) -> list[dict | str]:

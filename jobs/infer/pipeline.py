@@ -129,12 +129,31 @@ class JobConfig:
     run_id: str | None = None
     decode_cpus: float = 0.5
     max_concurrent_reads: int = DEFAULT_MAX_CONCURRENT_READS
+    score_thresh: float | None = None  # output settings; None: the checkpoint's own
+    max_instances: int | None = None
+    precision: str | None = None  # fp32, bf16, fp16 (GPU actors); None: bf16 on GPU, fp32 on CPU
     break_lock: bool = False
     read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
     passes: int = 2  # pipeline passes over images whose reads failed in storage
     outage_window: int = 200  # StorageHealth's settings
     outage_fraction: float = 0.5
     outage_min_failures: int = 10
+
+
+def settings_of(cfg: JobConfig) -> str | None:
+    """The run's ``settings`` (rows, run parameters, incremental planning); checks them first."""
+    if cfg.score_thresh is not None and not 0.0 <= cfg.score_thresh <= 1.0:
+        raise ValueError(f"--score-thresh must be in [0, 1], got {cfg.score_thresh}")
+    if cfg.max_instances is not None and cfg.max_instances < 1:
+        raise ValueError(f"--max-instances must be >= 1, got {cfg.max_instances}")
+    if cfg.precision is not None:
+        if cfg.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+        if cfg.precision != "fp32" and cfg.num_gpus_per_actor <= 0:
+            raise ValueError(f"--precision {cfg.precision} needs GPU actors (--num-gpus-per-actor > 0); "
+                             "CPU actors run fp32")
+    return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
+                               precision=cfg.precision)
 
 
 def checkpoint_identity(weights: str) -> tuple[str, str]:
@@ -264,6 +283,9 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
             "device": "cuda" if use_gpu else "cpu",
             "micro_batch": cfg.batch_size,
             "num_threads": None if use_gpu else max(1, int(cfg.num_cpus_per_actor)),
+            "score_thresh": cfg.score_thresh,
+            "max_instances": cfg.max_instances,
+            "precision": cfg.precision,
         },
         compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, ray.cluster_resources()), max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,
@@ -379,6 +401,7 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     The run holds the output's writer lease (``lock.WriterLease``) from before it picks its
     run id until it has finished: a second run on the same output stops with LockedError.
     """
+    settings = settings_of(cfg)
     checkpoint_sha256, model_name = checkpoint_identity(cfg.weights)
     _check_input(cfg.input)
     params = {
@@ -389,6 +412,8 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
         "max_pixels": cfg.max_pixels,
         "max_aspect": cfg.max_aspect,
     }
+    if settings is not None:  # runs without settings keep the parameters (and so the resume) of before
+        params["settings"] = settings
     lease = WriterLease(cfg.output, f"jobs.infer --input {cfg.input}", break_lock=cfg.break_lock)
     try:
         lease.acquire()
@@ -414,7 +439,8 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpo
     summary = RunSummary(run.run_id, resumed=run.resumed)
     stats = commit.PlanStats()
     state = commit.committed_state(cfg.output, run_id=run.run_id)
-    items = commit.plan_work(_listing(cfg), state, checkpoint_sha256, cfg.full, run_id=run.run_id, stats=stats)
+    items = commit.plan_work(_listing(cfg), state, checkpoint_sha256, cfg.full, run_id=run.run_id, stats=stats,
+                             settings=settings_of(cfg))
     shards = commit.make_shards(items, checkpoint_sha256=checkpoint_sha256, target_size=cfg.images_per_shard)
     plan_files, expected = _write_plan(run, shards, summary)
     summary.add_plan(stats)

@@ -30,6 +30,9 @@ instances (list<struct>)  detections of an ok row ([] when there are none); null
                             ``{"size": [height, width], "counts": mask_rle}``
 model_name (string)       name of the model that produced the row
 checkpoint_sha256 (str)   SHA-256 (hex) of the checkpoint file
+settings (string)         the run's output settings that differ from the checkpoint's own, as
+                          canonical JSON (``{"max_instances": 50, "precision": "fp16",
+                          "score_thresh": 0.3}``, only the keys given); null = none given
 run_id (string)           the run that wrote the row (also the Hive partition ``run_id=``)
 processed_at (timestamp)  when the row was produced: timestamp[us, tz=UTC]; never null
 ========================  ===================================================================
@@ -41,6 +44,7 @@ nanosecond timestamps, no fixed-size lists or tensor extension types.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from typing import Any, Mapping, Sequence
 
@@ -93,6 +97,7 @@ SCHEMA = pa.schema(
         _f("instances", pa.list_(INSTANCE_TYPE), "detections; [] if none, null on error"),
         _f("model_name", pa.string(), "model that produced the row"),
         _f("checkpoint_sha256", pa.string(), "SHA-256 of the checkpoint file"),
+        _f("settings", pa.string(), "output settings given to the run (JSON), null = the checkpoint's own"),
         _f("run_id", pa.string(), "run that wrote the row", nullable=False),
         _f("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced", nullable=False),
     ]
@@ -106,6 +111,14 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
     "allow_truncated_timestamps": False,
     "store_schema": True,
 }
+
+
+def settings_key(*, score_thresh: float | None = None, max_instances: int | None = None,
+                 precision: str | None = None) -> str | None:
+    """The ``settings`` value of a run: canonical JSON of the settings given, None if none."""
+    given = {k: v for k, v in (("max_instances", max_instances), ("precision", precision),
+                               ("score_thresh", score_thresh)) if v is not None}
+    return json.dumps(given, sort_keys=True, separators=(", ", ": ")) if given else None
 
 
 def one_line(text: str) -> str:
@@ -145,6 +158,7 @@ def ok_row(
     checkpoint_sha256: str,
     run_id: str,
     processed_at: _dt.datetime | None = None,
+    settings: str | None = None,
 ) -> dict[str, Any]:
     """A row for a decoded image from one Predictor result.
 
@@ -198,6 +212,7 @@ def ok_row(
         "instances": instances,
         "model_name": model_name,
         "checkpoint_sha256": checkpoint_sha256,
+        "settings": settings,
         "run_id": run_id,
         "processed_at": _utc(processed_at),
     }
@@ -216,6 +231,7 @@ def error_row(
     width: int | None = None,
     height: int | None = None,
     processed_at: _dt.datetime | None = None,
+    settings: str | None = None,
 ) -> dict[str, Any]:
     """A row for an image that could not be processed; ``reason`` is made one line,
     ``kind`` is one of :data:`ERROR_KINDS`."""
@@ -236,6 +252,7 @@ def error_row(
         "instances": None,
         "model_name": model_name,
         "checkpoint_sha256": checkpoint_sha256,
+        "settings": settings,
         "run_id": run_id,
         "processed_at": _utc(processed_at),
     }

@@ -1,0 +1,76 @@
+"""The batch job's output settings (--score-thresh, --max-instances, --precision): recorded in
+every row's ``settings``, part of the run's parameters, and a change reprocesses every image."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.infer import commit, pipeline, schema
+from jobs.infer.__main__ import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
+
+
+def test_settings_key_is_canonical_and_null_without_settings():
+    assert schema.settings_key() is None
+    key = schema.settings_key(score_thresh=0.3, max_instances=5, precision="fp16")
+    assert key == '{"max_instances": 5, "precision": "fp16", "score_thresh": 0.3}'
+    assert json.loads(schema.settings_key(max_instances=2)) == {"max_instances": 2}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--score-thresh", "1.5"], "--score-thresh must be in"),
+    (["--max-instances", "0"], "--max-instances must be >= 1"),
+    (["--precision", "bf16"], "needs GPU actors"),
+    (["--precision", "int8"], "invalid choice"),
+])
+def test_bad_settings_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--input", "x", "--output", "y", "--weights", "z", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    cfg = parse_args(["--input", "x", "--output", "y", "--weights", "z", "--precision", "fp16", "--num-gpus-per-actor", "1"])
+    assert cfg.precision == "fp16"
+
+
+def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, in_process_dataset):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    from jobs.synthetic import generate  # shapes the shipped model finds
+
+    generate(str(inp / "archive"), 6, seed=7, size="128/160")
+    images = sorted((inp / "archive").rglob("*.png"))
+    assert len(images) == 6
+    out = tmp_path / "out"
+
+    def run(**kw):
+        cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, images_per_shard=3, batch_size=2, **kw)
+        summary, _ = pipeline.run_job(cfg)
+        rows = [r for f in commit.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+                if r["run_id"] == summary.run_id]
+        return summary, rows
+
+    s1, rows1 = run()
+    assert s1.planned == 6 and {r["settings"] for r in rows1} == {None}
+    assert max(len(r["instances"]) for r in rows1) >= 2  # so that a cap of 1 changes something
+    s2, rows2 = run(max_instances=1, score_thresh=0.5)
+    assert s2.planned == 6 and len(rows2) == 6
+    assert {r["settings"] for r in rows2} == {'{"max_instances": 1, "score_thresh": 0.5}'}
+    assert all(len(r["instances"]) <= 1 and all(i["score"] > 0.5 for i in r["instances"]) for r in rows2)
+    s3, _ = run(max_instances=1, score_thresh=0.5)  # the same settings: nothing new
+    assert s3.planned == 0 and s3.skipped_unchanged == 6
+    s4, _ = run()  # back to the checkpoint's own: every image again
+    assert s4.planned == 6
+
+
+def test_predictor_refuses_an_unknown_precision_and_records_the_default():
+    from mrcnn.predictor import Predictor
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor.from_checkpoint(WEIGHTS, device="cpu", precision="int8")
+    p = Predictor.from_checkpoint(WEIGHTS, device="cpu", max_detections=3)
+    assert p.precision == "fp32" and p.model.roi_heads.detections_per_img == 3
