@@ -21,7 +21,7 @@ import warnings
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .lock import LockedError
-from .pipeline import DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job
+from .pipeline import DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
 from .storage import RetryPolicy
 
 
@@ -82,13 +82,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
     if a.read_backoff < 0:
         p.error("--read-backoff must be >= 0")
-    if a.score_thresh is not None and not 0 <= a.score_thresh <= 1:
-        p.error("--score-thresh must be in [0, 1]")
-    if a.max_instances is not None and a.max_instances < 1:
-        p.error("--max-instances must be >= 1")
-    if a.precision not in (None, "fp32") and a.num_gpus_per_actor <= 0:
-        p.error(f"--precision {a.precision} needs GPU actors (--num-gpus-per-actor > 0); CPU actors run fp32")
-    return JobConfig(
+    cfg = JobConfig(
         input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
         num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
         batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
@@ -97,6 +91,11 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         max_concurrent_reads=a.max_concurrent_reads,
         score_thresh=a.score_thresh, max_instances=a.max_instances, precision=a.precision,
     )
+    try:
+        settings_of(cfg)  # the output settings' checks, as usage errors before Ray starts
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
 
 
 def embedded_num_cpus() -> int:

@@ -41,7 +41,7 @@ from . import commit, schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
-from .storage import RetryPolicy, SourceObject, join, list_inputs, resolve
+from .storage import RetryPolicy, SourceObject, describe_error, join, list_inputs, resolve
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _check_input(uri: str) -> None:
     except InfraError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise InfraError(f"cannot reach input {uri}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise InfraError(f"cannot reach input {uri}: {describe_error(e)}") from None
 
 
 def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSummary, *,
@@ -385,11 +385,11 @@ def _listing(cfg: JobConfig) -> Iterator[SourceObject]:
     except FileNotFoundError as e:
         raise InfraError(f"input not found: {' '.join(str(e).split())}") from None
     except Exception as e:  # noqa: BLE001
-        raise InfraError(f"cannot list input {cfg.input}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        raise InfraError(f"cannot list input {cfg.input}: {describe_error(e)}") from None
 
 
 def _output_error(output: str, e: Exception) -> InfraError:
-    return InfraError(f"cannot write to output {output}: {type(e).__name__}: {' '.join(str(e).split())}")
+    return InfraError(f"cannot write to output {output}: {describe_error(e)}")
 
 
 def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:

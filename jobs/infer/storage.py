@@ -374,7 +374,7 @@ def _stat_one(uri: str, retry: RetryPolicy) -> SourceObject:
     except FileNotFoundError:
         return SourceObject(_canonical_or_raw(uri), None, None, f"source not found: {uri}", "not_found")
     except Exception as e:  # noqa: BLE001  (one bad line must not stop the run)
-        return SourceObject(_canonical_or_raw(uri), None, None, f"cannot stat source: {_describe(e)}",
+        return SourceObject(_canonical_or_raw(uri), None, None, f"cannot stat source: {describe_error(e)}",
                             classify_storage_error(e))
 
 
@@ -432,7 +432,8 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
 
 # ------------------------------------------------------------------ reading
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """``"Type: message"`` on one line, as error rows and the job's messages give failures."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
@@ -464,7 +465,7 @@ def read_object(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, retry: RetryPol
             raise ReadError(f"source not found: {uri}", kind) from None
         tries = getattr(e, "retry_attempts", 1)
         after = f" after {tries} attempts" if tries > 1 else ""
-        raise ReadError(f"read failed{after}: {_describe(e)}", kind) from e
+        raise ReadError(f"read failed{after}: {describe_error(e)}", kind) from e
     if len(data) > max_bytes:
         raise ReadError(f"file too large: more than {max_bytes} bytes", "limit")
     return data
