@@ -309,19 +309,47 @@ def paste_masks_to_rle(
     *,
     threshold: float = 0.5,
     tile_budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES,
-) -> list[dict]:
+    return_areas: bool = False,
+):
     """Paste, threshold (``> threshold``) and encode each mask as COCO compressed RLE.
 
     Returns one ``{"size": [H, W], "counts": str}`` per detection, in order, byte-identical to
-    ``pycocotools.mask.encode`` of ``paste_masks(masks, boxes, image_size, threshold=threshold)``.
-    No full-size mask is made: each detection is thresholded inside its box tile on the masks'
-    device, and only the positions where its values change come to the host
-    (:mod:`mrcnn.rle`), so the cost follows the boxes' area, not the image's.
+    ``pycocotools.mask.encode`` of ``paste_masks(masks, boxes, image_size, threshold=threshold)``;
+    with ``return_areas`` also their pixel counts (int64, like :func:`rle_area`). No full-size
+    mask is made, so the cost follows the boxes' area, not the image's:
+
+    * CPU tensors go to the C++ kernel ``torch.ops.mrcnn.paste_masks_rle``, which counts the
+      runs of each box's columns as it computes them (one pass, no buffer);
+    * other devices threshold each box tile there and bring only the positions where the
+      values change to the host (:mod:`mrcnn.rle`).
     """
     masks, boxes, (H, W) = _prepare(masks, boxes, image_size)
+    if masks.shape[0] == 0:
+        return ([], np.zeros(0, dtype=np.int64)) if return_areas else []
+    if masks.device.type == "cpu":
+        rles, areas = _paste_rle_cpu(masks, boxes, (H, W), threshold)
+    else:
+        rles = _paste_rle_tiles(masks, boxes, (H, W), threshold, tile_budget_bytes)
+        areas = rle_area(rles) if return_areas else None
+    return (rles, areas) if return_areas else rles
+
+
+def _paste_rle_cpu(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float):
+    from .ops._registration import ops
+
+    H, W = image_size
+    chars, offsets, areas = ops.paste_masks_rle(
+        masks.contiguous(), boxes.contiguous(), H, W, float(threshold), _fused_for(masks.device))
+    data, off = chars.numpy().tobytes(), offsets.tolist()
+    rles = [{"size": [H, W], "counts": data[off[i] : off[i + 1]].decode("ascii")} for i in range(len(off) - 1)]
+    return rles, areas.numpy()
+
+
+def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float,
+                     tile_budget_bytes: int) -> list[dict]:
+    """Box tiles thresholded on the masks' device; transitions to the host; strings in numpy."""
+    H, W = image_size
     N = masks.shape[0]
-    if N == 0:
-        return []
     geo = _Geometry(boxes, masks.shape[-1], (H, W))
     padded = F.pad(masks, (_PADDING,) * 4)
     found: list[tuple[Tensor, Tensor]] = []

@@ -159,17 +159,20 @@ class Predictor:
             if raw:
                 # N x 1 x 28 x 28 probabilities and boxes in image pixels: paste them here.
                 if self.mask_format == "rle":
-                    mask_out = paste_masks_to_rle(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)
+                    mask_out, areas = paste_masks_to_rle(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD,
+                                                         return_areas=True)
                 else:
                     mask_out = paste_masks(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)[:, 0].cpu().numpy()
+                    areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
             else:
                 # torchvision already pasted float probabilities N x 1 x H x W.
                 binary = masks[:, 0] > MASK_THRESHOLD
-                mask_out = _encode(binary, image_size) if self.mask_format == "rle" else binary.cpu().numpy()
-        if self.mask_format == "rle":
-            areas = rle_area(mask_out)
-        else:
-            areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
+                if self.mask_format == "rle":
+                    mask_out = _encode(binary, image_size)
+                    areas = rle_area(mask_out)
+                else:
+                    mask_out = binary.cpu().numpy()
+                    areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
         labels_np = labels.cpu().numpy()
         if self.class_names is not None:
             names = label_names(labels_np, self.class_names)

@@ -205,15 +205,20 @@ def test_default_cpu_kernel_without_fma():
     code = (
         "import torch\n"
         "from torchvision.models.detection.roi_heads import paste_masks_in_image\n"
-        "from mrcnn.paste import paste_masks\n"
+        "from pycocotools import mask as mask_util\n"
+        "from mrcnn.paste import paste_masks, paste_masks_to_rle\n"
         "assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'\n"
         "g = torch.Generator().manual_seed(9)\n"
         "m = torch.rand(40, 1, 28, 28, generator=g)\n"
+        "m[20:] = 0.5 + (m[20:] - 0.5) * 1e-5  # near the threshold: one rounding more or less shows\n"
         "c = torch.rand(40, 2, generator=g) * 150; s = torch.rand(40, 2, generator=g) * 120 + 1\n"
         "b = torch.cat([c - s / 2, c + s / 2], 1).clamp(0, 150)\n"
         "ref = paste_masks_in_image(m, b, (150, 150), padding=1)\n"
         "assert torch.equal(paste_masks(m, b, (150, 150)), ref)\n"
         "assert torch.equal(paste_masks(m, b, (150, 150), threshold=0.5), ref > 0.5)\n"
+        "dense = (ref[:, 0] > 0.5).permute(1, 2, 0).numpy().astype('uint8')\n"
+        "want = [r['counts'].decode() for r in mask_util.encode(dense.copy(order='F'))]\n"
+        "assert [r['counts'] for r in paste_masks_to_rle(m, b, (150, 150))] == want  # the C++ kernel\n"
         "print('ok', int((ref > 0.5).sum()))\n"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=ROOT)

@@ -1,27 +1,38 @@
-"""Box-local COCO RLE (mrcnn.rle, paste_masks_to_rle) against pycocotools on full-size masks."""
+"""Box-local COCO RLE (paste_masks_to_rle: the C++ kernel on CPU, the tile path elsewhere, and
+mrcnn.rle) against pycocotools on full-size masks."""
 
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_util
 
-from mrcnn.paste import paste_masks, paste_masks_to_rle
+from mrcnn import paste as paste_mod
+from mrcnn.paste import paste_masks, paste_masks_to_rle, rle_area
 from mrcnn.rle import rle_from_transitions, window_transitions
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "kernel": CPU tensors, the C++ op; "tiles": the tile path GPU tensors take, run here on the CPU.
+PATHS = ["kernel", "tiles"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def reference(masks, boxes, H, W):
-    """pycocotools.encode of today's dense paste (torchvision's paste > 0.5)."""
-    dense = paste_masks(masks, boxes, (H, W), threshold=0.5)[:, 0].cpu().numpy()
+def encode(path, masks, boxes, H, W, threshold=0.5):
+    if path == "tiles":
+        m, b, size = paste_mod._prepare(masks, boxes, (H, W))
+        return paste_mod._paste_rle_tiles(m, b, size, threshold, paste_mod.DEFAULT_TILE_BUDGET_BYTES)
+    device = "cuda" if path == "cuda" else "cpu"
+    return paste_masks_to_rle(masks.to(device), boxes.to(device), (H, W), threshold=threshold)
+
+
+def reference(masks, boxes, H, W, threshold=0.5):
+    """pycocotools.encode of today's dense paste (torchvision's paste > threshold)."""
+    dense = paste_masks(masks, boxes, (H, W), threshold=threshold)[:, 0].cpu().numpy()
     if len(dense) == 0:
         return []
     return mask_util.encode(np.asfortranarray(dense.transpose(1, 2, 0).astype(np.uint8)))
 
 
-def assert_identical(masks, boxes, H, W, device="cpu"):
-    ref = reference(masks, boxes, H, W)
-    got = paste_masks_to_rle(masks.to(device), boxes.to(device), (H, W))
+def assert_identical(masks, boxes, H, W, path="kernel", threshold=0.5):
+    ref = reference(masks, boxes, H, W, threshold)
+    got = encode(path, masks, boxes, H, W, threshold)
     assert len(got) == len(ref) == len(masks)
     for g, r in zip(got, ref):
         assert g["size"] == [H, W] == [int(v) for v in r["size"]]
@@ -39,9 +50,9 @@ def boxes_around(g, n, H, W, spread=1.4):
     return torch.cat([ctr - size / 2, ctr + size / 2], 1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("H,W", [(1, 1), (1, 37), (29, 1), (2, 3), (48, 64), (97, 131), (240, 320)])
-def test_byte_identical_on_random_cases(device, H, W):
+def test_byte_identical_on_random_cases(path, H, W):
     g = torch.Generator().manual_seed(H * 1000 + W)
     compared = 0
     for trial in range(6):
@@ -49,12 +60,34 @@ def test_byte_identical_on_random_cases(device, H, W):
         masks = torch.rand(n, 1, 28, 28, generator=g)
         masks[: n // 5] = 1.0  # full masks: set over the whole (clipped) box
         masks[n // 5 : n // 4] = 0.0  # empty masks
-        compared += len(assert_identical(masks, boxes_around(g, n, H, W), H, W, device))
+        compared += len(assert_identical(masks, boxes_around(g, n, H, W), H, W, path))
     assert compared >= 6
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_edges_full_and_empty(device):
+@pytest.mark.parametrize("path", PATHS)
+def test_other_thresholds_and_mask_sizes(path):
+    g = torch.Generator().manual_seed(11)
+    H, W = 61, 83
+    compared = 0
+    for M in (1, 2, 14, 56):
+        for threshold in (0.0, 0.3, 0.9):
+            masks = torch.rand(12, 1, M, M, generator=g)
+            compared += len(assert_identical(masks, boxes_around(g, 12, H, W), H, W, path, threshold))
+    assert compared == 4 * 3 * 12
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_values_at_the_threshold_round_like_aten(path):
+    # Masks within 1e-5 of 0.5: one rounding more or less in the bilinear sums flips pixels.
+    g = torch.Generator().manual_seed(13)
+    H, W = 90, 120
+    masks = 0.5 + (torch.rand(60, 1, 28, 28, generator=g) - 0.5) * 1e-5
+    ref = assert_identical(masks, boxes_around(g, 60, H, W), H, W, path)
+    assert len(ref) == 60 and mask_util.area(ref).sum() > 10_000
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_edges_full_and_empty(path):
     H, W = 50, 70
     full = torch.ones(8, 1, 28, 28)
     boxes = torch.tensor([
@@ -67,14 +100,34 @@ def test_edges_full_and_empty(device):
         [0.0, 0.0, 70.0, 3.0],     # full-width strip at the top: contiguous runs across columns
         [30.2, 30.2, 30.4, 30.4],  # smaller than a pixel
     ])
-    ref = assert_identical(full, boxes, H, W, device)
+    ref = assert_identical(full, boxes, H, W, path)
     # the paste's zero padding fades the box's own border, so only a box well past the image fills it
     assert 0.9 * H * W < mask_util.area(ref[0]) < H * W and mask_util.area(ref[1]) == H * W
-    assert_identical(torch.zeros(8, 1, 28, 28), boxes, H, W, device)  # all empty
+    assert_identical(torch.zeros(8, 1, 28, 28), boxes, H, W, path)  # all empty
     assert paste_masks_to_rle(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (H, W)) == []  # N = 0
+    rles, areas = paste_masks_to_rle(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (H, W), return_areas=True)
+    assert rles == [] and areas.shape == (0,) and areas.dtype == np.int64
 
 
-def test_large_image_without_full_size_buffers(monkeypatch):
+def test_areas_come_with_the_strings():
+    g = torch.Generator().manual_seed(12)
+    H, W = 120, 90
+    masks = torch.rand(40, 1, 28, 28, generator=g)
+    rles, areas = paste_masks_to_rle(masks, boxes_around(g, 40, H, W), (H, W), return_areas=True)
+    assert areas.dtype == np.int64 and len(areas) == len(rles) == 40
+    assert np.array_equal(areas, rle_area(rles)) and areas.sum() > 1000
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 3e9])
+def test_boxes_that_are_not_pixel_coordinates_are_refused(bad):
+    boxes = torch.tensor([[1.0, 2.0, 10.0, 12.0], [0.0, 0.0, 5.0, 5.0]])
+    boxes[1, 2] = bad
+    with pytest.raises(ValueError, match="box 1 has coordinate"):
+        paste_masks_to_rle(torch.rand(2, 1, 28, 28), boxes, (20, 20))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_large_image_without_full_size_buffers(monkeypatch, path):
     H, W = 3024, 4032  # a phone photo
     g = torch.Generator().manual_seed(3)
     n = 40
@@ -91,9 +144,10 @@ def test_large_image_without_full_size_buffers(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "zeros", recording_zeros)
-    got = paste_masks_to_rle(masks, boxes, (H, W))
+    got = encode(path, masks, boxes, H, W)
     monkeypatch.undo()
-    assert biggest and max(biggest) < H * W // 4  # box tiles only, never a full-size mask
+    # box tiles only, never a full-size mask (the C++ kernel makes no tensor at all)
+    assert max(biggest, default=0) < H * W // 4 and (biggest or path == "kernel")
     ref = reference(masks, boxes, H, W)
     assert [r["counts"] for r in got] == [r["counts"].decode() for r in ref] and len(got) == n
 
