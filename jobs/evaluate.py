@@ -199,31 +199,34 @@ def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None
                                 only_predicted=only_predicted, storage_options=storage_options)
 
 
-def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_options=None):
+def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, full_decode=False, storage_options=None):
     """Batch-job rows of ``predictor`` (an ``mrcnn.Predictor``) over the images of a COCO object.
 
     Images are read from ``images_root`` joined with each ``file_name``, decoded by the batch
-    job's decoder (``jobs.infer.decode``) and turned into rows by the batch job's row builder
+    job's decoder (``jobs.infer.decode``: large JPEGs DCT-downscaled to the model's input unless
+    ``full_decode``) and turned into rows by the batch job's row builder
     (``jobs.infer.schema.ok_row``), so what is scored here is what ``jobs.infer`` would write.
     An image that fails to decode becomes an error row.
     """
     from jobs.infer import schema
-    from jobs.infer.decode import DecodeError, decode_image
+    from jobs.infer.decode import DecodeError, decode_for_model
 
     fs, root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))
     images = gt_coco.dataset["images"]
     ids = dict(source_etag=None, source_size=None, model_name="", checkpoint_sha256="", run_id="")
+    model_input = None if full_decode else predictor.input_size
     rows = []
     for start in range(0, len(images), batch_size):
         decoded = []
         for img in images[start:start + batch_size]:
             uri = fs.unstrip_protocol(posixpath.join(root, img["file_name"]))
             try:
-                decoded.append((uri, decode_image(fs.cat_file(uri))))
+                decoded.append((uri, *decode_for_model(fs.cat_file(uri), model_input)))
             except DecodeError as e:
                 rows.append(schema.error_row(reason=e.reason, kind=e.kind, image_uri=uri, **ids))
-        for (uri, arr), res in zip(decoded, predictor([arr for _, arr in decoded])):
-            rows.append(schema.ok_row(res, image_uri=uri, width=arr.shape[1], height=arr.shape[0], **ids))
+        results = predictor([arr for _, arr, _ in decoded], output_sizes=[(h, w) for _, _, (w, h) in decoded])
+        for (uri, _, (w, h)), res in zip(decoded, results):
+            rows.append(schema.ok_row(res, image_uri=uri, width=w, height=h, **ids))
     return rows
 
 

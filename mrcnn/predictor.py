@@ -112,9 +112,21 @@ class Predictor:
         kwargs.setdefault("class_names", getattr(model, "class_names", None))
         return cls(model, device=device, **kwargs)
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[dict]:
+    @property
+    def input_size(self) -> Optional[tuple[int, int]]:
+        """(min_size, max_size) the model resizes images to at inference (torchvision's
+        GeneralizedRCNNTransform), or None when it has no such transform."""
+        t = getattr(self.model, "transform", None)
+        if t is None or not hasattr(t, "min_size") or not hasattr(t, "max_size"):
+            return None
+        return int(t.min_size[-1]), int(t.max_size)
+
+    def __call__(self, images: Sequence[np.ndarray], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict]:
+        """Detections per image. ``output_sizes`` (h, w) per image, when given, are the sizes
+        the results are for: an image decoded downscaled (``jobs.infer.decode.decode_for_model``)
+        gets boxes scaled to its full size and masks pasted at full resolution."""
         tensors = [self._to_tensor(i, img) for i, img in enumerate(images)]
-        return self.predict_tensors(tensors)
+        return self.predict_tensors(tensors, output_sizes)
 
     def _to_tensor(self, i: int, img: Any) -> Tensor:
         if not isinstance(img, np.ndarray):
@@ -132,18 +144,21 @@ class Predictor:
         t = torch.from_numpy(np.ascontiguousarray(img)).to(self.device, non_blocking=True)
         return t.permute(2, 0, 1).float().div_(255.0)
 
-    def predict_tensors(self, images: Sequence[Tensor]) -> list[dict]:
+    def predict_tensors(self, images: Sequence[Tensor], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict]:
         """Like ``__call__`` for CHW float tensors in 0..1 (already on any device)."""
         images = [img.to(self.device) for img in images]
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
                 raise ValueError(f"image {i}: expected a 3 x H x W float tensor, got {img.dtype} {tuple(img.shape)}")
+        raw = hasattr(self.model, "mask_output")
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        if output_sizes is not None:
+            sizes = _check_output_sizes(output_sizes, images, raw)
         if not images:
             return []
-        raw = hasattr(self.model, "mask_output")
         with torch.inference_mode(), self._autocast(), _mask_output(self.model, "raw" if raw else None):
             outputs = self.model(list(images))
-            return [self._finish(out, tuple(img.shape[-2:]), raw) for out, img in zip(outputs, images)]
+            return [self._finish(out, tuple(img.shape[-2:]), size, raw) for out, img, size in zip(outputs, images, sizes)]
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
@@ -151,8 +166,13 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _finish(self, out: dict, image_size: tuple[int, int], raw: bool) -> dict:
+    def _finish(self, out: dict, image_size: tuple[int, int], output_size: tuple[int, int], raw: bool) -> dict:
         boxes = out["boxes"].float()
+        if output_size != image_size:
+            # The image was decoded downscaled: boxes to full-size pixels, masks pasted there.
+            ry, rx = output_size[0] / image_size[0], output_size[1] / image_size[1]
+            boxes = boxes * torch.tensor([rx, ry, rx, ry], dtype=torch.float32, device=boxes.device)
+            image_size = output_size
         labels = out["labels"].to(torch.int64)
         masks = out["masks"]
         with torch.autocast(self.device.type, enabled=False):
@@ -186,6 +206,16 @@ class Predictor:
             "areas": np.asarray(areas, dtype=np.int64),
             "masks": mask_out,
         }
+
+
+def _check_output_sizes(output_sizes, images, raw: bool) -> list[tuple[int, int]]:
+    sizes = [tuple(int(v) for v in s) for s in output_sizes]
+    if len(sizes) != len(images) or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise ValueError(f"output_sizes must give one positive (h, w) per image ({len(images)}), got {output_sizes!r}")
+    if not raw and any(s != tuple(img.shape[-2:]) for s, img in zip(sizes, images)):
+        raise ValueError("output_sizes other than the images' own need our Mask R-CNN (mrcnn): "
+                         "a torchvision model pastes its masks at the input size")
+    return sizes
 
 
 def _encode(binary: Tensor, image_size: tuple[int, int]) -> list[dict]:

@@ -72,12 +72,13 @@ def in_process_dataset(monkeypatch):
 
     actors = {}
 
-    def build(cfg, plan_files, *, run_id, checkpoint_sha256, model_name):
-        key = (run_id, checkpoint_sha256, cfg.score_thresh, cfg.max_instances, cfg.precision)
+    def build(cfg, plan_files, *, run_id, ckpt):
+        key = (run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.full_decode)
         if key not in actors:
-            actors[key] = PredictorActor(cfg.weights, model_name=model_name, checkpoint_sha256=checkpoint_sha256,
+            actors[key] = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256,
                                          run_id=run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
-                                         max_instances=cfg.max_instances, precision=cfg.precision)
+                                         max_instances=cfg.max_instances, precision=cfg.precision,
+                                         full_decode=cfg.full_decode)
         actor = actors[key]
         fs, _ = resolve(cfg.output)
 
@@ -89,8 +90,7 @@ def in_process_dataset(monkeypatch):
                     for start in range(0, plan.num_rows, cfg.batch_size):
                         chunk = plan.slice(start, cfg.batch_size)
                         batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
-                        yield actor(decode_batch(batch, max_pixels=cfg.max_pixels, max_aspect=cfg.max_aspect,
-                                                 retry=cfg.read_retry))
+                        yield actor(decode_batch(batch, **pipeline.decode_kwargs(cfg, ckpt)))
 
         return Dataset()
 

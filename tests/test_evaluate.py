@@ -194,11 +194,13 @@ def test_checkpoint_path_runs_the_predictor_api(gt_path, monkeypatch):
     expected = _rows_from_gt(gt)
     seen = []
 
-    def predict(images):
+    def predict(images, output_sizes=None):
         out = []
-        for arr in images:
+        assert len(output_sizes) == len(images)
+        for arr, size in zip(images, output_sizes):
             row = expected[len(seen)]
             assert arr.shape == (row["height"], row["width"], 3) and arr.dtype == np.uint8
+            assert size == (row["height"], row["width"])  # small images: decoded at full size
             seen.append(arr)
             insts = row["instances"]
             out.append({"boxes": np.array([i["bbox"] for i in insts], np.float32).reshape(-1, 4),
@@ -211,6 +213,7 @@ def test_checkpoint_path_runs_the_predictor_api(gt_path, monkeypatch):
         return out
 
     predictor = mock.create_autospec(Predictor, instance=True, side_effect=predict)
+    predictor.input_size = (800, 1333)
     from_checkpoint = mock.create_autospec(Predictor.from_checkpoint, return_value=predictor)
     monkeypatch.setattr(Predictor, "from_checkpoint", from_checkpoint)
     result = evaluate.evaluate_checkpoint(str(gt_path), "model.pt", batch_size=2)

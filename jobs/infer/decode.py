@@ -29,11 +29,17 @@ Decisions:
 * Alpha (RGBA, LA, PA, P or L/RGB with a transparency key) is composited onto white,
   which is what a viewer shows; dropping alpha instead exposes whatever colour the
   encoder left under transparent pixels (often black), which is not what the image shows.
+* Sized decode (:func:`decode_for_model`): a JPEG much larger than the model's input is
+  decoded with libjpeg's DCT scaling (1/2, 1/4 or 1/8, Pillow's ``draft``) to the smallest
+  scale still at least the size the model resizes it to, and the full (oriented) size comes
+  back with it, so results are mapped back to full resolution. Limits are always checked on
+  the full size.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -133,6 +139,36 @@ def decode_image(
     max_aspect: float = DEFAULT_MAX_ASPECT,
 ) -> np.ndarray:
     """Decode ``data`` to an H x W x 3 uint8 RGB array; raise DecodeError for bad input."""
+    return _decode(data, max_pixels, max_aspect, None)[0]
+
+
+def decode_for_model(
+    data: bytes,
+    model_input: tuple[int, int] | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`decode_image`, for a model that resizes images to ``model_input`` =
+    (min_size, max_size) (torchvision's GeneralizedRCNNTransform at inference).
+
+    Returns ``(rgb, (width, height))``: the pixels, possibly DCT-downscaled (JPEG only), and
+    the full image's oriented size. ``model_input=None`` decodes at full size.
+    """
+    return _decode(data, max_pixels, max_aspect, model_input)
+
+
+def draft_request(size: tuple[int, int], model_input: tuple[int, int]) -> tuple[int, int] | None:
+    """The (w, h) the model resizes a ``size`` = (w, h) image to (rounded up), when that is at
+    most half of it in both sides (DCT scaling can then help); else None."""
+    min_size, max_size = model_input
+    w, h = size
+    scale = min(min_size / min(w, h), max_size / max(w, h))
+    want = (math.ceil(w * scale), math.ceil(h * scale))
+    return want if 2 * want[0] <= w and 2 * want[1] <= h else None
+
+
+def _decode(data, max_pixels, max_aspect, model_input):
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would decode "
@@ -174,6 +210,9 @@ def decode_image(
             raise DecodeError(
                 f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1 > {max_aspect:g}:1)", size, kind="limit"
             )
+        request = draft_request(size, model_input) if model_input and im.format in ("JPEG", "MPO") else None
+        if request is not None:
+            im.draft("RGB", request)  # DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8
         try:
             im.load()
         except Image.DecompressionBombError as e:
@@ -182,8 +221,9 @@ def decode_image(
             raise DecodeError(f"corrupt or truncated {im.format} data: {type(e).__name__}: {e}", size) from e
         try:
             oriented = ImageOps.exif_transpose(im)
+            turned = _orientation(im) in (5, 6, 7, 8)
         except Exception:  # noqa: BLE001  (broken EXIF: keep the stored orientation)
-            oriented = im
+            oriented, turned = im, False
         try:
             rgb = _to_rgb(oriented)
         finally:
@@ -192,4 +232,9 @@ def decode_image(
     rgb = np.array(rgb, dtype=np.uint8, order="C", copy=True)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DecodeError(f"decoded to unexpected shape {rgb.shape}", size)
-    return rgb
+    return rgb, ((height, width) if turned else size)
+
+
+def _orientation(im: Image.Image) -> int:
+    # What ImageOps.exif_transpose acts on; 5-8 swap width and height.
+    return int(im.getexif().get(0x0112) or 1)

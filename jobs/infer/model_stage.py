@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import schema
-from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model
 from .storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 SHARD_COLUMN = "shard_id"
@@ -42,9 +42,14 @@ def decode_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_aspect: float = DEFAULT_MAX_ASPECT,
     retry: RetryPolicy = RetryPolicy(),
+    model_input: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Read and decode each row's object; failures become ``decode_error`` strings with their
     ``error_kind``.
+
+    With ``model_input`` = the model's (min_size, max_size), large JPEGs are decoded
+    DCT-downscaled (:func:`decode.decode_for_model`); ``width`` and ``height`` are always the
+    full image's (0 when it was not decoded).
 
     Reads are retried as ``retry`` says; once one read of the batch has failed as
     ``unavailable`` with every retry spent, the batch's later reads get one try each (the
@@ -55,6 +60,7 @@ def decode_batch(
     images = np.empty(n, dtype=object)
     errors = np.empty(n, dtype=object)
     kinds = np.empty(n, dtype=object)
+    sizes = np.zeros((n, 2), dtype=np.int64)
     for i in range(n):
         stat_error = _opt_str(batch["error"][i])
         stat_kind = _opt_str(batch["error_kind"][i])
@@ -63,7 +69,7 @@ def decode_batch(
                 raise ReadError(stat_error, stat_kind or "read")
             # a stat that failed in the store (not a missing object) is worth a read of its own
             data = read_object(str(batch["uri"][i]), retry=retry)
-            images[i] = decode_image(data, max_pixels=max_pixels, max_aspect=max_aspect)
+            images[i], sizes[i] = decode_for_model(data, model_input, max_pixels=max_pixels, max_aspect=max_aspect)
             errors[i], kinds[i] = "", ""
         except (ReadError, DecodeError) as e:
             images[i] = _NO_IMAGE
@@ -75,6 +81,7 @@ def decode_batch(
     out["decode_error"] = errors.astype(str)
     out["error_kind"] = kinds.astype(str)
     out["image"] = images
+    out["width"], out["height"] = sizes[:, 0], sizes[:, 1]
     return out
 
 
@@ -84,7 +91,7 @@ class PredictorActor:
     The returned table has the output schema (:data:`schema.SCHEMA`) plus ``shard_id``.
     ``micro_batch`` bounds how many images go through one model call; ``score_thresh``,
     ``max_instances`` and ``precision`` override the checkpoint's (see ``Predictor``) and are
-    recorded in every row's ``settings``. On CPU,
+    recorded in every row's ``settings``, with ``full_decode`` (the decode stage's choice). On CPU,
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
     unless told otherwise, which would waste the CPUs the actor reserved).
     """
@@ -102,6 +109,7 @@ class PredictorActor:
         score_thresh: float | None = None,
         max_instances: int | None = None,
         precision: str | None = None,
+        full_decode: bool = False,
     ):
         import torch
 
@@ -111,22 +119,23 @@ class PredictorActor:
             torch.set_num_threads(int(num_threads))
         self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh,
                                                    max_detections=max_instances, precision=precision)
-        settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision)
+        settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision,
+                                       full_decode=full_decode)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
 
-    def _predict(self, images: list[np.ndarray]) -> list[dict | str]:
-        """Results per image; a failed model call is retried one image at a time so one
-        bad image becomes one error row (its message) instead of failing the batch."""
+    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict | str]:
+        """Results per image, at the full sizes (h, w); a failed model call is retried one image
+        at a time so one bad image becomes one error row (its message) instead of failing the batch."""
         try:
-            return list(self.predictor(images))
+            return list(self.predictor(images, output_sizes=sizes))
         except Exception:  # noqa: BLE001
             if len(images) == 1:
                 raise
         out: list[dict | str] = []
-        for img in images:
+        for img, size in zip(images, sizes):
             try:
-                out.append(self.predictor([img])[0])
+                out.append(self.predictor([img], output_sizes=[size])[0])
             except Exception as e:  # noqa: BLE001
                 out.append(f"model failed: {type(e).__name__}: {schema.one_line(str(e))}")
         return out
@@ -143,17 +152,16 @@ class PredictorActor:
             idx = todo[c0 : c0 + self.micro_batch]
             # zero_copy batches are read-only views: the Predictor copies them to tensors.
             images = [np.asarray(batch["image"][i]) for i in idx]
+            sizes = [_full_size(batch, i, img) for i, img in zip(idx, images)]
             try:
-                results = self._predict(images)
+                results = self._predict(images, sizes)
             except Exception as e:  # noqa: BLE001  (single image failed)
                 results = [f"model failed: {type(e).__name__}: {schema.one_line(str(e))}"]
-            for i, img, res in zip(idx, images, results):
+            for i, (h, w), res in zip(idx, sizes, results):
                 if isinstance(res, str):
-                    rows[i] = self._error(batch, i, res, "model", now, img)
+                    rows[i] = self._error(batch, i, res, "model", now, (h, w))
                 else:
-                    rows[i] = schema.ok_row(
-                        res, width=img.shape[1], height=img.shape[0], processed_at=now, **self._ids(batch, i)
-                    )
+                    rows[i] = schema.ok_row(res, width=w, height=h, processed_at=now, **self._ids(batch, i))
         table = schema.rows_to_table(rows)
         return table.append_column(SHARD_COLUMN, pa.array([str(s) for s in batch[SHARD_COLUMN]], pa.string()))
 
@@ -165,6 +173,13 @@ class PredictorActor:
             **self.meta,
         )
 
-    def _error(self, batch, i: int, reason: str, kind: str, now, img: np.ndarray | None = None) -> dict:
-        wh = {} if img is None else {"width": img.shape[1], "height": img.shape[0]}
+    def _error(self, batch, i: int, reason: str, kind: str, now, size: tuple[int, int] | None = None) -> dict:
+        wh = {} if size is None else {"width": size[1], "height": size[0]}
         return schema.error_row(reason=reason, kind=kind, processed_at=now, **wh, **self._ids(batch, i))
+
+
+def _full_size(batch, i: int, img: np.ndarray) -> tuple[int, int]:
+    """(h, w) of the full image: the decode stage's, or the array's (batches made without it)."""
+    if "width" in batch and int(batch["width"][i]) > 0:
+        return int(batch["height"][i]), int(batch["width"][i])
+    return img.shape[0], img.shape[1]

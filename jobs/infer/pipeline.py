@@ -132,6 +132,7 @@ class JobConfig:
     score_thresh: float | None = None  # output settings; None: the checkpoint's own
     max_instances: int | None = None
     precision: str | None = None  # fp32, bf16, fp16 (GPU actors); None: bf16 on GPU, fp32 on CPU
+    full_decode: bool = False  # True: no DCT-downscaled decode of large JPEGs (an output setting)
     break_lock: bool = False
     read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
     passes: int = 2  # pipeline passes over images whose reads failed in storage
@@ -153,11 +154,18 @@ def settings_of(cfg: JobConfig) -> str | None:
             raise ValueError(f"--precision {cfg.precision} needs GPU actors (--num-gpus-per-actor > 0); "
                              "CPU actors run fp32")
     return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
-                               precision=cfg.precision)
+                               precision=cfg.precision, full_decode=cfg.full_decode)
 
 
-def checkpoint_identity(weights: str) -> tuple[str, str]:
-    """(sha256 of the checkpoint file, model name); fails fast on missing/corrupt weights."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    sha256: str
+    model_name: str
+    model_input: tuple[int, int]  # (min_size, max_size) the model resizes images to
+
+
+def checkpoint_identity(weights: str) -> CheckpointInfo:
+    """The checkpoint's sha256, model name and input size; fails fast on missing/corrupt weights."""
     from mrcnn.checkpoint import read_metadata
 
     try:
@@ -171,7 +179,16 @@ def checkpoint_identity(weights: str) -> tuple[str, str]:
         raise InfraError(f"checkpoint not found: {weights}") from None
     except Exception as e:  # noqa: BLE001  (unreadable, not a checkpoint, no access)
         raise InfraError(f"cannot load checkpoint {weights}: {' '.join(str(e).split())}") from None
-    return h.hexdigest(), str(meta.get("architecture"))
+    return CheckpointInfo(h.hexdigest(), str(meta.get("architecture")), model_input_size(meta))
+
+
+def model_input_size(meta: dict) -> tuple[int, int]:
+    """(min_size, max_size) of GeneralizedRCNNTransform at inference, from checkpoint metadata
+    (torchvision's defaults for a plain state_dict)."""
+    min_size = meta.get("min_size", 800)
+    if isinstance(min_size, (list, tuple)):
+        min_size = min_size[-1]  # torchvision uses the last one at inference
+    return int(min_size), int(meta.get("max_size", 1333))
 
 
 def _check_input(uri: str) -> None:
@@ -256,7 +273,13 @@ def _pyarrow_fs(output_uri: str):
     return PyFileSystem(FSSpecHandler(fs))
 
 
-def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpoint_sha256: str, model_name: str):
+def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
+    """decode_batch's keyword arguments for this run."""
+    return {"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect, "retry": cfg.read_retry,
+            "model_input": None if cfg.full_decode else ckpt.model_input}
+
+
+def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: CheckpointInfo):
     """plan rows -> decoded images -> output rows (+ shard_id), as a lazy Ray Dataset."""
     import ray
 
@@ -264,7 +287,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BLOCK_BATCHES)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect, "retry": cfg.read_retry},
+        fn_kwargs=decode_kwargs(cfg, ckpt),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
@@ -277,8 +300,8 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
         PredictorActor,
         fn_constructor_args=(cfg.weights,),
         fn_constructor_kwargs={
-            "model_name": model_name,
-            "checkpoint_sha256": checkpoint_sha256,
+            "model_name": ckpt.model_name,
+            "checkpoint_sha256": ckpt.sha256,
             "run_id": run_id,
             "device": "cuda" if use_gpu else "cpu",
             "micro_batch": cfg.batch_size,
@@ -286,6 +309,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, checkpo
             "score_thresh": cfg.score_thresh,
             "max_instances": cfg.max_instances,
             "precision": cfg.precision,
+            "full_decode": cfg.full_decode,
         },
         compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, ray.cluster_resources()), max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,
@@ -402,12 +426,12 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     run id until it has finished: a second run on the same output stops with LockedError.
     """
     settings = settings_of(cfg)
-    checkpoint_sha256, model_name = checkpoint_identity(cfg.weights)
+    ckpt = checkpoint_identity(cfg.weights)
     _check_input(cfg.input)
     params = {
         "input": cfg.input,
-        "checkpoint_sha256": checkpoint_sha256,
-        "model": model_name,
+        "checkpoint_sha256": ckpt.sha256,
+        "model": ckpt.model_name,
         "full": cfg.full,
         "max_pixels": cfg.max_pixels,
         "max_aspect": cfg.max_aspect,
@@ -422,13 +446,12 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     except Exception as e:  # noqa: BLE001
         raise _output_error(cfg.output, e) from None
     try:
-        return _run_holding_lease(cfg, params, lease, checkpoint_sha256, model_name, progress)
+        return _run_holding_lease(cfg, params, lease, ckpt, progress)
     finally:
         lease.release()
 
 
-def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpoint_sha256: str, model_name: str,
-                       progress=None):
+def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: CheckpointInfo, progress=None):
     try:
         run = commit.begin_run(cfg.output, params, run_id=cfg.run_id)
     except (ValueError, RuntimeError):
@@ -439,9 +462,9 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpo
     summary = RunSummary(run.run_id, resumed=run.resumed)
     stats = commit.PlanStats()
     state = commit.committed_state(cfg.output, run_id=run.run_id)
-    items = commit.plan_work(_listing(cfg), state, checkpoint_sha256, cfg.full, run_id=run.run_id, stats=stats,
+    items = commit.plan_work(_listing(cfg), state, ckpt.sha256, cfg.full, run_id=run.run_id, stats=stats,
                              settings=settings_of(cfg))
-    shards = commit.make_shards(items, checkpoint_sha256=checkpoint_sha256, target_size=cfg.images_per_shard)
+    shards = commit.make_shards(items, checkpoint_sha256=ckpt.sha256, target_size=cfg.images_per_shard)
     plan_files, expected = _write_plan(run, shards, summary)
     summary.add_plan(stats)
     total, committed = sum(expected.values()), 0
@@ -460,7 +483,7 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, checkpo
         if not plan_files:
             break
         summary.passes = pass_no
-        ds = build_dataset(cfg, plan_files, run_id=run.run_id, checkpoint_sha256=checkpoint_sha256, model_name=model_name)
+        ds = build_dataset(cfg, plan_files, run_id=run.run_id, ckpt=ckpt)
         held = _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary,
                                final=pass_no >= cfg.passes, health=health, held=held, may_commit=lease.check,
                                progress=committed_more)

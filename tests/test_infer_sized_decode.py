@@ -1,0 +1,178 @@
+"""Decode sized to the model: large JPEGs decoded DCT-downscaled, results mapped back to full size."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from jobs.infer import commit, pipeline, schema
+from jobs.infer.__main__ import parse_args
+from jobs.infer.decode import DecodeError, decode_for_model, decode_image, draft_request
+from jobs.infer.model_stage import PredictorActor, decode_batch
+from jobs.synthetic import render_image
+from mrcnn.predictor import Predictor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
+SHIPPED_INPUT = (160, 240)  # the shipped model's (min_size, max_size)
+
+
+def _jpeg(arr, **save):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92, **save)
+    return buf.getvalue()
+
+
+def _smooth(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 127 // (w + h))], -1).astype(np.uint8)
+
+
+def test_draft_request_is_what_the_model_resizes_to_when_at_most_half():
+    # 12 MP for a COCO model: short side 3024 -> 800, so at least 1067 x 800 is decoded
+    assert draft_request((4032, 3024), (800, 1333)) == (1067, 800)
+    assert draft_request((1000, 800), (800, 1333)) is None  # the model would upscale: nothing to gain
+    assert draft_request((1500, 1000), (800, 1333)) is None  # less than 2x the model's input
+    assert draft_request((640, 480), SHIPPED_INPUT) == (214, 160)
+    assert draft_request((5000, 500), (800, 1333)) == (1333, 134)  # the long side binds
+
+
+def test_large_jpeg_decodes_downscaled_with_its_full_size():
+    full = _smooth(1200, 1600)
+    data = _jpeg(full)
+    rgb, size = decode_for_model(data, SHIPPED_INPUT)
+    assert size == (1600, 1200)
+    assert rgb.shape == (300, 400, 3) and rgb.dtype == np.uint8  # 1/4: the smallest scale >= 214 x 160
+    want = draft_request(size, SHIPPED_INPUT)
+    assert rgb.shape[1] >= want[0] and rgb.shape[0] >= want[1]
+    # the same picture: the full decode shrunk by 4 differs by a few levels at most
+    shrunk = np.asarray(Image.fromarray(decode_image(data)).resize((400, 300), Image.BOX), dtype=np.int16)
+    assert np.abs(shrunk - rgb.astype(np.int16)).mean() < 2.0
+    # None, a PNG, a small JPEG: full size
+    assert decode_for_model(data, None)[0].shape == (1200, 1600, 3)
+    png = io.BytesIO()
+    Image.fromarray(full).save(png, format="PNG")
+    assert decode_for_model(png.getvalue(), SHIPPED_INPUT)[0].shape == (1200, 1600, 3)
+    assert decode_for_model(_jpeg(full[:300, :400]), SHIPPED_INPUT)[0].shape == (300, 400, 3)
+
+
+def test_exif_rotation_turns_the_full_size_too():
+    im = Image.fromarray(_smooth(1000, 1600))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = _jpeg(np.asarray(im), exif=exif)
+    rgb, size = decode_for_model(data, SHIPPED_INPUT)
+    assert decode_image(data).shape == (1600, 1000, 3)
+    assert size == (1000, 1600) and rgb.shape == (400, 250, 3)
+
+
+def test_limits_are_checked_on_the_full_size():
+    data = _jpeg(_smooth(1200, 1600))
+    with pytest.raises(DecodeError, match="exceeds the limit") as e:
+        decode_for_model(data, SHIPPED_INPUT, max_pixels=1_000_000)
+    assert e.value.kind == "limit"
+
+
+def _scene(seed, h, w):
+    return render_image(np.random.default_rng([seed, 0]), h, w, min_objects=3, max_objects=5)[0]
+
+
+def test_predictor_maps_results_of_a_smaller_decode_to_the_full_size():
+    predictor = Predictor.from_checkpoint(WEIGHTS)
+    img = _scene(1, 256, 320)
+    (small,) = predictor([img])
+    (mapped,) = predictor([img], output_sizes=[(768, 960)])  # as if decoded at 1/3
+    assert len(small["boxes"]) == len(mapped["boxes"]) >= 3
+    assert np.array_equal(mapped["boxes"], small["boxes"] * np.float32(3))
+    assert np.array_equal(mapped["scores"], small["scores"]) and np.array_equal(mapped["labels"], small["labels"])
+    assert all(m["size"] == [768, 960] for m in mapped["masks"])
+    assert np.array_equal(mapped["areas"], mask_util.area([{"size": m["size"], "counts": m["counts"].encode()}
+                                                            for m in mapped["masks"]]))
+    ratio = mapped["areas"].sum() / small["areas"].sum()
+    assert 8.0 < ratio < 10.0  # 3 x 3 the pixels
+    with pytest.raises(ValueError, match="one positive"):
+        predictor([img], output_sizes=[(768, 960), (1, 1)])
+
+
+def _box_iou(a, b):
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def _rows(batch_images, **decode_kw):
+    uris = [f"mem://{i}.jpg" for i in range(len(batch_images))]
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2)
+    store = dict(zip(uris, batch_images))
+    from jobs.infer import model_stage
+
+    original = model_stage.read_object
+    model_stage.read_object = lambda uri, retry=None: store[uri]
+    try:
+        n = len(uris)
+        batch = {"uri": np.array(uris, dtype=object), "etag": np.array([None] * n, dtype=object),
+                 "size": np.array([-1] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+                 "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
+        decoded = decode_batch(batch, **decode_kw)
+    finally:
+        model_stage.read_object = original
+    return decoded, actor(decoded).to_pylist()
+
+
+def test_sized_decode_finds_what_the_full_decode_finds():
+    # 960 x 768 JPEG scenes for a model that resizes them to 200 x 160: decoded at 1/4 (240 x 192).
+    images = [_jpeg(_scene(seed, 768, 960)) for seed in range(4)]
+    decoded, sized = _rows(images, model_input=SHIPPED_INPUT)
+    assert [im.shape for im in decoded["image"]] == [(192, 240, 3)] * 4
+    _, full = _rows(images, model_input=None)
+    ious, mask_ious, compared = [], [], 0
+    for s, f in zip(sized, full):
+        assert s["status"] == f["status"] == "ok" and (s["width"], s["height"]) == (f["width"], f["height"]) == (960, 768)
+        sb = np.array([i["bbox"] for i in s["instances"] if i["score"] > 0.5], np.float32).reshape(-1, 4)
+        fb = np.array([i["bbox"] for i in f["instances"] if i["score"] > 0.5], np.float32).reshape(-1, 4)
+        assert len(fb) >= 3 and abs(len(sb) - len(fb)) <= 1
+        iou = _box_iou(fb, sb)
+        best = iou.argmax(1)
+        ious += list(iou.max(1))
+        for k, j in enumerate(best):
+            fm = [i for i in f["instances"] if i["score"] > 0.5][k]["mask_rle"]
+            sm = [i for i in s["instances"] if i["score"] > 0.5][j]["mask_rle"]
+            rle = lambda counts: {"size": [768, 960], "counts": counts.encode()}  # noqa: E731
+            mask_ious.append(float(mask_util.iou([rle(sm)], [rle(fm)], [0])[0, 0]))
+            compared += 1
+    assert compared >= 12
+    print(f"{compared} detections: median box IoU {np.median(ious):.3f}, mask IoU {np.median(mask_ious):.3f}")
+    assert np.median(ious) > 0.9 and np.median(mask_ious) > 0.9
+
+
+def test_full_decode_is_an_output_setting(tmp_path, in_process_dataset):
+    assert json.loads(schema.settings_key(full_decode=True)) == {"decode": "full"}
+    assert parse_args(["--input", "x", "--output", "y", "--weights", "z", "--full-decode"]).full_decode
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for seed in range(2):
+        (inp / f"{seed}.jpg").write_bytes(_jpeg(_scene(seed, 512, 640)))
+    out = tmp_path / "out"
+
+    def run(**kw):
+        cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, batch_size=2, **kw)
+        summary, _ = pipeline.run_job(cfg)
+        rows = [r for f in commit.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+                if r["run_id"] == summary.run_id]
+        return summary, rows
+
+    s1, rows1 = run()
+    assert s1.planned == 2 and {r["settings"] for r in rows1} == {None}
+    assert {(r["width"], r["height"]) for r in rows1} == {(640, 512)}
+    s2, rows2 = run(full_decode=True)  # another result for every image: all planned again
+    assert s2.planned == 2 and {r["settings"] for r in rows2} == {'{"decode": "full"}'}
+    assert {(r["width"], r["height"]) for r in rows2} == {(640, 512)}
+    assert run(full_decode=True)[0].planned == 0
