@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from jobs.infer.decode import DecodeError, decode_image
+from jobs.infer.decode import HAVE_AVIF, HAVE_HEIF, DecodeError, decode_image
 
 W, H = 64, 48
 
@@ -198,15 +198,15 @@ def test_random_binary_is_not_an_image():
 @pytest.mark.parametrize(
     "make,name",
     [
-        (lambda: encode(Image.fromarray(gradient()), "GIF"), "GIF"),
         (lambda: encode(Image.fromarray(gradient()), "ICO"), "ICO"),
+        (lambda: b"8BPS\x00\x01" + bytes(40), "PSD"),
         (lambda: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "SVG"),
         (lambda: b"%PDF-1.4\n%binary", "PDF"),
     ],
 )
 def test_unsupported_formats_are_named(make, name):
-    # "Unsupported" = a format we do not accept even when Pillow could read it (GIF, ICO)
-    # or could not (SVG, PDF): the reason names the format.
+    # "Unsupported" = a format we do not accept even when Pillow could read it (ICO)
+    # or could not (SVG, PDF, PSD): the reason names the format.
     check_bad(make(), f"unsupported format {name}")
 
 
@@ -247,3 +247,129 @@ def test_load_truncated_images_must_stay_off(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         decode(encode(Image.fromarray(gradient()), "PNG"))
+
+
+# ---------------------------------------------------------------- GIF, AVIF, HEIC/HEIF
+
+needs_avif = pytest.mark.skipif(not HAVE_AVIF, reason="this Pillow is built without libavif")
+needs_heif = pytest.mark.skipif(not HAVE_HEIF, reason="pillow-heif is not installed")
+PHONE_FORMATS = ["GIF", pytest.param("AVIF", marks=needs_avif), pytest.param("HEIF", marks=needs_heif)]
+
+
+def phone_file(fmt, arr=None, **kw):
+    arr = gradient() if arr is None else arr
+    if fmt != "GIF":
+        kw.setdefault("quality", 90)
+    return encode(Image.fromarray(arr), fmt, **kw)
+
+
+@pytest.mark.parametrize("fmt,tol", [("GIF", 6), pytest.param("AVIF", 12, marks=needs_avif),
+                                     pytest.param("HEIF", 12, marks=needs_heif)])
+def test_phone_and_web_formats_decode_to_the_same_pixels(fmt, tol):
+    src = gradient()
+    arr = decode(phone_file(fmt, src))
+    assert_rgb(arr)
+    err = np.abs(arr.astype(int) - src.astype(int)).mean()
+    assert err <= tol, f"{fmt} mean abs error {err}"
+
+
+@pytest.mark.parametrize("fmt", [pytest.param("AVIF", marks=needs_avif), pytest.param("HEIF", marks=needs_heif)])
+def test_exif_orientation_of_avif_and_heif_is_applied_once(fmt):
+    # As in test_exif_orientation_is_applied: stored 64x32 red|blue, orientation 6 -> 32x64, red on top.
+    src = np.zeros((32, 64, 3), np.uint8)
+    src[:, :32] = (255, 0, 0)
+    src[:, 32:] = (0, 0, 255)
+    im = Image.fromarray(src)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    arr = decode(encode(im, fmt, exif=exif.tobytes(), quality=90))
+    assert_rgb(arr, h=64, w=32)
+    assert arr[8, 16, 0] > 200 and arr[8, 16, 2] < 60  # top: red
+    assert arr[56, 16, 2] > 200 and arr[56, 16, 0] < 60  # bottom: blue
+
+
+@pytest.mark.parametrize("fmt", ["GIF", pytest.param("AVIF", marks=needs_avif)])
+def test_animations_give_their_first_frame(fmt):
+    first = np.zeros((H, W, 3), np.uint8)
+    first[:, :, 0] = 255
+    second = np.zeros((H, W, 3), np.uint8)
+    second[:, :, 2] = 255
+    frames = [Image.fromarray(first), Image.fromarray(second)]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100)
+    arr = decode(buf.getvalue())
+    assert_rgb(arr)
+    assert arr[..., 0].mean() > 200 and arr[..., 2].mean() < 60
+
+
+def test_gif_transparency_is_composited_on_white():
+    im = Image.new("P", (W, H), 1)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.paste(0, (0, 0, W // 2, H))  # left half: palette 0, transparent
+    arr = decode(encode(im, "GIF", transparency=0))
+    assert_rgb(arr)
+    assert (arr[:, : W // 2] == 255).all()  # transparent -> white
+    assert (arr[:, W // 2 :] == (255, 0, 0)).all()
+
+
+@pytest.mark.parametrize("fmt", PHONE_FORMATS)
+@pytest.mark.parametrize("keep", [0.5, 0.1])
+def test_truncated_phone_formats(fmt, keep):
+    data = phone_file(fmt, gradient(128, 96))
+    err = check_bad(data[: max(16, int(len(data) * keep))], "truncated")
+    assert err.kind == "decode"
+
+
+@pytest.mark.parametrize("fmt", PHONE_FORMATS)
+def test_phone_formats_with_garbage_after_the_magic(fmt):
+    data = phone_file(fmt)
+    head = 6 if fmt == "GIF" else 12  # GIF87a/GIF89a; ISO-BMFF size + ftyp + brand
+    junk = np.random.default_rng(1).integers(0, 256, 600, dtype=np.uint8).tobytes()
+    err = check_bad(data[:head] + junk, "")
+    assert "unsupported" not in err.reason and "not a recognised" not in err.reason
+    assert err.kind == "decode" or (err.kind == "limit" and fmt == "GIF")  # random GIF sizes are huge
+
+
+def _claiming(data: bytes, box: bytes, width: int, height: int) -> bytes:
+    """An ISO-BMFF image (AVIF/HEIF) whose every ``ispe`` box claims width x height."""
+    out = bytearray(data)
+    at = [i for i in range(len(out)) if out.startswith(box, i)]
+    assert at, "no ispe box"
+    for i in at:
+        out[i + 8 : i + 16] = struct.pack(">II", width, height)
+    return bytes(out)
+
+
+def test_gif_bombs_are_refused_from_the_header():
+    data = phone_file("GIF")
+    # logical screen and image descriptor both claim the size
+    lsd = data[:6] + struct.pack("<HH", 9_000, 6_000) + data[10:]
+    i = lsd.index(b"\x2c")  # image descriptor: ',' left top width height
+    claimed = lsd[: i + 5] + struct.pack("<HH", 9_000, 6_000) + lsd[i + 9 :]
+    err = check_bad(claimed, "decompression bomb")
+    assert err.kind == "limit" and err.size == (9_000, 6_000)
+    huge = data[:6] + struct.pack("<HH", 60_000, 60_000) + data[10:]  # past Pillow's own limit
+    assert check_bad(huge, "decompression bomb").kind == "limit"
+
+
+@needs_avif
+def test_avif_bomb_is_refused_from_the_header():
+    err = check_bad(_claiming(phone_file("AVIF"), b"ispe", 9_000, 6_000), "decompression bomb")
+    assert err.kind == "limit" and err.size == (9_000, 6_000)
+    err = check_bad(_claiming(phone_file("AVIF"), b"ispe", 60_000, 60_000), "")
+    assert err.kind in ("limit", "decode")
+
+
+@needs_heif
+def test_heif_that_lies_about_its_size_is_an_error_row():
+    # libheif reports the cropped size (clap) and refuses pixels that do not match ispe
+    err = check_bad(_claiming(phone_file("HEIF"), b"ispe", 30_000, 20_000), "")
+    assert err.kind == "decode"
+
+
+@pytest.mark.parametrize("fmt", PHONE_FORMATS)
+def test_pixel_limit_holds_for_phone_formats(fmt):
+    data = phone_file(fmt)
+    err = check_bad(data, "decompression bomb", max_pixels=W * H - 1)
+    assert err.kind == "limit" and err.size == (W, H)
+    assert_rgb(decode(data, max_pixels=W * H))

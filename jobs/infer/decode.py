@@ -8,11 +8,13 @@ else escaping is a bug.
 Decisions:
 
 * Accepted formats are JPEG (and MPO, the multi-picture JPEG that phones write), PNG,
-  WebP, TIFF and BMP. Pillow is only allowed to probe with those plugins, which also keeps
-  its rarer parsers away from hostile bytes. Other files get "unsupported format X" when
-  their magic bytes are recognised (GIF, ICO, SVG, PDF, HEIC/AVIF, JPEG 2000, JPEG XL,
-  PSD), else "not a recognised image". Multi-frame files (TIFF pages, animated WebP)
-  give their first frame.
+  WebP, TIFF, BMP, GIF, AVIF (Pillow's own plugin, when Pillow is built with libavif) and
+  HEIC/HEIF (iPhones' default; the ``pillow-heif`` plugin, when installed). Pillow is only
+  allowed to probe with those plugins, which also keeps its rarer parsers away from hostile
+  bytes. Other files get "unsupported format X" when their magic bytes are recognised (ICO,
+  SVG, PDF, JPEG 2000, JPEG XL, PSD), else "not a recognised image"; an accepted format whose
+  header its plugin cannot parse is "corrupt or truncated X header". Multi-frame files (TIFF
+  pages, animated GIF/WebP/AVIF, HEIF collections) give their first (primary) image.
 * Limits are checked from the header, before any pixel is decoded: ``max_pixels``
   (width * height) and ``max_aspect`` (long side / short side). Pillow's own global
   ``Image.MAX_IMAGE_PIXELS`` check still runs inside ``Image.open`` (it cannot be turned
@@ -22,7 +24,9 @@ Decisions:
   False, and decode_image refuses to run (RuntimeError) if some code turned it on,
   because truncated images would otherwise decode silently with grey fill.
 * EXIF orientation is applied (``ImageOps.exif_transpose``). A broken EXIF block is
-  ignored rather than failing the image: the pixels are still good.
+  ignored rather than failing the image: the pixels are still good. HEIF's own rotation and
+  mirroring (``irot``/``imir``) are applied by libheif, which then reports orientation 1, so
+  nothing is turned twice.
 * Colour: 1-bit, L, P, CMYK, YCbCr, HSV, RGBX go through Pillow's ``convert("RGB")``
   (no ICC colour management). 16-bit (I;16*, I) keeps the top 8 bits of 0..65535.
   Float images (mode F) are rejected: they have no defined display range.
@@ -45,14 +49,33 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Pillow plugin names; the JPEG plugin also opens MPO (multi-picture JPEG) files.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
 DEFAULT_MAX_PIXELS = 50_000_000  # below Pillow's 89.5 Mpx warning threshold
 DEFAULT_MAX_ASPECT = 20.0
+
+
+def _heif_plugin() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:  # an optional dependency: HEIC files are then "unsupported"
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
 
 # Image.open only loads the plugins it needs lazily when formats=None; with an explicit
 # list (WEBP, TIFF are not in Pillow's preinit set) they must be registered first.
 Image.init()
+HAVE_HEIF = _heif_plugin()
+HAVE_AVIF = "AVIF" in Image.OPEN
+# Pillow plugin names; the JPEG plugin also opens MPO (multi-picture JPEG) files.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF") + (("AVIF",) if HAVE_AVIF else ()) \
+    + (("HEIF",) if HAVE_HEIF else ())
+# What users call them, in reasons.
+_FORMAT_NAMES = {"WEBP": "WebP", "HEIF": "HEIC/HEIF"}
+ACCEPTED = ", ".join(_FORMAT_NAMES.get(f, f) for f in ALLOWED_FORMATS)
+# Sniffed names of the accepted formats (a header their plugin refused is corrupt, not unsupported).
+_SNIFFED_ACCEPTED = {"GIF": "GIF"} | ({"AVIF": "AVIF"} if HAVE_AVIF else {}) \
+    | ({"HEIC": "HEIC", "HEIF": "HEIF"} if HAVE_HEIF else {})
 
 # Magic bytes of formats we recognise but do not accept: gives a better reason than
 # "not a recognised image" without running the parsers of those formats.
@@ -66,10 +89,16 @@ _KNOWN_MAGIC = (
     (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
     (0, b"\xff\x0a", "JPEG XL"),
     (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypavis", "AVIF"),
     (4, b"ftypheic", "HEIC"),
     (4, b"ftypheix", "HEIC"),
+    (4, b"ftyphevc", "HEIC"),
+    (4, b"ftyphevx", "HEIC"),
+    (4, b"ftypheim", "HEIC"),
+    (4, b"ftypheis", "HEIC"),
     (4, b"ftypmif1", "HEIF"),
-    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypmsf1", "HEIF"),
 )
 
 
@@ -78,6 +107,7 @@ class DecodeError(Exception):
     ``kind`` is the output's error kind: ``"limit"`` (over max_pixels/max_aspect) or ``"decode"``."""
 
     def __init__(self, reason: str, size: tuple[int, int] | None = None, *, kind: str = "decode"):
+        reason = " ".join(str(reason).split())  # one line, whatever the parser's message held
         super().__init__(reason)
         self.reason = reason
         self.size = size
@@ -187,8 +217,10 @@ def _decode(data, max_pixels, max_aspect, model_input):
         raise DecodeError(f"decompression bomb: {e}", kind="limit") from e
     except UnidentifiedImageError:
         fmt = _sniff(data)
+        if fmt in _SNIFFED_ACCEPTED:
+            raise DecodeError(f"corrupt or truncated {fmt} header ({len(data)} bytes): its decoder cannot read it")
         if fmt:
-            raise DecodeError(f"unsupported format {fmt} (accepted: JPEG, PNG, WebP, TIFF, BMP)")
+            raise DecodeError(f"unsupported format {fmt} (accepted: {ACCEPTED})")
         kind = "text" if _looks_like_text(data) else "binary data"
         raise DecodeError(f"not a recognised image ({len(data)} bytes of {kind})")
     except Exception as e:  # noqa: BLE001  (any parser failure on hostile bytes)
