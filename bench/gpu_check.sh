@@ -46,8 +46,10 @@ if [ -d .whl ]; then
 fi
 if python3 -c "import pycocotools" 2>/dev/null; then
   echo "== bench/pipeline.py --no-ray"
-  python3 bench/pipeline.py --no-ray --device cuda > "$OUT/pipeline_cuda.txt" 2>&1
+  python3 bench/pipeline.py --no-ray --device cuda --size 640x480 --images 256 > "$OUT/pipeline_cuda.txt" 2>&1
   tail -6 "$OUT/pipeline_cuda.txt"
+  python3 bench/pipeline.py --no-ray --device cuda --size 4032x3024 --images 64 > "$OUT/pipeline_cuda_12mp.txt" 2>&1
+  tail -6 "$OUT/pipeline_cuda_12mp.txt"
   echo "== bench/postprocess.py --device cuda (box-local RLE vs the dense paste; includes test_rle on CUDA)"
   python3 -m pytest -q -p no:cacheprovider tests/test_rle.py > "$OUT/test_rle.log" 2>&1; tail -3 "$OUT/test_rle.log"
   python3 bench/postprocess.py --device cuda > "$OUT/postprocess_cuda.txt" 2>&1

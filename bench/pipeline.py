@@ -13,7 +13,10 @@ Default: writes N random JPEGs to a temp dir and a seeded tiny ResNet-50 Mask R-
   start and model load, excluding ``ray.init``. ``--num-actors 1 --num-cpus-per-actor 2``
   times one actor using both cores instead;
 * ``--no-ray``: ``decode_batch`` + ``PredictorActor.__call__`` (row building included) in
-  this process, vs the bare loop (what a GPU machine without Ray can measure).
+  this process, vs the bare loop (what a GPU machine without Ray can measure). On CUDA it
+  also times the actor with and without the host/device overlap
+  (``Predictor.predict_batches``) on batches of 4 micro-batches, and reports the GPU busy
+  fraction of each: the union of the kernels' intervals (torch.profiler) over the wall time.
 
 The bare loop runs before and after the job and the ratio uses their mean (this VM's speed
 drifts by several percent from minute to minute). Prints images/s and the ratio job / bare
@@ -89,6 +92,52 @@ def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> fl
     return len(uris) / (time.perf_counter() - t0)
 
 
+def _busy_fraction(prof, wall_us: float) -> float:
+    """Union of the CUDA kernels' [start, end) intervals over the wall time."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / wall_us if wall_us > 0 else float("nan")
+
+
+def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> None:
+    """The actor on Ray-sized batches (4 micro-batches each), overlap on and off, on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from jobs.infer.model_stage import PredictorActor, decode_batch
+
+    actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
+                           device=device, micro_batch=batch)
+    n = len(uris)
+    step = 4 * batch
+    batches = [decode_batch({"uri": np.array(uris[i:i + step], dtype=object),
+                             "etag": np.array([None] * len(uris[i:i + step]), dtype=object),
+                             "size": np.full(len(uris[i:i + step]), -1),
+                             "error": np.array([None] * len(uris[i:i + step]), dtype=object),
+                             "error_kind": np.array([None] * len(uris[i:i + step]), dtype=object),
+                             "shard_id": np.array(["s"] * len(uris[i:i + step]), dtype=object)})
+               for i in range(0, n, step)]
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    run_batches = actor.predictor.predict_batches
+    for overlap in (False, True):
+        actor.predictor.predict_batches = lambda b, o=overlap: run_batches(b, overlap=o)
+        actor(batches[0])  # warm-up
+        sync()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            for b in batches:
+                actor(b)
+            sync()
+            wall = time.perf_counter() - t0
+        busy = f"GPU busy {_busy_fraction(prof, wall * 1e6):.2f}" if cuda else "no GPU"
+        print(f"actor, overlap {'on ' if overlap else 'off'}: {n / wall:8.2f} images/s, {busy}")
+
+
 def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor) -> tuple[float, dict, int]:
     import ray
 
@@ -131,6 +180,8 @@ def main() -> None:
         if a.no_ray:
             alone = actor_fn_alone(weights, uris, a.batch_size, device)
             print(f"decode_batch + PredictorActor:      {alone:8.2f} images/s  ratio {alone / bare:.3f} ({device})")
+            if device.startswith("cuda"):
+                actor_overlap(weights, uris, a.batch_size, device)
             return
         rate, summary, actors = job(weights, os.path.join(tmp, "in"), os.path.join(tmp, "out"), a.batch_size,
                                     a.num_actors, a.num_cpus_per_actor)

@@ -12,7 +12,9 @@ No Ray here, and pycocotools is imported only for ``mask_format="rle"``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -146,19 +148,75 @@ class Predictor:
 
     def predict_tensors(self, images: Sequence[Tensor], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict]:
         """Like ``__call__`` for CHW float tensors in 0..1 (already on any device)."""
+        return self._finish_batch(self._start(images, output_sizes))
+
+    def predict_batches(self, batches: Iterable[tuple[Sequence[np.ndarray], Optional[Sequence[tuple[int, int]]]]],
+                        *, overlap: Optional[bool] = None) -> Iterator[Union[list[dict], Exception]]:
+        """Results of ``predictor(images, output_sizes)`` for each ``(images, output_sizes)`` of
+        ``batches``, in order; a batch that fails yields its exception instead.
+
+        With ``overlap`` (default: on CUDA) batch k's host work (mask paste and RLE, the copies
+        to numpy) runs in a worker thread, on its own CUDA stream, while batch k+1's forward
+        runs: the GPU is not left waiting for the host. Results are the same either way.
+        """
+        overlap = self.device.type == "cuda" if overlap is None else overlap
+        if not overlap:
+            for images, sizes in batches:
+                try:
+                    yield self(images, sizes)
+                except Exception as e:  # noqa: BLE001  (the caller decides what a failed batch becomes)
+                    yield e
+            return
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mrcnn-finish")
+        pending = None
+        try:
+            for images, sizes in batches:
+                try:
+                    forward = self._start([self._to_tensor(i, img) for i, img in enumerate(images)], sizes)
+                    if forward is not None and side is not None:
+                        forward.ready = torch.cuda.Event()
+                        forward.ready.record()
+                    job = pool.submit(self._finish_batch, forward, side) if forward is not None else None
+                except Exception as e:  # noqa: BLE001
+                    job = e
+                if pending is not None:
+                    yield _outcome(pending)
+                pending = job if job is not None else []
+            if pending is not None:
+                yield _outcome(pending)
+        finally:
+            pool.shutdown(wait=True)
+
+    def _start(self, images: Sequence[Tensor], output_sizes) -> Optional["_Forward"]:
+        """Checks the inputs and runs the model (None for no images); the host work is left to
+        :meth:`_finish_batch`."""
         images = [img.to(self.device) for img in images]
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
                 raise ValueError(f"image {i}: expected a 3 x H x W float tensor, got {img.dtype} {tuple(img.shape)}")
         raw = hasattr(self.model, "mask_output")
-        sizes = [tuple(img.shape[-2:]) for img in images]
-        if output_sizes is not None:
-            sizes = _check_output_sizes(output_sizes, images, raw)
+        image_sizes = [tuple(img.shape[-2:]) for img in images]
+        sizes = image_sizes if output_sizes is None else _check_output_sizes(output_sizes, images, raw)
         if not images:
-            return []
+            return None
         with torch.inference_mode(), self._autocast(), _mask_output(self.model, "raw" if raw else None):
             outputs = self.model(list(images))
-            return [self._finish(out, tuple(img.shape[-2:]), size, raw) for out, img, size in zip(outputs, images, sizes)]
+        return _Forward(outputs, image_sizes, sizes, raw)
+
+    def _finish_batch(self, forward: Optional["_Forward"], stream=None) -> list[dict]:
+        if forward is None:
+            return []
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if stream is not None:  # the worker thread: wait for the forward, keep its tensors alive
+                stack.enter_context(torch.cuda.stream(stream))
+                stream.wait_event(forward.ready)
+                for out in forward.outputs:
+                    for t in out.values():
+                        if isinstance(t, Tensor) and t.is_cuda:
+                            t.record_stream(stream)
+            return [self._finish(out, image_size, size, forward.raw)
+                    for out, image_size, size in zip(forward.outputs, forward.image_sizes, forward.output_sizes)]
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
@@ -206,6 +264,26 @@ class Predictor:
             "areas": np.asarray(areas, dtype=np.int64),
             "masks": mask_out,
         }
+
+
+@dataclass
+class _Forward:
+    """A model call's outputs (on the model's device), waiting for the host work."""
+
+    outputs: list
+    image_sizes: list
+    output_sizes: list
+    raw: bool
+    ready: Any = None  # CUDA event recorded after the forward, for the worker's stream
+
+
+def _outcome(job) -> Union[list[dict], Exception]:
+    if isinstance(job, (list, Exception)):
+        return job
+    try:
+        return job.result()
+    except Exception as e:  # noqa: BLE001
+        return e
 
 
 def _check_output_sizes(output_sizes, images, raw: bool) -> list[tuple[int, int]]:

@@ -89,3 +89,69 @@ def test_decode_batch_reads_items_whose_stat_failed_in_storage(tmp_path):
     decoded = decode_batch(batch)
     assert list(decoded["decode_error"]) == ["", "not a file: x"]
     assert list(decoded["error_kind"]) == ["", "not_found"] and decoded["image"][0].shape == (8, 8, 3)
+
+
+def _decoded(images):
+    n = len(images)
+    return {"uri": np.array([f"mem://{i}" for i in range(n)], dtype=object),
+            "etag": np.array([None] * n, dtype=object), "size": np.array([-1] * n),
+            "shard_id": np.array(["s"] * n, dtype=object), "decode_error": np.array([""] * n),
+            "error_kind": np.array([""] * n), "image": np.array(images + [None], dtype=object)[:n]}
+
+
+def _images(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64 + 8 * (i % 3), 80, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_overlapped_batches_give_the_same_results_with_host_work_in_a_worker(weights, monkeypatch):
+    import threading
+
+    from mrcnn.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(weights, device="cpu", score_thresh=0.0)
+    images = _images(7)
+    batches = [(images[i : i + 3], None) for i in range(0, 7, 3)]
+    sequential = list(predictor.predict_batches(batches, overlap=False))
+    threads = []
+    original = Predictor._finish
+
+    def recording(self, *args):
+        threads.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(Predictor, "_finish", recording)
+    overlapped = list(predictor.predict_batches(iter(batches), overlap=True))
+    assert len(threads) == 7 and all(t.startswith("mrcnn-finish") for t in threads)
+    assert [len(b) for b in overlapped] == [3, 3, 1]
+    compared = 0
+    for seq, ovl in zip(sequential, overlapped):
+        for a, b in zip(seq, ovl):
+            assert np.array_equal(a["boxes"], b["boxes"]) and np.array_equal(a["scores"], b["scores"])
+            assert [m["counts"] for m in a["masks"]] == [m["counts"] for m in b["masks"]]
+            compared += len(a["boxes"])
+    assert compared > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_image_the_model_fails_on_is_one_error_row(weights, monkeypatch, overlap):
+    from mrcnn.predictor import Predictor
+
+    actor = PredictorActor(weights, model_name="m", checkpoint_sha256="c" * 64, run_id="r1", micro_batch=3)
+    original_start = Predictor._start
+
+    def failing_on_width_81(self, images, output_sizes):
+        if any(img.shape[-1] == 81 for img in images):
+            raise RuntimeError("CUDA out of memory (simulated)\nsecond line")
+        return original_start(self, images, output_sizes)
+
+    monkeypatch.setattr(Predictor, "_start", failing_on_width_81)
+    batches = actor.predictor.predict_batches
+    monkeypatch.setattr(actor.predictor, "predict_batches", lambda b: batches(b, overlap=overlap))
+    images = _images(5)
+    images[1] = np.zeros((64, 81, 3), np.uint8)
+    rows = actor(_decoded(images)).drop_columns(["shard_id"]).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok", "ok"]
+    bad = rows[1]
+    assert bad["error_kind"] == "model" and (bad["width"], bad["height"]) == (81, 64)
+    assert bad["error"] == "model failed: RuntimeError: CUDA out of memory (simulated) second line"

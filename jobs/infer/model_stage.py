@@ -124,20 +124,17 @@ class PredictorActor:
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
 
-    def _predict(self, images: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[dict | str]:
-        """Results per image, at the full sizes (h, w); a failed model call is retried one image
-        at a time so one bad image becomes one error row (its message) instead of failing the batch."""
-        try:
-            return list(self.predictor(images, output_sizes=sizes))
-        except Exception:  # noqa: BLE001
-            if len(images) == 1:
-                raise
+    def _one_by_one(self, images: list[np.ndarray], sizes: list[tuple[int, int]], error: Exception) -> list[dict | str]:
+        """After a failed model call: each image alone, so one bad image becomes one error row
+        (its message) instead of failing the batch."""
+        if len(images) == 1:
+            return [_model_failed(error)]
         out: list[dict | str] = []
         for img, size in zip(images, sizes):
             try:
                 out.append(self.predictor([img], output_sizes=[size])[0])
             except Exception as e:  # noqa: BLE001
-                out.append(f"model failed: {type(e).__name__}: {schema.one_line(str(e))}")
+                out.append(_model_failed(e))
         return out
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
@@ -148,15 +145,17 @@ class PredictorActor:
         for i in range(n):
             if batch["decode_error"][i]:
                 rows[i] = self._error(batch, i, str(batch["decode_error"][i]), str(batch["error_kind"][i]), now)
+        chunks = []
         for c0 in range(0, len(todo), self.micro_batch):
             idx = todo[c0 : c0 + self.micro_batch]
             # zero_copy batches are read-only views: the Predictor copies them to tensors.
             images = [np.asarray(batch["image"][i]) for i in idx]
-            sizes = [_full_size(batch, i, img) for i, img in zip(idx, images)]
-            try:
-                results = self._predict(images, sizes)
-            except Exception as e:  # noqa: BLE001  (single image failed)
-                results = [f"model failed: {type(e).__name__}: {schema.one_line(str(e))}"]
+            chunks.append((idx, images, [_full_size(batch, i, img) for i, img in zip(idx, images)]))
+        # on a GPU the host work of one chunk overlaps the next chunk's forward
+        outcomes = self.predictor.predict_batches((images, sizes) for _, images, sizes in chunks)
+        for (idx, images, sizes), results in zip(chunks, outcomes):
+            if isinstance(results, Exception):
+                results = self._one_by_one(images, sizes, results)
             for i, (h, w), res in zip(idx, sizes, results):
                 if isinstance(res, str):
                     rows[i] = self._error(batch, i, res, "model", now, (h, w))
@@ -176,6 +175,10 @@ class PredictorActor:
     def _error(self, batch, i: int, reason: str, kind: str, now, size: tuple[int, int] | None = None) -> dict:
         wh = {} if size is None else {"width": size[1], "height": size[0]}
         return schema.error_row(reason=reason, kind=kind, processed_at=now, **wh, **self._ids(batch, i))
+
+
+def _model_failed(e: Exception) -> str:
+    return f"model failed: {type(e).__name__}: {schema.one_line(str(e))}"
 
 
 def _full_size(batch, i: int, img: np.ndarray) -> tuple[int, int]:
