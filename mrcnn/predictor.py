@@ -51,8 +51,8 @@ class Predictor:
             model's up to float rounding; pass False for results bit-identical to it.
             The model passed in is converted in place.
 
-    ``predictor(images)`` takes H x W x 3 uint8 RGB arrays (sizes may differ) and returns,
-    per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
+    ``predictor(images)`` takes H x W x 3 uint8 RGB arrays or 3 x H x W uint8 tensors (sizes
+    may differ) and returns, per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
     ``scores`` float32 (N,), ``label_names`` list[str], ``areas`` int64 (N,) mask pixel
     counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being probability > 0.5.
     """
@@ -131,6 +131,11 @@ class Predictor:
         return self.predict_tensors(tensors, output_sizes)
 
     def _to_tensor(self, i: int, img: Any) -> Tensor:
+        if isinstance(img, Tensor) and img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+            # 3 x H x W uint8 (torchvision.io's decoders, e.g. decode_jpeg on the device)
+            if img.shape[1] < 1 or img.shape[2] < 1:
+                raise ValueError(f"image {i}: empty image of shape {tuple(img.shape)}")
+            return img.to(self.device, non_blocking=True).float().div_(255.0)
         if not isinstance(img, np.ndarray):
             raise TypeError(f"image {i}: expected a numpy H x W x 3 uint8 RGB array, got {type(img).__name__}")
         if img.ndim != 3 or img.shape[2] != 3:

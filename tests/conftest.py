@@ -73,12 +73,12 @@ def in_process_dataset(monkeypatch):
     actors = {}
 
     def build(cfg, plan_files, *, run_id, ckpt):
-        key = (run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.full_decode)
+        key = (run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.decode)
         if key not in actors:
             actors[key] = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256,
                                          run_id=run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
                                          max_instances=cfg.max_instances, precision=cfg.precision,
-                                         full_decode=cfg.full_decode)
+                                         decode=cfg.decode)
         actor = actors[key]
         fs, _ = resolve(cfg.output)
 

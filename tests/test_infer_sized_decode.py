@@ -153,9 +153,10 @@ def test_sized_decode_finds_what_the_full_decode_finds():
     assert np.median(ious) > 0.9 and np.median(mask_ious) > 0.9
 
 
-def test_full_decode_is_an_output_setting(tmp_path, in_process_dataset):
-    assert json.loads(schema.settings_key(full_decode=True)) == {"decode": "full"}
-    assert parse_args(["--input", "x", "--output", "y", "--weights", "z", "--full-decode"]).full_decode
+def test_the_decode_mode_is_an_output_setting(tmp_path, in_process_dataset):
+    assert json.loads(schema.settings_key(decode="full")) == {"decode": "full"}
+    assert schema.settings_key(decode="sized") is None
+    assert parse_args(["--input", "x", "--output", "y", "--weights", "z", "--decode", "full"]).decode == "full"
     inp = tmp_path / "in"
     inp.mkdir()
     for seed in range(2):
@@ -172,7 +173,76 @@ def test_full_decode_is_an_output_setting(tmp_path, in_process_dataset):
     s1, rows1 = run()
     assert s1.planned == 2 and {r["settings"] for r in rows1} == {None}
     assert {(r["width"], r["height"]) for r in rows1} == {(640, 512)}
-    s2, rows2 = run(full_decode=True)  # another result for every image: all planned again
+    s2, rows2 = run(decode="full")  # another result for every image: all planned again
     assert s2.planned == 2 and {r["settings"] for r in rows2} == {'{"decode": "full"}'}
     assert {(r["width"], r["height"]) for r in rows2} == {(640, 512)}
-    assert run(full_decode=True)[0].planned == 0
+    assert run(decode="full")[0].planned == 0
+
+
+# ---------------------------------------------------------------- --decode device
+
+def _batch(uris):
+    n = len(uris)
+    return {"uri": np.array(uris, dtype=object), "etag": np.array([None] * n, dtype=object),
+            "size": np.array([-1] * n, dtype=object), "error": np.array([None] * n, dtype=object),
+            "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
+
+
+def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
+    # decode_jpeg(device="cpu") is the code path of nvJPEG on a GPU actor.
+    scene = _scene(3, 240, 320)
+    im = Image.fromarray(scene)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    files = {"plain.jpg": _jpeg(scene), "turned.jpg": _jpeg(scene, exif=exif),
+             "cmyk.jpg": _jpeg_cmyk(scene), "truncated.jpg": _jpeg(scene)[:3000]}
+    png = io.BytesIO()
+    im.save(png, format="PNG")
+    files["scene.png"] = png.getvalue()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files]
+    on_device = decode_batch(_batch(uris), jpeg_on_device=True)
+    assert [len(b) > 0 for b in on_device["jpeg"]] == [True, True, False, True, False]  # CMYK, PNG: here
+    assert [im.shape[0] for im in on_device["image"]] == [0, 0, 240, 0, 240]
+    assert list(zip(on_device["width"], on_device["height"]))[:2] == [(320, 240), (240, 320)]
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
+                           decode="device")
+    device_rows = actor(on_device).to_pylist()
+    assert actor.jpeg_fallbacks == 1  # the truncated file only: the others were decoded by decode_jpeg
+    cpu_rows = actor(decode_batch(_batch(uris))).to_pylist()
+    assert [r["status"] for r in device_rows] == ["ok", "ok", "ok", "error", "ok"]
+    bad = device_rows[3]
+    assert bad["error_kind"] == "decode" and "truncated" in bad["error"]
+    assert bad["error"] == cpu_rows[3]["error"]  # the CPU decoder's reason
+    assert {r["settings"] for r in device_rows} == {'{"decode": "device"}'}
+    compared = 0
+    for d, c in zip(device_rows, cpu_rows):
+        if d["status"] != "ok":
+            continue
+        assert (d["width"], d["height"]) == (c["width"], c["height"])
+        assert [i["mask_rle"] for i in d["instances"]] == [i["mask_rle"] for i in c["instances"]]
+        assert [i["bbox"] for i in d["instances"]] == [i["bbox"] for i in c["instances"]]
+        compared += len(d["instances"])
+    assert compared >= 8
+
+
+def _jpeg_cmyk(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_device_decode_through_the_job(tmp_path, in_process_dataset):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for seed in range(3):
+        (inp / f"{seed}.jpg").write_bytes(_jpeg(_scene(seed, 240, 320)))
+    cfg = pipeline.JobConfig(input=str(inp), output=str(tmp_path / "out"), weights=WEIGHTS, batch_size=2,
+                             decode="device")
+    summary, _ = pipeline.run_job(cfg)
+    rows = [r for f in commit.committed_files(str(tmp_path / "out")) for r in pq.read_table(f).to_pylist()]
+    assert summary.planned == 3 and [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["instances"] for r in rows) and {r["settings"] for r in rows} == {'{"decode": "device"}'}
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "x", "--output", "y", "--weights", "z", "--decode", "gpu"])

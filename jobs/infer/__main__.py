@@ -21,7 +21,7 @@ import warnings
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .lock import LockedError
-from .pipeline import DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
+from .pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
 from .storage import RetryPolicy
 
 
@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="GPU actors' arithmetic (default bf16; CPU actors run fp32). Like the three flags "
                         "here, changing it gives every image a new result: the next run reprocesses all")
-    p.add_argument("--full-decode", action="store_true",
-                   help="decode every JPEG at full size (default: a JPEG over twice the model's input is "
-                        "decoded DCT-downscaled to at least that input; rows and masks stay full-size). "
-                        "An output setting like --precision")
+    p.add_argument("--decode", choices=DECODE_MODES, default="sized",
+                   help="sized (default): a JPEG over twice the model's input is decoded DCT-downscaled to at "
+                        "least that input (rows and masks stay full-size); full: every image at full size; "
+                        "device: the model actor decodes JPEGs on its device (nvJPEG on GPU actors) and the "
+                        "CPU tasks only read bytes. An output setting like --precision")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
     p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
@@ -94,7 +95,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         read_retry=RetryPolicy(attempts=a.read_attempts, base_s=a.read_backoff), passes=a.passes,
         max_concurrent_reads=a.max_concurrent_reads,
         score_thresh=a.score_thresh, max_instances=a.max_instances, precision=a.precision,
-        full_decode=a.full_decode,
+        decode=a.decode,
     )
     try:
         settings_of(cfg)  # the output settings' checks, as usage errors before Ray starts

@@ -198,7 +198,8 @@ def draft_request(size: tuple[int, int], model_input: tuple[int, int]) -> tuple[
     return want if 2 * want[0] <= w and 2 * want[1] <= h else None
 
 
-def _decode(data, max_pixels, max_aspect, model_input):
+def _open(data, max_pixels, max_aspect) -> tuple[Image.Image, tuple[int, int]]:
+    """Image.open with our checks of everything the header says; the caller closes the image."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would decode "
@@ -226,7 +227,7 @@ def _decode(data, max_pixels, max_aspect, model_input):
     except Exception as e:  # noqa: BLE001  (any parser failure on hostile bytes)
         raise DecodeError(f"corrupt image header: {type(e).__name__}: {e}") from e
 
-    with im:
+    try:
         width, height = im.size
         size = (width, height)
         if width <= 0 or height <= 0:
@@ -242,6 +243,32 @@ def _decode(data, max_pixels, max_aspect, model_input):
             raise DecodeError(
                 f"extreme aspect ratio {width}x{height} ({aspect:.1f}:1 > {max_aspect:g}:1)", size, kind="limit"
             )
+    except BaseException:
+        im.close()
+        raise
+    return im, size
+
+
+def inspect_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float = DEFAULT_MAX_ASPECT) -> tuple[int, int] | None:
+    """The header checks of :func:`decode_image` without decoding pixels. Returns the full
+    oriented (width, height) of a plain JPEG (8-bit grey or YCbCr, one picture) that a GPU
+    decoder can take, None for any other accepted image; raises DecodeError like decode_image."""
+    im, size = _open(data, max_pixels, max_aspect)
+    with im:
+        if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+            return None
+        try:
+            turned = _orientation(im) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001  (broken EXIF: the CPU decoder knows what to do)
+            return None
+    return (size[1], size[0]) if turned else size
+
+
+def _decode(data, max_pixels, max_aspect, model_input):
+    im, size = _open(data, max_pixels, max_aspect)
+    width, height = size
+    with im:
         request = draft_request(size, model_input) if model_input and im.format in ("JPEG", "MPO") else None
         if request is not None:
             im.draft("RGB", request)  # DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8

@@ -11,13 +11,14 @@ Input rows (the plan manifest): ``uri, etag, size, error, error_kind, shard_id``
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from . import schema
-from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model
+from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model, inspect_jpeg
 from .storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 SHARD_COLUMN = "shard_id"
@@ -43,13 +44,16 @@ def decode_batch(
     max_aspect: float = DEFAULT_MAX_ASPECT,
     retry: RetryPolicy = RetryPolicy(),
     model_input: tuple[int, int] | None = None,
+    jpeg_on_device: bool = False,
 ) -> dict[str, np.ndarray]:
     """Read and decode each row's object; failures become ``decode_error`` strings with their
     ``error_kind``.
 
     With ``model_input`` = the model's (min_size, max_size), large JPEGs are decoded
     DCT-downscaled (:func:`decode.decode_for_model`); ``width`` and ``height`` are always the
-    full image's (0 when it was not decoded).
+    full image's (0 when it was not decoded). With ``jpeg_on_device`` a plain JPEG is only
+    checked (:func:`decode.inspect_jpeg`) and its bytes go to the actor in the ``jpeg`` column,
+    which decodes it on the model's device; other images are decoded here as usual.
 
     Reads are retried as ``retry`` says; once one read of the batch has failed as
     ``unavailable`` with every retry spent, the batch's later reads get one try each (the
@@ -61,6 +65,7 @@ def decode_batch(
     errors = np.empty(n, dtype=object)
     kinds = np.empty(n, dtype=object)
     sizes = np.zeros((n, 2), dtype=np.int64)
+    jpegs = np.full(n, b"", dtype=object)
     for i in range(n):
         stat_error = _opt_str(batch["error"][i])
         stat_kind = _opt_str(batch["error_kind"][i])
@@ -69,7 +74,11 @@ def decode_batch(
                 raise ReadError(stat_error, stat_kind or "read")
             # a stat that failed in the store (not a missing object) is worth a read of its own
             data = read_object(str(batch["uri"][i]), retry=retry)
-            images[i], sizes[i] = decode_for_model(data, model_input, max_pixels=max_pixels, max_aspect=max_aspect)
+            size = inspect_jpeg(data, max_pixels=max_pixels, max_aspect=max_aspect) if jpeg_on_device else None
+            if size is not None:
+                images[i], sizes[i], jpegs[i] = _NO_IMAGE, size, data
+            else:
+                images[i], sizes[i] = decode_for_model(data, model_input, max_pixels=max_pixels, max_aspect=max_aspect)
             errors[i], kinds[i] = "", ""
         except (ReadError, DecodeError) as e:
             images[i] = _NO_IMAGE
@@ -82,6 +91,8 @@ def decode_batch(
     out["error_kind"] = kinds.astype(str)
     out["image"] = images
     out["width"], out["height"] = sizes[:, 0], sizes[:, 1]
+    if jpeg_on_device:
+        out["jpeg"] = jpegs
     return out
 
 
@@ -91,7 +102,8 @@ class PredictorActor:
     The returned table has the output schema (:data:`schema.SCHEMA`) plus ``shard_id``.
     ``micro_batch`` bounds how many images go through one model call; ``score_thresh``,
     ``max_instances`` and ``precision`` override the checkpoint's (see ``Predictor``) and are
-    recorded in every row's ``settings``, with ``full_decode`` (the decode stage's choice). On CPU,
+    recorded in every row's ``settings``, with ``decode`` (the decode mode of the run: the
+    decode stage's choice, and with "device" JPEG bytes in a ``jpeg`` column for the actor). On CPU,
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
     unless told otherwise, which would waste the CPUs the actor reserved).
     """
@@ -109,7 +121,7 @@ class PredictorActor:
         score_thresh: float | None = None,
         max_instances: int | None = None,
         precision: str | None = None,
-        full_decode: bool = False,
+        decode: str = "sized",
     ):
         import torch
 
@@ -120,9 +132,47 @@ class PredictorActor:
         self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh,
                                                    max_detections=max_instances, precision=precision)
         settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision,
-                                       full_decode=full_decode)
+                                       decode=decode)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
+        self.jpeg_fallbacks = 0  # JPEGs the device decoder refused or got wrong, decoded by Pillow
+
+    def _decode_jpegs(self, datas: list[bytes], sizes: list[tuple[int, int]]) -> list[Any]:
+        """JPEG bytes decoded on the model's device (nvJPEG on CUDA) as 3 x H x W uint8 tensors,
+        EXIF orientation applied. One that the device decoder refuses, or decodes to another size
+        than its header's, is decoded by Pillow here instead: the result is an array, or the
+        DecodeError of the CPU path."""
+        if not datas:
+            return []
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def decode(x):
+            with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (see DESIGN.md)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(x, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=self.predictor.device)
+
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            decoded = decode(encoded)
+        except Exception:  # noqa: BLE001  (one bad file fails the batched call: decode them one by one)
+            decoded = []
+            for e in encoded:
+                try:
+                    decoded.append(decode(e))
+                except Exception:  # noqa: BLE001
+                    decoded.append(None)
+        out: list[Any] = []
+        for data, (h, w), img in zip(datas, sizes, decoded):
+            if img is not None and tuple(img.shape) == (3, h, w):
+                out.append(img)
+                continue
+            self.jpeg_fallbacks += 1
+            try:  # what the CPU tasks would have made of it, reason included
+                out.append(decode_for_model(data, None)[0])
+            except DecodeError as e:
+                out.append(e)
+        return out
 
     def _one_by_one(self, images: list[np.ndarray], sizes: list[tuple[int, int]], error: Exception) -> list[dict | str]:
         """After a failed model call: each image alone, so one bad image becomes one error row
@@ -145,12 +195,21 @@ class PredictorActor:
         for i in range(n):
             if batch["decode_error"][i]:
                 rows[i] = self._error(batch, i, str(batch["decode_error"][i]), str(batch["error_kind"][i]), now)
+        # zero_copy batches are read-only views: the Predictor copies them to tensors.
+        images = {i: np.asarray(batch["image"][i]) for i in todo}
+        sizes = {i: _full_size(batch, i, images[i]) for i in todo}
+        on_device = [i for i in todo if "jpeg" in batch and len(batch["jpeg"][i])]
+        for i, img in zip(on_device, self._decode_jpegs([batch["jpeg"][i] for i in on_device],
+                                                        [sizes[i] for i in on_device])):
+            if isinstance(img, DecodeError):
+                rows[i] = self._error(batch, i, img.reason, img.kind, now, sizes[i])
+                todo.remove(i)
+            else:
+                images[i] = img
         chunks = []
         for c0 in range(0, len(todo), self.micro_batch):
             idx = todo[c0 : c0 + self.micro_batch]
-            # zero_copy batches are read-only views: the Predictor copies them to tensors.
-            images = [np.asarray(batch["image"][i]) for i in idx]
-            chunks.append((idx, images, [_full_size(batch, i, img) for i, img in zip(idx, images)]))
+            chunks.append((idx, [images[i] for i in idx], [sizes[i] for i in idx]))
         # on a GPU the host work of one chunk overlaps the next chunk's forward
         outcomes = self.predictor.predict_batches((images, sizes) for _, images, sizes in chunks)
         for (idx, images, sizes), results in zip(chunks, outcomes):

@@ -113,6 +113,12 @@ class StorageHealth:
                 "their rows were not committed: run the same command again once the store answers")
 
 
+# How images are decoded: large JPEGs DCT-downscaled to the model's input in the CPU tasks
+# (sized), everything at full size in the CPU tasks (full), or JPEGs by the model actor on its
+# device, nvJPEG on a GPU (device; the CPU tasks only read bytes and check headers).
+DECODE_MODES = ("sized", "full", "device")
+
+
 @dataclass
 class JobConfig:
     input: str
@@ -132,7 +138,7 @@ class JobConfig:
     score_thresh: float | None = None  # output settings; None: the checkpoint's own
     max_instances: int | None = None
     precision: str | None = None  # fp32, bf16, fp16 (GPU actors); None: bf16 on GPU, fp32 on CPU
-    full_decode: bool = False  # True: no DCT-downscaled decode of large JPEGs (an output setting)
+    decode: str = "sized"  # sized, full or device (DECODE_MODES; an output setting)
     break_lock: bool = False
     read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
     passes: int = 2  # pipeline passes over images whose reads failed in storage
@@ -147,6 +153,8 @@ def settings_of(cfg: JobConfig) -> str | None:
         raise ValueError(f"--score-thresh must be in [0, 1], got {cfg.score_thresh}")
     if cfg.max_instances is not None and cfg.max_instances < 1:
         raise ValueError(f"--max-instances must be >= 1, got {cfg.max_instances}")
+    if cfg.decode not in DECODE_MODES:
+        raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {cfg.decode!r}")
     if cfg.precision is not None:
         if cfg.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
@@ -154,7 +162,7 @@ def settings_of(cfg: JobConfig) -> str | None:
             raise ValueError(f"--precision {cfg.precision} needs GPU actors (--num-gpus-per-actor > 0); "
                              "CPU actors run fp32")
     return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
-                               precision=cfg.precision, full_decode=cfg.full_decode)
+                               precision=cfg.precision, decode=cfg.decode)
 
 
 @dataclass(frozen=True)
@@ -276,7 +284,8 @@ def _pyarrow_fs(output_uri: str):
 def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
     """decode_batch's keyword arguments for this run."""
     return {"max_pixels": cfg.max_pixels, "max_aspect": cfg.max_aspect, "retry": cfg.read_retry,
-            "model_input": None if cfg.full_decode else ckpt.model_input}
+            "model_input": ckpt.model_input if cfg.decode == "sized" else None,
+            "jpeg_on_device": cfg.decode == "device"}
 
 
 def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: CheckpointInfo):
@@ -309,7 +318,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: C
             "score_thresh": cfg.score_thresh,
             "max_instances": cfg.max_instances,
             "precision": cfg.precision,
-            "full_decode": cfg.full_decode,
+            "decode": cfg.decode,
         },
         compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, ray.cluster_resources()), max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,

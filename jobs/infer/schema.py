@@ -114,9 +114,10 @@ PARQUET_WRITE_OPTIONS: dict[str, Any] = {
 
 
 def settings_key(*, score_thresh: float | None = None, max_instances: int | None = None,
-                 precision: str | None = None, full_decode: bool = False) -> str | None:
-    """The ``settings`` value of a run: canonical JSON of the settings given, None if none."""
-    given = {k: v for k, v in (("decode", "full" if full_decode else None), ("max_instances", max_instances),
+                 precision: str | None = None, decode: str = "sized") -> str | None:
+    """The ``settings`` value of a run: canonical JSON of the settings given, None if none
+    (``decode`` is given when it is not the default, "sized")."""
+    given = {k: v for k, v in (("decode", None if decode == "sized" else decode), ("max_instances", max_instances),
                                ("precision", precision), ("score_thresh", score_thresh)) if v is not None}
     return json.dumps(given, sort_keys=True, separators=(", ", ": ")) if given else None
 
