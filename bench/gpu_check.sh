@@ -52,6 +52,9 @@ if python3 -c "import pycocotools" 2>/dev/null; then
   tail -6 "$OUT/pipeline_cuda_12mp.txt"
   echo "== bench/postprocess.py --device cuda (box-local RLE vs the dense paste; includes test_rle on CUDA)"
   python3 -m pytest -q -p no:cacheprovider tests/test_rle.py > "$OUT/test_rle.log" 2>&1; tail -3 "$OUT/test_rle.log"
+  echo "== nvJPEG decode on the actor, and the overlapped actor on CUDA"
+  python3 -m pytest -q -p no:cacheprovider tests/test_infer_sized_decode.py -k "nvjpeg or predictor_maps" \
+      tests/test_infer_model_stage.py > "$OUT/test_device_decode.log" 2>&1; tail -3 "$OUT/test_device_decode.log"
   python3 bench/postprocess.py --device cuda > "$OUT/postprocess_cuda.txt" 2>&1
   tail -9 "$OUT/postprocess_cuda.txt"
 else

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
@@ -246,3 +247,26 @@ def test_device_decode_through_the_job(tmp_path, in_process_dataset):
     assert all(r["instances"] for r in rows) and {r["settings"] for r in rows} == {'{"decode": "device"}'}
     with pytest.raises(SystemExit):
         parse_args(["--input", "x", "--output", "y", "--weights", "z", "--decode", "gpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+def test_nvjpeg_on_a_gpu_actor_finds_what_the_cpu_decode_finds(tmp_path):
+    scenes = [_scene(seed, 480, 640) for seed in range(4)]
+    uris = []
+    for k, scene in enumerate(scenes):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg(scene))
+        uris.append(str(tmp_path / f"{k}.jpg"))
+    (tmp_path / "cut.jpg").write_bytes(_jpeg(scenes[0])[:5000])
+    uris.append(str(tmp_path / "cut.jpg"))
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
+                           device="cuda", precision="fp32", decode="device")
+    gpu = actor(decode_batch(_batch(uris), jpeg_on_device=True)).to_pylist()
+    cpu = actor(decode_batch(_batch(uris), model_input=None)).to_pylist()
+    assert [r["status"] for r in gpu] == ["ok"] * 4 + ["error"] and gpu[4]["error"] == cpu[4]["error"]
+    ious = []
+    for g, c in zip(gpu[:4], cpu[:4]):
+        gb = np.array([i["bbox"] for i in g["instances"] if i["score"] > 0.5]).reshape(-1, 4)
+        cb = np.array([i["bbox"] for i in c["instances"] if i["score"] > 0.5]).reshape(-1, 4)
+        assert len(cb) >= 2 and abs(len(gb) - len(cb)) <= 1
+        ious += list(_box_iou(cb, gb).max(1))
+    assert len(ious) >= 8 and np.median(ious) > 0.95
