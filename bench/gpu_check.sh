@@ -25,7 +25,7 @@ fi
 python3 -c "import mrcnn.ops as m; assert m.WITH_CUDA, 'built without CUDA kernels'" || exit 1
 
 echo "== tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_roi_align_cuda.py tests/test_roi_align.py \
+python3 -m pytest -q -p no:cacheprovider tests/test_roi_align_cuda.py tests/test_roi_align.py tests/test_roi_pool.py \
     tests/test_multiscale_roi_align.py > "$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
 

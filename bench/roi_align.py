@@ -1,9 +1,10 @@
-"""RoIAlign benchmark: our operators against torchvision's, measured in the same run.
+"""RoIAlign and RoIPool benchmark: our operators against torchvision's, measured in the same run.
 
 FPN-typical shapes: 2 images (800x1088 padded), 256 channels, levels 200x272, 100x136,
 50x68 and 25x34; the box branch pools 1000 RoIs per image at 7x7 (sampling ratio 2),
 the mask branch 100 RoIs per image at 14x14. Box sizes are log-uniform from 16 to
-600 px so every level receives RoIs.
+600 px so every level receives RoIs. RoIPool (the paper's ablation row) pools the box
+branch's RoIs from the stride-16 map (a C4 model's: 50x68 here) at 7x7.
 
 Prints a table of times and ratios (torchvision time / ours: >1 means we are faster).
     python bench/roi_align.py                 # CPU, and CUDA when available
@@ -22,9 +23,10 @@ import torch
 import torchvision
 from torchvision.ops import MultiScaleRoIAlign as TvMultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
+from torchvision.ops import roi_pool as tv_roi_pool
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from mrcnn.ops import MultiScaleRoIAlign, roi_align  # noqa: E402
+from mrcnn.ops import MultiScaleRoIAlign, roi_align, roi_pool  # noqa: E402
 
 IMAGE = (800, 1088)
 LEVELS = [(200, 272), (100, 136), (50, 68), (25, 34)]
@@ -95,6 +97,11 @@ def cases(device, dtype, channels_last, backward):
             out.append((f"single-level {branch}",
                         lambda x=level0, b=boxes, s=size: run(lambda: roi_align(x, b, s, 0.25, 2), [x]),
                         lambda x=level0, b=tv_boxes, s=size: run(lambda: tv_roi_align(x, b, s, 0.25, 2), [x])))
+            if not channels_last:  # RoIPool reads NCHW (both implementations make it contiguous)
+                c4 = feats["2"]
+                out.append((f"roi_pool stride 16 {branch}",
+                            lambda x=c4, b=tv_boxes, s=size: run(lambda: roi_pool(x, b, s, 1 / 16), [x]),
+                            lambda x=c4, b=tv_boxes, s=size: run(lambda: tv_roi_pool(x, b, s, 1 / 16), [x])))
         fl = list(feats.values())
         out.append((f"multi-level {branch}",
                     lambda ours_ms=ours_ms, feats=feats, boxes=boxes, fl=fl: run(lambda: ours_ms(feats, boxes, shapes), fl),

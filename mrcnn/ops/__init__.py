@@ -1,6 +1,7 @@
-"""RoIAlign operators with our own CPU and CUDA kernels (registered as torch.ops.mrcnn.*)."""
+"""RoIAlign and RoIPool operators with our own CPU and CUDA kernels (registered as torch.ops.mrcnn.*)."""
 from ._registration import WITH_CUDA
 from .poolers import LevelMapper, MultiScaleRoIAlign
 from .roi_align import RoIAlign, roi_align
+from .roi_pool import RoIPool, roi_pool
 
-__all__ = ["roi_align", "RoIAlign", "MultiScaleRoIAlign", "LevelMapper", "WITH_CUDA"]
+__all__ = ["roi_align", "RoIAlign", "roi_pool", "RoIPool", "MultiScaleRoIAlign", "LevelMapper", "WITH_CUDA"]

@@ -95,6 +95,19 @@ def _multilevel_backward_fake(grad, rois, levels, spatial_scales, heights, width
             for h, w in zip(heights, widths)]
 
 
+@torch.library.register_fake("mrcnn::roi_pool")
+def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "rois must be [K, 5]")
+    shape = (rois.size(0), input.size(1), pooled_height, pooled_width)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("mrcnn::roi_pool_backward")
+def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, pooled_height, pooled_width, batch_size,
+                            channels, height, width):
+    return grad.new_empty((batch_size, channels, height, width))
+
+
 # ---- autograd ------------------------------------------------------------------
 # RoIAlign is linear in its input, so the backward op is linear in `grad` and its
 # own derivative is the forward op: registering it gives double backward too.
@@ -162,7 +175,25 @@ def _multilevel_backward_grad(ctx, grad_grads):
     return (grad_grad,) + (None,) * 12
 
 
+def _roi_pool_setup(ctx, inputs, output):
+    input, rois, spatial_scale, ph, pw = inputs
+    ctx.save_for_backward(rois, output[1])
+    ctx.args = (spatial_scale, ph, pw)
+    ctx.shape = tuple(input.shape)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _roi_pool_grad(ctx, grad, _grad_argmax):
+    # RoIPool's backward scatters grad to the argmax positions; it has no registered derivative of
+    # its own (torchvision's has none either): a second backward raises.
+    rois, argmax = ctx.saved_tensors
+    spatial_scale, ph, pw = ctx.args
+    n, c, h, w = ctx.shape
+    return ops.roi_pool_backward(grad, rois, argmax, spatial_scale, ph, pw, n, c, h, w), None, None, None, None
+
+
 torch.library.register_autograd("mrcnn::roi_align", _roi_align_grad, setup_context=_roi_align_setup)
+torch.library.register_autograd("mrcnn::roi_pool", _roi_pool_grad, setup_context=_roi_pool_setup)
 torch.library.register_autograd("mrcnn::roi_align_backward", _roi_align_backward_grad,
                                 setup_context=_roi_align_backward_setup)
 torch.library.register_autograd("mrcnn::multilevel_roi_align", _multilevel_grad,

@@ -41,7 +41,7 @@ std::vector<at::Tensor> gradients_from_accumulators(const std::vector<at::Tensor
   return result;
 }
 
-static void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& ref) {
+void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5, op,
                     ": rois must be a [K, 5] tensor of (batch_index, x0, y0, x1, y1), got shape ",
                     rois.sizes());

@@ -19,6 +19,9 @@ void check_backward_args(const char* op, const at::Tensor& grad, const at::Tenso
                          const at::Tensor& levels, at::ArrayRef<double> spatial_scales,
                          int64_t pooled_height, int64_t pooled_width);
 
+// rois: a [K, 5] tensor on ref's device, of ref's dtype (float32 also for reduced-precision ref).
+void check_rois(const char* op, const at::Tensor& rois, const at::Tensor& ref);
+
 // Reduced-precision inputs are pooled in float, double in double.
 at::ScalarType accumulate_type(at::ScalarType input_type);
 
