@@ -131,3 +131,37 @@ def test_bad_calls_name_the_problem(make, match):
     _, argmax = torch.ops.mrcnn.roi_pool(x, rois, 1.0, 2, 2)
     with pytest.raises(ValueError, match="argmax"):
         torch.ops.mrcnn.roi_pool_backward(torch.ones(2, 3, 2, 2), rois, argmax.long(), 1.0, 2, 2, 2, 3, 8, 8)
+
+
+# ---------------------------------------------------------------- RoIWarp: quantised corners, bilinear bins
+
+def _round_half_away(v):
+    import math
+
+    return math.copysign(math.floor(abs(v) + 0.5), v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1.0, 0.25, 0.0625])
+def test_roi_warp_is_roialign_on_corners_rounded_to_the_grid(device, scale):
+    gen = torch.Generator().manual_seed(int(1 / scale))
+    x = torch.randn(2, 4, 21, 27, generator=gen).to(device)
+    rois = random_rois(gen, n_images=2, height=21, width=27, k=30, spatial_scale=scale)
+    cells = torch.tensor([[r[0]] + [_round_half_away(v * scale) for v in r[1:]] for r in rois.tolist()])
+    ref = torchvision.ops.roi_align(x, cells.to(device), (6, 6), 1.0, 2, aligned=False)
+    ours = mrcnn.ops.roi_warp(x, rois.to(device), (6, 6), scale, 2)
+    assert torch.equal(ours, ref) and ours.numel() == 30 * 4 * 36
+    # not RoIAlign: quantising moved the samples
+    assert not torch.allclose(ours, mrcnn.ops.roi_align(x, rois.to(device), (6, 6), scale, 2))
+    # sub-cell moves of the box do not change the result
+    nudged = rois.clone()
+    nudged[:, 1:] += 0.2 / scale * torch.sign(cells[:, 1:] / scale - rois[:, 1:])
+    assert torch.equal(mrcnn.ops.roi_warp(x, nudged.to(device), (6, 6), scale, 2), ours)
+    assert repr(mrcnn.ops.RoIWarp(6, scale, 2)).startswith("RoIWarp(output_size=6")
+
+
+def test_roi_warp_gradcheck():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 2, 9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(gen, n_images=1, height=9, width=10, k=5, spatial_scale=0.5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: mrcnn.ops.roi_warp(t, rois, 3, 0.5, 2), (x,))
