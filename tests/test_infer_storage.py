@@ -21,6 +21,9 @@ def make_tree(root):
         "sub/deeper/d.tiff": b"d" * 13,
         "sub/deeper/e.txt": b"e",
         "sub2/f.bmp": b"f" * 14,
+        "phone/IMG_0001.HEIC": b"g" * 15,
+        "phone/h.avif": b"h" * 16,
+        "web/i.gif": b"i" * 17,
     }
     for rel, data in files.items():
         p = root / rel
@@ -59,7 +62,7 @@ def test_local_etag_changes_when_file_is_rewritten(tmp_path):
 def test_list_inputs_filters_image_extensions_case_insensitively(tmp_path):
     make_tree(tmp_path)
     names = sorted(o.uri.rsplit("/", 1)[1] for o in storage.list_inputs(str(tmp_path)))
-    assert names == ["B.PNG", "a.jpg", "c.webp", "d.tiff", "f.bmp"]
+    assert names == ["B.PNG", "IMG_0001.HEIC", "a.jpg", "c.webp", "d.tiff", "f.bmp", "h.avif", "i.gif"]
 
 
 def test_local_listing_is_lazy(tmp_path, monkeypatch):

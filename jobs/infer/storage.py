@@ -54,7 +54,9 @@ from fsspec.compression import compr
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+# what decode.py accepts (HEIC/HEIF with pillow-heif, AVIF with Pillow's libavif)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic",
+                              ".heif"})
 LIST_FILE_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 COMPRESSION_EXTENSIONS = frozenset({".gz", ".bz2", ".xz", ".zst"})
 DEFAULT_MAX_BYTES = 256 * 2**20  # a single image file larger than this is an error row
@@ -414,6 +416,8 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
                 retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """The job's inputs for ``--input``.
 
+    * an S3 Inventory report's ``manifest.json`` (:mod:`inventory`): the current objects it
+      lists whose extension is in ``extensions``;
     * a list file (``.txt``/``.lst``/``.list``, optionally compressed): every line is an
       input, whatever its extension (an explicit list means "process these");
     * a directory / key prefix: the objects whose extension is in ``extensions``
@@ -422,6 +426,11 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     ``retry`` applies to listing pages and stats.
     """
     exts = frozenset(e.lower() for e in extensions)
+    from . import inventory  # it builds on this module
+
+    if inventory.is_manifest(uri):
+        yield from (o for o in inventory.iter_inventory(uri, retry=retry) if has_extension(o.uri, exts))
+        return
     if is_list_file(uri):
         yield from stat_uris(iter_list_file(uri), retry=retry)
         return
