@@ -59,7 +59,7 @@ RUN_NAME = "train"
 # Flags that decide the model a run trains: a resumed run must keep them, since its checkpoints
 # hold that model (``--max-iters`` and the optimiser flags may change: continuing is fine).
 MODEL_FLAGS = ("arch", "weights", "weights_backbone", "trainable_backbone_layers", "min_size", "max_size",
-               "anchor_sizes", "box_batch_size_per_image", "returned_layers")
+               "anchor_sizes", "box_batch_size_per_image", "returned_layers", "roi_pooler", "mask_loss", "mask_head")
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -86,6 +86,13 @@ def parse_args(argv=None):
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50_fpn")
     p.add_argument("--min-size", type=int, nargs="+", default=[800], help="one or more sizes (multi-scale training)")
     p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--roi-pooler", choices=("roi_align_legacy", "roi_align", "roi_warp", "roi_pool"), default=None,
+                   help="the box and mask heads' pooler (default roi_align_legacy, torchvision's); the paper's "
+                        "ablation, Table 2c")
+    p.add_argument("--mask-loss", choices=("sigmoid", "softmax"), default=None,
+                   help="per-class sigmoid (default, the paper's) or a softmax over classes (Table 2d)")
+    p.add_argument("--mask-head", choices=("fcn", "mlp"), default=None,
+                   help="convolutional mask head (default) or fc layers (Table 2e)")
     p.add_argument("--returned-layers", type=int, nargs="+", default=None,
                    help="ResNet stages (1-4) the FPN reads (default 1 2 3 4; 1 2 3 drops layer4: a smaller, "
                         "faster model for small objects)")
@@ -233,6 +240,9 @@ def build_model(cfg, num_classes):
         kwargs["rpn_anchor_sizes"] = cfg["anchor_sizes"]
     if cfg.get("returned_layers"):
         kwargs["returned_layers"] = cfg["returned_layers"]
+    for flag, kwarg in (("roi_pooler", "roi_pooler"), ("mask_loss", "mask_loss"), ("mask_head", "mask_head_type")):
+        if cfg.get(flag):
+            kwargs[kwarg] = cfg[flag]
     if not cfg["weights"]:
         return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
     file_classes = int(read_metadata(cfg["weights"])["num_classes"])

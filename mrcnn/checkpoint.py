@@ -21,6 +21,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .backbone import DEFAULT_RETURNED_LAYERS, returned_layers_of
 from .mask_rcnn import ARCHITECTURES, MaskRCNN, build_model
+from .roi_heads import MaskMLPHead
 
 FORMAT = "mrcnn-batch/maskrcnn"
 FORMAT_VERSION = 1
@@ -176,6 +177,14 @@ def model_config(model: nn.Module) -> dict:
     returned_layers = returned_layers_of(model.backbone)
     if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
         config["returned_layers"] = returned_layers
+    # the ablation switches, likewise only when not the default
+    pooler = getattr(rh.box_roi_pool, "pooler", "roi_align_legacy")
+    if pooler != "roi_align_legacy":
+        config["roi_pooler"] = pooler
+    if getattr(rh, "mask_loss", "sigmoid") != "sigmoid":
+        config["mask_loss"] = rh.mask_loss
+    if isinstance(rh.mask_head, MaskMLPHead):
+        config["mask_head_type"] = "mlp"
     return config
 
 

@@ -11,6 +11,8 @@ from .ops import MultiScaleRoIAlign
 from .roi_heads import (
     FastRCNNConvFCHead,
     FastRCNNPredictor,
+    MaskMLPHead,
+    MaskMLPPredictor,
     MaskRCNNHeads,
     MaskRCNNPredictor,
     RoIHeads,
@@ -45,7 +47,11 @@ class MaskRCNN(nn.Module):
 
     The keyword arguments are torchvision's ``MaskRCNN`` ones (see its documentation), plus
     ``rpn_anchor_sizes`` / ``rpn_aspect_ratios`` (per FPN level; plain values, so checkpoints
-    record them) as an alternative to passing a whole ``rpn_anchor_generator``.
+    record them) as an alternative to passing a whole ``rpn_anchor_generator``, and the paper's
+    ablation switches (Table 2), recorded in checkpoints too: ``roi_pooler`` (the default
+    poolers' operator: ``roi_align_legacy``, torchvision's; ``roi_align``, ``roi_warp``,
+    ``roi_pool``), ``mask_loss`` (``sigmoid`` per class, the paper's; ``softmax`` over classes)
+    and ``mask_head_type`` (the default mask head: ``fcn``, four 3x3 convs; ``mlp``, fc layers).
     """
 
     def __init__(
@@ -91,6 +97,9 @@ class MaskRCNN(nn.Module):
         # ours
         size_divisible: int = 32,
         mask_output: str = "probs",
+        roi_pooler: str = "roi_align_legacy",
+        mask_loss: str = "sigmoid",
+        mask_head_type: str = "fcn",
     ):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
@@ -122,14 +131,21 @@ class MaskRCNN(nn.Module):
         )
 
         if box_roi_pool is None:
-            box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+            box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2, pooler=roi_pooler)
         if box_head is None:
             resolution = box_roi_pool.output_size[0]
             box_head = TwoMLPHead(out_channels * resolution**2, 1024)
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(1024, num_classes)
         if mask_roi_pool is None:
-            mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+            mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2, pooler=roi_pooler)
+        if mask_head_type == "mlp" and (mask_head is None) != (mask_predictor is None):
+            raise ValueError("mask_head_type='mlp' builds both the mask head and its predictor: give both or neither")
+        if mask_head_type == "mlp" and mask_head is None:
+            mask_head, mask_predictor = mask_branch("mlp", out_channels, num_classes, (),
+                                                    resolution=mask_roi_pool.output_size[0])
+        elif mask_head_type not in MASK_HEADS:
+            raise ValueError(f"mask_head_type must be one of {MASK_HEADS}, got {mask_head_type!r}")
         if mask_head is None:
             mask_head = MaskRCNNHeads(out_channels, (256, 256, 256, 256), 1)
         if mask_predictor is None:
@@ -150,6 +166,7 @@ class MaskRCNN(nn.Module):
             mask_roi_pool=mask_roi_pool,
             mask_head=mask_head,
             mask_predictor=mask_predictor,
+            mask_loss=mask_loss,
         )
 
         if image_mean is None:
@@ -229,6 +246,23 @@ ARCHITECTURES = (
 SMALL_CHANNELS = 128  # FPN and head width of maskrcnn_resnet18_fpn_small
 
 
+MASK_HEADS = ("fcn", "mlp")
+
+
+def mask_branch(kind: str, in_channels: int, num_classes: int, conv_layers, *, norm_layer=None,
+                resolution: int = 14) -> tuple[nn.Module, nn.Module]:
+    """(mask head, mask predictor): ``fcn``, 3x3 convs then a 2x deconv and per-class 1x1 convs
+    (the paper's); ``mlp``, fc 1024 -> 1024 -> classes x 28 x 28 on the flattened features."""
+    if kind not in MASK_HEADS:
+        raise ValueError(f"mask_head_type must be one of {MASK_HEADS}, got {kind!r}")
+    if kind == "mlp":
+        return (MaskMLPHead(in_channels * resolution * resolution, (1024, 1024)),
+                MaskMLPPredictor(1024, num_classes, 2 * resolution))
+    width = conv_layers[-1]
+    return (MaskRCNNHeads(in_channels, conv_layers, 1, norm_layer=norm_layer),
+            MaskRCNNPredictor(width, width, num_classes))
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels)
 
@@ -257,11 +291,13 @@ def build_model(
     is_trained = pretrained or weights_backbone is not None
     trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
     returned_layers = normalize_returned_layers(kwargs.pop("returned_layers", None))
+    pooler = kwargs.get("roi_pooler", "roi_align_legacy")
+    mask_kind = kwargs.get("mask_head_type", "fcn")
     if len(returned_layers) < 4:
         # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
         names = [str(i) for i in range(len(returned_layers))]
-        kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2))
-        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2))
+        kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, pooler=pooler))
+        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, pooler=pooler))
 
     if architecture in ("maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_small"):
         # these build their own RPN head, which needs the anchor count
@@ -283,9 +319,10 @@ def build_model(
             "rpn_anchor_generator": anchor_generator,
             "rpn_head": RPNHead(out, num_anchors, conv_depth=2),
             "box_head": FastRCNNConvFCHead((out, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
-            "mask_head": MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d),
             **kwargs,
         }
+        if mask_kind == "fcn":  # the MLP head has no norm layer: MaskRCNN builds it
+            kwargs.setdefault("mask_head", MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d))
     elif architecture == "maskrcnn_resnet18_fpn_small":
         # Ours, for small images and training from scratch on CPUs: ResNet-18, a 128-channel FPN,
         # and two-conv box and mask heads. GroupNorm in the FPN and heads, which train from
@@ -301,13 +338,14 @@ def build_model(
             returned_layers=returned_layers,
         )
         representation = 2 * out
+        mask_head, mask_predictor = mask_branch(mask_kind, out, num_classes, [out, out], norm_layer=_group_norm)
         kwargs = {
             "rpn_anchor_generator": anchor_generator,
             "rpn_head": RPNHead(out, num_anchors),
             "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
             "box_predictor": FastRCNNPredictor(representation, num_classes),
-            "mask_head": MaskRCNNHeads(out, [out, out], 1, norm_layer=_group_norm),
-            "mask_predictor": MaskRCNNPredictor(out, out, num_classes),
+            "mask_head": mask_head,
+            "mask_predictor": mask_predictor,
             **kwargs,
         }
         num_classes = None  # given to the predictors above

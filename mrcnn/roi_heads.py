@@ -125,6 +125,33 @@ class MaskRCNNPredictor(nn.Sequential):
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
 
 
+class MaskMLPHead(nn.Sequential):
+    """The paper's MLP mask head (Table 2e): the pooled RoI features flattened, then fc + ReLU layers."""
+
+    def __init__(self, in_features: int, layers=(1024, 1024)):
+        blocks = [nn.Flatten(start_dim=1)]
+        previous = in_features
+        for width in layers:
+            blocks += [nn.Linear(previous, width), nn.ReLU(inplace=True)]
+            previous = width
+        super().__init__(*blocks)
+
+
+class MaskMLPPredictor(nn.Module):
+    """One fc layer to ``num_classes`` M x M mask logit maps (the MLP head's last layer)."""
+
+    def __init__(self, in_features: int, num_classes: int, resolution: int = 28):
+        super().__init__()
+        self.resolution = resolution
+        self.mask_fc_logits = nn.Linear(in_features, num_classes * resolution * resolution)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mask_fc_logits(x).view(x.shape[0], -1, self.resolution, self.resolution)
+
+
+MASK_LOSSES = ("sigmoid", "softmax")
+
+
 def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
     """Cross-entropy over all sampled RoIs; smooth L1 (beta 1/9) on the GT class deltas of positives."""
     labels = torch.cat(labels, dim=0)
@@ -147,8 +174,14 @@ def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor
     return roi_align(gt_masks, rois, (M, M), 1.0)[:, 0]
 
 
-def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs):
-    """Per-pixel BCE between the GT class's mask logits and the projected GT masks of positive RoIs."""
+def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs, kind: str = "sigmoid"):
+    """The mask loss of positive RoIs against their projected GT masks.
+
+    ``sigmoid`` (the paper's): per-pixel BCE of the GT class's own mask logits, the other classes
+    untouched. ``softmax`` (the ablation's alternative, Table 2d): a per-pixel softmax over the
+    classes and a multinomial loss, the GT class where the mask is, background elsewhere, so
+    classes compete for every pixel.
+    """
     M = mask_logits.shape[-1]
     labels = [gt_label[idxs] for gt_label, idxs in zip(gt_labels, mask_matched_idxs)]
     mask_targets = [project_masks_on_boxes(m, p, i, M) for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)]
@@ -157,14 +190,18 @@ def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs
     if mask_targets.numel() == 0:
         # no positive RoI: a zero loss that still depends on the logits
         return mask_logits.sum() * 0
+    if kind == "softmax":
+        pixel_class = torch.where(mask_targets >= 0.5, labels[:, None, None], torch.zeros_like(labels)[:, None, None])
+        return F.cross_entropy(mask_logits, pixel_class)
     return F.binary_cross_entropy_with_logits(
         mask_logits[torch.arange(labels.shape[0], device=labels.device), labels], mask_targets
     )
 
 
-def maskrcnn_inference(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
-    """Sigmoid of the predicted class's mask logits, ``[D_i, 1, M, M]`` per image."""
-    mask_prob = mask_logits.sigmoid()
+def maskrcnn_inference(mask_logits: Tensor, labels: list[Tensor], kind: str = "sigmoid") -> list[Tensor]:
+    """The predicted class's mask probabilities (sigmoid, or its share of the per-pixel softmax),
+    ``[D_i, 1, M, M]`` per image."""
+    mask_prob = mask_logits.softmax(dim=1) if kind == "softmax" else mask_logits.sigmoid()
     boxes_per_image = [label.shape[0] for label in labels]
     labels = torch.cat(labels)
     index = torch.arange(mask_logits.shape[0], device=labels.device)
@@ -193,8 +230,12 @@ class RoIHeads(nn.Module):
         mask_roi_pool: Optional[nn.Module] = None,
         mask_head: Optional[nn.Module] = None,
         mask_predictor: Optional[nn.Module] = None,
+        mask_loss: str = "sigmoid",
     ):
         super().__init__()
+        if mask_loss not in MASK_LOSSES:
+            raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
+        self.mask_loss = mask_loss
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         if bbox_reg_weights is None:
@@ -351,8 +392,10 @@ class RoIHeads(nn.Module):
             if self.training:
                 gt_masks = [t["masks"] for t in targets]
                 gt_labels = [t["labels"] for t in targets]
-                losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched_idxs)
+                losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched_idxs,
+                                                    self.mask_loss)
             else:
-                for mask_prob, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+                probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result], self.mask_loss)
+                for mask_prob, r in zip(probs, result):
                     r["masks"] = mask_prob
         return result, losses

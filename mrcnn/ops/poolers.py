@@ -4,6 +4,12 @@ Same constructor, forward and results as ``torchvision.ops.MultiScaleRoIAlign``;
 difference is how: torchvision loops over levels in Python and gathers the RoIs of
 each level (a host sync per level on CUDA); here every RoI carries its level index
 and one op pools them all.
+
+``pooler`` picks the operator, for the paper's ablation (Table 2c): ``roi_align_legacy``
+(torchvision's default, ``aligned=False``: what its COCO weights were trained with),
+``roi_align`` (the half-pixel alignment the paper describes), ``roi_warp`` (corners
+rounded to the grid, bilinear bins) and ``roi_pool`` (corners and bins rounded, max). The
+first three pool every level in one launch; ``roi_pool`` loops over levels.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ from torch.nn.modules.utils import _pair
 
 from ._registration import ops
 from .roi_align import boxes_to_rois
+from .roi_warp import quantize_rois
+
+POOLERS = ("roi_align_legacy", "roi_align", "roi_warp", "roi_pool")
 
 
 def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
@@ -51,8 +60,11 @@ class MultiScaleRoIAlign(nn.Module):
     """
 
     def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
-                 canonical_scale: int = 224, canonical_level: int = 4):
+                 canonical_scale: int = 224, canonical_level: int = 4, pooler: str = "roi_align_legacy"):
         super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"pooler must be one of {POOLERS}, got {pooler!r}")
+        self.pooler = pooler
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.featmap_names = featmap_names
@@ -81,11 +93,27 @@ class MultiScaleRoIAlign(nn.Module):
             self._setup_scales(features, image_shapes)
         rois = boxes_to_rois(boxes)
         ph, pw = self.output_size
+        levels = self.map_levels(list(boxes)) if len(features) > 1 else torch.zeros_like(rois[:, 0], dtype=torch.int64)
+        scales = self.scales
+        if self.pooler == "roi_pool":
+            return self._roi_pool(features, rois, levels)
+        aligned = self.pooler == "roi_align"
+        if self.pooler == "roi_warp":  # corners in cells of each RoI's level: the kernel's scales are 1
+            rois = quantize_rois(rois, torch.tensor(scales, device=rois.device)[levels])
+            scales = [1.0] * len(features)
         if len(features) == 1:
-            return ops.roi_align(features[0], rois, self.scales[0], ph, pw, self.sampling_ratio, False)
-        levels = self.map_levels(list(boxes))
-        return ops.multilevel_roi_align(features, rois, levels, self.scales, ph, pw, self.sampling_ratio, False)
+            return ops.roi_align(features[0], rois, scales[0], ph, pw, self.sampling_ratio, aligned)
+        return ops.multilevel_roi_align(features, rois, levels, scales, ph, pw, self.sampling_ratio, aligned)
+
+    def _roi_pool(self, features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
+        ph, pw = self.output_size
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = ops.roi_pool(feature, rois[idx].to(feature.dtype), scale, ph, pw)[0]
+        return out
 
     def __repr__(self) -> str:
+        pooler = "" if self.pooler == "roi_align_legacy" else f", pooler={self.pooler!r}"
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
-                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio})")
+                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}{pooler})")

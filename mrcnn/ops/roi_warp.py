@@ -17,8 +17,11 @@ from ._registration import ops
 from .roi_align import BoxesArg, boxes_to_rois, check_roi_values
 
 
-def quantize_rois(rois: Tensor, spatial_scale: float) -> Tensor:
-    """[K, 5] RoIs with corners in feature-map cells, rounded as RoIPool rounds them."""
+def quantize_rois(rois: Tensor, spatial_scale: Union[float, Tensor]) -> Tensor:
+    """[K, 5] RoIs with corners in feature-map cells, rounded as RoIPool rounds them
+    (``spatial_scale``: one for all, or a [K] tensor of each RoI's own)."""
+    if isinstance(spatial_scale, Tensor):
+        spatial_scale = spatial_scale.to(rois.dtype)[:, None]
     xy = rois[:, 1:] * spatial_scale
     return torch.cat([rois[:, :1], torch.sign(xy) * torch.floor(xy.abs() + 0.5)], dim=1)
 
