@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cfloat>
 #include <cmath>
 
 #include "roi_align.h"
@@ -58,23 +57,10 @@ void forward_kernel(const T* input, const T* rois, T spatial_scale, int64_t num_
       for (int ph = 0; ph < pooled_height; ++ph) {
         for (int pw = 0; pw < pooled_width; ++pw) {
           const PoolBin bin = roi_pool_bin<T>(roi, spatial_scale, ph, pw, pooled_height, pooled_width, height, width);
-          const bool empty = bin.hend <= bin.hstart || bin.wend <= bin.wstart;
           for (int c = 0; c < channels; ++c) {
             const T* plane = input + (b * channels + c) * static_cast<int64_t>(height) * width;
-            T best = empty ? T(0) : T(-FLT_MAX);
-            int best_at = -1;
-            for (int h = bin.hstart; h < bin.hend; ++h) {
-              for (int w = bin.wstart; w < bin.wend; ++w) {
-                const int idx = h * width + w;
-                if (plane[idx] > best) {  // strictly: the first maximum wins, NaN never does
-                  best = plane[idx];
-                  best_at = idx;
-                }
-              }
-            }
             const int64_t o = ((n * channels + c) * pooled_height + ph) * pooled_width + pw;
-            output[o] = best;
-            argmax[o] = best_at;
+            output[o] = bin_max(plane, bin, width, argmax + o);
           }
         }
       }

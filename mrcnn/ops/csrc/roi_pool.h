@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cfloat>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -59,6 +60,29 @@ inline PoolBin roi_pool_bin(const R* roi, T spatial_scale, int ph, int pw, int p
   b.wstart = clip(lo(pw, bin_w) + roi_start_w, width);
   b.wend = clip(hi(pw + 1, bin_w) + roi_start_w, width);
   return b;
+}
+
+// The maximum of one bin of a channel plane (row-major, `width` wide) and where it is: the
+// first maximum in row-major order wins a tie and NaN never does; an empty bin is (0, -1).
+template <typename T>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline T bin_max(const T* plane, const PoolBin& bin, int width, int* where) {
+  const bool empty = bin.hend <= bin.hstart || bin.wend <= bin.wstart;
+  T best = empty ? T(0) : T(-FLT_MAX);
+  int best_at = -1;
+  for (int h = bin.hstart; h < bin.hend; ++h) {
+    for (int w = bin.wstart; w < bin.wend; ++w) {
+      const int idx = h * width + w;
+      if (plane[idx] > best) {
+        best = plane[idx];
+        best_at = idx;
+      }
+    }
+  }
+  *where = best_at;
+  return best;
 }
 
 }  // namespace mrcnn

@@ -24,6 +24,21 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
 }
 
+// (n, c, ph, pw) of a flat index into a (K, C, PH, PW) tensor
+struct OutputIndex {
+  int64_t n;
+  int c, ph, pw;
+};
+
+__device__ __forceinline__ OutputIndex output_index(int64_t index, int channels, int pooled_height, int pooled_width) {
+  OutputIndex o;
+  o.pw = static_cast<int>(index % pooled_width);
+  o.ph = static_cast<int>((index / pooled_width) % pooled_height);
+  o.c = static_cast<int>((index / pooled_width / pooled_height) % channels);
+  o.n = index / pooled_width / pooled_height / channels;
+  return o;
+}
+
 template <typename T>
 __device__ __forceinline__ bool valid_roi(const T* roi, int64_t batch_size) {
   for (int j = 0; j < 5; ++j) {
@@ -40,33 +55,17 @@ __global__ void roi_pool_forward_kernel(int64_t total, const T* __restrict__ inp
                                         int* __restrict__ argmax) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(index % pooled_width);
-    const int ph = static_cast<int>((index / pooled_width) % pooled_height);
-    const int c = static_cast<int>((index / pooled_width / pooled_height) % channels);
-    const int64_t n = index / pooled_width / pooled_height / channels;
-    const T* roi = rois + 5 * n;
+    const OutputIndex o = output_index(index, channels, pooled_height, pooled_width);
+    const T* roi = rois + 5 * o.n;
     if (!valid_roi(roi, batch_size)) {
       output[index] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
       argmax[index] = -1;
       continue;
     }
     const int64_t b = static_cast<int64_t>(static_cast<double>(roi[0]));
-    const PoolBin bin = roi_pool_bin<T>(roi, spatial_scale, ph, pw, pooled_height, pooled_width, height, width);
-    const bool empty = bin.hend <= bin.hstart || bin.wend <= bin.wstart;
-    const T* plane = input + (b * channels + c) * static_cast<int64_t>(height) * width;
-    T best = empty ? T(0) : T(-FLT_MAX);
-    int best_at = -1;
-    for (int h = bin.hstart; h < bin.hend; ++h) {
-      for (int w = bin.wstart; w < bin.wend; ++w) {
-        const int idx = h * width + w;
-        if (plane[idx] > best) {
-          best = plane[idx];
-          best_at = idx;
-        }
-      }
-    }
-    output[index] = best;
-    argmax[index] = best_at;
+    const PoolBin bin = roi_pool_bin<T>(roi, spatial_scale, o.ph, o.pw, pooled_height, pooled_width, height, width);
+    const T* plane = input + (b * channels + o.c) * static_cast<int64_t>(height) * width;
+    output[index] = bin_max(plane, bin, width, argmax + index);
   }
 }
 
@@ -78,15 +77,13 @@ __global__ void roi_pool_backward_kernel(int64_t total, const T* __restrict__ gr
                                          T* __restrict__ grad_input) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(index % pooled_width);
-    const int ph = static_cast<int>((index / pooled_width) % pooled_height);
-    const int c = static_cast<int>((index / pooled_width / pooled_height) % channels);
-    const int64_t n = index / pooled_width / pooled_height / channels;
+    const OutputIndex o = output_index(index, channels, pooled_height, pooled_width);
     const int idx = argmax[index];
-    const T* roi = rois + 5 * n;
+    const T* roi = rois + 5 * o.n;
     if (idx < 0 || idx >= plane_size || !valid_roi(roi, batch_size)) continue;
     const int64_t b = static_cast<int64_t>(static_cast<double>(roi[0]));
-    gpuAtomicAdd(grad_input + (b * channels + c) * plane_size + idx, grad[n * sn + c * sc + ph * sh + pw * sw]);
+    gpuAtomicAdd(grad_input + (b * channels + o.c) * plane_size + idx,
+                 grad[o.n * sn + o.c * sc + o.ph * sh + o.pw * sw]);
   }
 }
 
