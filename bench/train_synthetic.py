@@ -40,6 +40,10 @@ def main(argv=None):
     p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
                    help="one per FPN level (default 16 32 64 128 256, cut to the levels --returned-layers gives)")
     p.add_argument("--returned-layers", type=int, nargs="+", default=None, help="jobs.train --returned-layers")
+    p.add_argument("--roi-pooler", default=None, help="jobs.train --roi-pooler (the ablation's switches)")
+    p.add_argument("--mask-loss", default=None, help="jobs.train --mask-loss")
+    p.add_argument("--mask-head", default=None, help="jobs.train --mask-head")
+    p.add_argument("--data", default=None, help="the dataset folder (default WORKDIR/data): several runs may share one")
     p.add_argument("--ship", default=None,
                    help="also write the final model here as fp16 in our checkpoint format, with the recipe and "
                         "held-out AP in its metadata (how models/ is made)")
@@ -61,7 +65,7 @@ def main(argv=None):
     from jobs.synthetic import generate
     from mrcnn.checkpoint import load_model
 
-    data, out = os.path.join(args.workdir, "data"), os.path.join(args.workdir, "run")
+    data, out = args.data or os.path.join(args.workdir, "data"), os.path.join(args.workdir, "run")
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(data, "val", "annotations.json")):
         generate(data, args.images, seed=args.seed, size=args.size, val_fraction=args.val_fraction)
@@ -79,6 +83,9 @@ def main(argv=None):
     ]
     if args.returned_layers:
         train_argv += ["--returned-layers", *map(str, args.returned_layers)]
+    for flag in ("roi_pooler", "mask_loss", "mask_head"):
+        if getattr(args, flag):
+            train_argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     if args.warmup_iters is not None:
         train_argv += ["--warmup-iters", str(args.warmup_iters)]
     if args.lr_steps is not None:
@@ -101,7 +108,9 @@ def main(argv=None):
     t_eval = time.perf_counter() - t2
     report = {
         "mask_AP50": round(metrics["segm"]["AP50"], 4), "mask_AP": round(metrics["segm"]["AP"], 4),
+        "mask_AP75": round(metrics["segm"]["AP75"], 4),
         "box_AP50": round(metrics["bbox"]["AP50"], 4), "box_AP": round(metrics["bbox"]["AP"], 4),
+        "box_AP75": round(metrics["bbox"]["AP75"], 4),
         "val_images": metrics["counts"]["gt_images"], "detections": metrics["counts"]["detections"],
         "train_images": args.images - metrics["counts"]["gt_images"],
         "wall_s": {"data": round(t_data, 1), "train": round(t_train, 1), "eval": round(t_eval, 1),

@@ -90,7 +90,7 @@ def parse_args(argv=None):
                    help="the box and mask heads' pooler (default roi_align_legacy, torchvision's); the paper's "
                         "ablation, Table 2c")
     p.add_argument("--mask-loss", choices=("sigmoid", "softmax"), default=None,
-                   help="per-class sigmoid (default, the paper's) or a softmax over classes (Table 2d)")
+                   help="per-class sigmoid (default, the paper's) or a softmax over classes (Table 2b)")
     p.add_argument("--mask-head", choices=("fcn", "mlp"), default=None,
                    help="convolutional mask head (default) or fc layers (Table 2e)")
     p.add_argument("--returned-layers", type=int, nargs="+", default=None,

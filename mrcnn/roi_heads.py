@@ -178,7 +178,7 @@ def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs
     """The mask loss of positive RoIs against their projected GT masks.
 
     ``sigmoid`` (the paper's): per-pixel BCE of the GT class's own mask logits, the other classes
-    untouched. ``softmax`` (the ablation's alternative, Table 2d): a per-pixel softmax over the
+    untouched. ``softmax`` (the ablation's alternative, Table 2b): a per-pixel softmax over the
     classes and a multinomial loss, the GT class where the mask is, background elsewhere, so
     classes compete for every pixel.
     """
