@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 import mrcnn.ops
+from mrcnn.ops import roi_pool
 from _roi_reference import edge_rois, random_rois, rois_to_list, strided_views
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and mrcnn.ops.WITH_CUDA else [])
@@ -165,3 +166,28 @@ def test_roi_warp_gradcheck():
     x = torch.randn(1, 2, 9, 10, generator=gen, dtype=torch.float64, requires_grad=True)
     rois = random_rois(gen, n_images=1, height=9, width=10, k=5, spatial_scale=0.5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: mrcnn.ops.roi_warp(t, rois, 3, 0.5, 2), (x,))
+
+
+def test_torch_fx_traces_the_operators_as_leaves():
+    # Modules call the operators through their own module's globals, which torch.fx.wrap patches;
+    # a user's own function reaches them with Tracer(autowrap_functions=...), as for torchvision's.
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.align, self.pool, self.warp = mrcnn.ops.RoIAlign(3, 0.5, 2), mrcnn.ops.RoIPool(2, 0.5), mrcnn.ops.RoIWarp(2, 0.5)
+
+        def forward(self, x, rois):
+            return self.align(x, rois).sum() + self.pool(x, rois).sum() + self.warp(x, rois).sum()
+
+    graph = torch.fx.symbolic_trace(Model())
+    leaves = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert {mrcnn.ops.roi_align, mrcnn.ops.roi_pool, mrcnn.ops.roi_warp} <= leaves
+    x, rois = torch.randn(1, 2, 8, 8), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
+    assert torch.equal(graph(x, rois), Model()(x, rois))
+
+    traced = torch.fx.Tracer(autowrap_functions=(roi_pool,)).trace(_user_fn)
+    assert [n.target for n in traced.nodes if n.op == "call_function"] == [roi_pool]
+
+
+def _user_fn(x, rois):  # calls the operator by a name of its own module's globals
+    return roi_pool(x, rois, 2, 0.5)

@@ -86,6 +86,11 @@ def roi_align(
     return ops.roi_align(input, rois, float(spatial_scale), int(ph), int(pw), int(sampling_ratio), bool(aligned))
 
 
+# torch.fx treats the operator as one leaf call (torchvision's does the same), so symbolic_trace
+# and torchvision.models.feature_extraction do not trace into the argument checks.
+torch.fx.wrap("roi_align")
+
+
 class RoIAlign(nn.Module):
     """Module form of :func:`roi_align` (as ``torchvision.ops.RoIAlign``)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Union
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
@@ -33,6 +34,9 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: Union[int, tuple[int, 
         check_roi_values(rois, input.size(0), "roi_pool")
     output, _ = ops.roi_pool(input, rois, float(spatial_scale), int(ph), int(pw))
     return output
+
+
+torch.fx.wrap("roi_pool")  # a leaf for torch.fx, as roi_align
 
 
 class RoIPool(nn.Module):

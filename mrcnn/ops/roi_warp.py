@@ -40,6 +40,9 @@ def roi_warp(input: Tensor, boxes: BoxesArg, output_size: Union[int, tuple[int, 
                          int(sampling_ratio), False)
 
 
+torch.fx.wrap("roi_warp")  # a leaf for torch.fx, as roi_align
+
+
 class RoIWarp(nn.Module):
     """Module form of :func:`roi_warp`."""
 
