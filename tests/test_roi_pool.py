@@ -191,3 +191,19 @@ def test_torch_fx_traces_the_operators_as_leaves():
 
 def _user_fn(x, rois):  # calls the operator by a name of its own module's globals
     return roi_pool(x, rois, 2, 0.5)
+
+
+def test_torch_export_keeps_our_ops_in_the_graph():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.align, self.pool = mrcnn.ops.RoIAlign(3, 0.5, 2), mrcnn.ops.RoIPool(2, 0.5)
+
+        def forward(self, x, rois):
+            return self.align(x, rois).sum() + self.pool(x, rois).sum()
+
+    x, rois = torch.randn(1, 2, 8, 8), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]])
+    program = torch.export.export(Model(), (x, rois))
+    ops_called = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"mrcnn.roi_align.default", "mrcnn.roi_pool.default"} <= ops_called
+    assert torch.equal(program.module()(x, rois), Model()(x, rois))
