@@ -21,7 +21,8 @@ step by step, so the float output equals torchvision's and ``> 0.5`` agrees to t
   build has no FMA and is matched with plain float32 arithmetic.
 
 On CUDA the same formula is used; it is close to torchvision's result there but has
-not been checked bit for bit.
+not been checked bit for bit. For CPU tensors ``paste_masks_to_rle`` runs the same
+arithmetic in C++ (``ops/csrc/paste_rle_cpu.cpp``), counting the RLE runs as it goes.
 """
 
 from __future__ import annotations
