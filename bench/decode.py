@@ -66,10 +66,7 @@ def rows(photos, model_input, actor):
     original = model_stage.read_object
     model_stage.read_object = lambda uri, retry=None: store[uri]
     try:
-        batch = {"uri": np.array(uris, dtype=object), "etag": np.array([None] * n, dtype=object),
-                 "size": np.array([-1] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-                 "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
-        decoded = model_stage.decode_batch(batch, model_input=model_input)
+        decoded = model_stage.decode_batch(model_stage.plan_batch(uris), model_input=model_input)
     finally:
         model_stage.read_object = original
     return actor(decoded).to_pylist()

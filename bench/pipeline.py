@@ -74,21 +74,14 @@ def bare_loop(weights: str, uris: list[str], batch: int, device: str) -> float:
 
 
 def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> float:
-    from jobs.infer.model_stage import PredictorActor, decode_batch
+    from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)
-
-    def rows(us):
-        n = len(us)
-        return {"uri": np.array(us, dtype=object), "etag": np.array([None] * n, dtype=object),
-                "size": np.full(n, -1), "error": np.array([None] * n, dtype=object),
-                "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
-
-    actor(decode_batch(rows(uris[:1])))  # warm-up
+    actor(decode_batch(plan_batch(uris[:1])))  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(uris), batch):
-        actor(decode_batch(rows(uris[i : i + batch])))
+        actor(decode_batch(plan_batch(uris[i : i + batch])))
     return len(uris) / (time.perf_counter() - t0)
 
 
@@ -108,19 +101,13 @@ def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> Non
     """The actor on Ray-sized batches (4 micro-batches each), overlap on and off, on CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
-    from jobs.infer.model_stage import PredictorActor, decode_batch
+    from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)
     n = len(uris)
     step = 4 * batch
-    batches = [decode_batch({"uri": np.array(uris[i:i + step], dtype=object),
-                             "etag": np.array([None] * len(uris[i:i + step]), dtype=object),
-                             "size": np.full(len(uris[i:i + step]), -1),
-                             "error": np.array([None] * len(uris[i:i + step]), dtype=object),
-                             "error_kind": np.array([None] * len(uris[i:i + step]), dtype=object),
-                             "shard_id": np.array(["s"] * len(uris[i:i + step]), dtype=object)})
-               for i in range(0, n, step)]
+    batches = [decode_batch(plan_batch(uris[i:i + step])) for i in range(0, n, step)]
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     run_batches = actor.predictor.predict_batches

@@ -199,12 +199,12 @@ def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None
                                 only_predicted=only_predicted, storage_options=storage_options)
 
 
-def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, full_decode=False, storage_options=None):
+def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_options=None):
     """Batch-job rows of ``predictor`` (an ``mrcnn.Predictor``) over the images of a COCO object.
 
     Images are read from ``images_root`` joined with each ``file_name``, decoded by the batch
-    job's decoder (``jobs.infer.decode``: large JPEGs DCT-downscaled to the model's input unless
-    ``full_decode``) and turned into rows by the batch job's row builder
+    job's decoder (``jobs.infer.decode``: large JPEGs DCT-downscaled to the model's input, as
+    ``jobs.infer``'s default ``--decode sized``) and turned into rows by the batch job's row builder
     (``jobs.infer.schema.ok_row``), so what is scored here is what ``jobs.infer`` would write.
     An image that fails to decode becomes an error row.
     """
@@ -214,7 +214,7 @@ def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, full_dec
     fs, root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))
     images = gt_coco.dataset["images"]
     ids = dict(source_etag=None, source_size=None, model_name="", checkpoint_sha256="", run_id="")
-    model_input = None if full_decode else predictor.input_size
+    model_input = predictor.input_size
     rows = []
     for start in range(0, len(images), batch_size):
         decoded = []

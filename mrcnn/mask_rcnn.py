@@ -139,13 +139,14 @@ class MaskRCNN(nn.Module):
             box_predictor = FastRCNNPredictor(1024, num_classes)
         if mask_roi_pool is None:
             mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2, pooler=roi_pooler)
-        if mask_head_type == "mlp" and (mask_head is None) != (mask_predictor is None):
-            raise ValueError("mask_head_type='mlp' builds both the mask head and its predictor: give both or neither")
-        if mask_head_type == "mlp" and mask_head is None:
-            mask_head, mask_predictor = mask_branch("mlp", out_channels, num_classes, (),
-                                                    resolution=mask_roi_pool.output_size[0])
-        elif mask_head_type not in MASK_HEADS:
+        if mask_head_type not in MASK_HEADS:
             raise ValueError(f"mask_head_type must be one of {MASK_HEADS}, got {mask_head_type!r}")
+        if mask_head_type == "mlp":
+            if (mask_head is None) != (mask_predictor is None):
+                raise ValueError("mask_head_type='mlp' builds both the mask head and its predictor: give both or neither")
+            if mask_head is None:
+                mask_head, mask_predictor = mask_branch("mlp", out_channels, num_classes, (),
+                                                        resolution=mask_roi_pool.output_size[0])
         if mask_head is None:
             mask_head = MaskRCNNHeads(out_channels, (256, 256, 256, 256), 1)
         if mask_predictor is None:

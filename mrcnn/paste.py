@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops._registration import ops
 from .rle import rle_from_transitions, window_transitions
 
 __all__ = ["paste_masks", "paste_masks_to_rle", "rle_area"]
@@ -336,8 +337,6 @@ def paste_masks_to_rle(
 
 
 def _paste_rle_cpu(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float):
-    from .ops._registration import ops
-
     H, W = image_size
     chars, offsets, areas = ops.paste_masks_rle(
         masks.contiguous(), boxes.contiguous(), H, W, float(threshold), _fused_for(masks.device))

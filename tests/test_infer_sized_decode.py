@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 from jobs.infer import commit, pipeline, schema
 from jobs.infer.__main__ import parse_args
 from jobs.infer.decode import DecodeError, decode_for_model, decode_image, draft_request
-from jobs.infer.model_stage import PredictorActor, decode_batch
+from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
 from jobs.synthetic import render_image
 from mrcnn.predictor import Predictor
 
@@ -118,11 +118,7 @@ def _rows(batch_images, **decode_kw):
     original = model_stage.read_object
     model_stage.read_object = lambda uri, retry=None: store[uri]
     try:
-        n = len(uris)
-        batch = {"uri": np.array(uris, dtype=object), "etag": np.array([None] * n, dtype=object),
-                 "size": np.array([-1] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-                 "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
-        decoded = decode_batch(batch, **decode_kw)
+        decoded = decode_batch(plan_batch(uris), **decode_kw)
     finally:
         model_stage.read_object = original
     return decoded, actor(decoded).to_pylist()
@@ -182,13 +178,6 @@ def test_the_decode_mode_is_an_output_setting(tmp_path, in_process_dataset):
 
 # ---------------------------------------------------------------- --decode device
 
-def _batch(uris):
-    n = len(uris)
-    return {"uri": np.array(uris, dtype=object), "etag": np.array([None] * n, dtype=object),
-            "size": np.array([-1] * n, dtype=object), "error": np.array([None] * n, dtype=object),
-            "error_kind": np.array([None] * n, dtype=object), "shard_id": np.array(["s"] * n, dtype=object)}
-
-
 def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
     # decode_jpeg(device="cpu") is the code path of nvJPEG on a GPU actor.
     scene = _scene(3, 240, 320)
@@ -203,7 +192,7 @@ def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     uris = [str(tmp_path / name) for name in files]
-    on_device = decode_batch(_batch(uris), jpeg_on_device=True)
+    on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
     assert [len(b) > 0 for b in on_device["jpeg"]] == [True, True, False, True, False]  # CMYK, PNG: here
     assert [im.shape[0] for im in on_device["image"]] == [0, 0, 240, 0, 240]
     assert list(zip(on_device["width"], on_device["height"]))[:2] == [(320, 240), (240, 320)]
@@ -211,7 +200,7 @@ def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
                            decode="device")
     device_rows = actor(on_device).to_pylist()
     assert actor.jpeg_fallbacks == 1  # the truncated file only: the others were decoded by decode_jpeg
-    cpu_rows = actor(decode_batch(_batch(uris))).to_pylist()
+    cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
     assert [r["status"] for r in device_rows] == ["ok", "ok", "ok", "error", "ok"]
     bad = device_rows[3]
     assert bad["error_kind"] == "decode" and "truncated" in bad["error"]
@@ -260,8 +249,8 @@ def test_nvjpeg_on_a_gpu_actor_finds_what_the_cpu_decode_finds(tmp_path):
     uris.append(str(tmp_path / "cut.jpg"))
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
                            device="cuda", precision="fp32", decode="device")
-    gpu = actor(decode_batch(_batch(uris), jpeg_on_device=True)).to_pylist()
-    cpu = actor(decode_batch(_batch(uris), model_input=None)).to_pylist()
+    gpu = actor(decode_batch(plan_batch(uris), jpeg_on_device=True)).to_pylist()
+    cpu = actor(decode_batch(plan_batch(uris), model_input=None)).to_pylist()
     assert [r["status"] for r in gpu] == ["ok"] * 4 + ["error"] and gpu[4]["error"] == cpu[4]["error"]
     ious = []
     for g, c in zip(gpu[:4], cpu[:4]):

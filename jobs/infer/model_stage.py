@@ -37,6 +37,15 @@ def _opt_size(v: Any) -> int | None:
     return None if v < 0 else v
 
 
+def plan_batch(uris: list[str], shard_id: str = "s") -> dict[str, np.ndarray]:
+    """Plan rows for ``uris`` with nothing known about them (no etag, size or stat error): the
+    input :func:`decode_batch` takes, for callers without a plan (benchmarks, tests)."""
+    n = len(uris)
+    none = np.array([None] * n, dtype=object)
+    return {"uri": np.array(uris, dtype=object), "etag": none, "size": np.full(n, -1), "error": none.copy(),
+            "error_kind": none.copy(), SHARD_COLUMN: np.array([shard_id] * n, dtype=object)}
+
+
 def decode_batch(
     batch: Mapping[str, np.ndarray],
     *,

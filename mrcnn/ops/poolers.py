@@ -93,20 +93,23 @@ class MultiScaleRoIAlign(nn.Module):
             self._setup_scales(features, image_shapes)
         rois = boxes_to_rois(boxes)
         ph, pw = self.output_size
-        levels = self.map_levels(list(boxes)) if len(features) > 1 else torch.zeros_like(rois[:, 0], dtype=torch.int64)
+        # one map: every RoI is on level 0 (no level tensor is made)
+        levels = self.map_levels(list(boxes)) if len(features) > 1 else None
         scales = self.scales
         if self.pooler == "roi_pool":
             return self._roi_pool(features, rois, levels)
         aligned = self.pooler == "roi_align"
         if self.pooler == "roi_warp":  # corners in cells of each RoI's level: the kernel's scales are 1
-            rois = quantize_rois(rois, torch.tensor(scales, device=rois.device)[levels])
+            rois = quantize_rois(rois, scales[0] if levels is None else torch.tensor(scales, device=rois.device)[levels])
             scales = [1.0] * len(features)
-        if len(features) == 1:
+        if levels is None:
             return ops.roi_align(features[0], rois, scales[0], ph, pw, self.sampling_ratio, aligned)
         return ops.multilevel_roi_align(features, rois, levels, scales, ph, pw, self.sampling_ratio, aligned)
 
-    def _roi_pool(self, features: list[Tensor], rois: Tensor, levels: Tensor) -> Tensor:
+    def _roi_pool(self, features: list[Tensor], rois: Tensor, levels: Optional[Tensor]) -> Tensor:
         ph, pw = self.output_size
+        if levels is None:
+            return ops.roi_pool(features[0], rois.to(features[0].dtype), self.scales[0], ph, pw)[0]
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             idx = torch.where(levels == level)[0]
