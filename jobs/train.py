@@ -53,8 +53,11 @@ import torch
 from jobs.infer import commit
 from jobs.infer.storage import join, resolve, storage_options
 
-ARCHS = {"resnet50_fpn": "maskrcnn_resnet50_fpn", "resnet50_fpn_v2": "maskrcnn_resnet50_fpn_v2",
-         "resnet101_fpn": "maskrcnn_resnet101_fpn", "resnet18_fpn_small": "maskrcnn_resnet18_fpn_small"}
+from mrcnn.models import list_models
+
+# --arch: the registered architectures, Mask R-CNN ones also by their short names (resnet50_fpn)
+# which run configs record
+ARCHS = {name.removeprefix("maskrcnn_"): name for name in list_models()}
 RUN_NAME = "train"
 # Flags that decide the model a run trains: a resumed run must keep them, since its checkpoints
 # hold that model (``--max-iters`` and the optimiser flags may change: continuing is fine).
@@ -83,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (off by default)")
     p.add_argument("--weights", default=None, help="initial full-model weights (torchvision state_dict or our checkpoint)")
     p.add_argument("--weights-backbone", default=None, help="ImageNet ResNet state_dict for the backbone")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50_fpn")
+    p.add_argument("--arch", choices=sorted(ARCHS) + sorted(set(ARCHS.values()) - set(ARCHS)), default="resnet50_fpn",
+                   metavar="ARCH", help=f"architecture (mrcnn.list_models(); short names: {', '.join(sorted(ARCHS))})")
     p.add_argument("--min-size", type=int, nargs="+", default=[800], help="one or more sizes (multi-scale training)")
     p.add_argument("--max-size", type=int, default=1333)
     p.add_argument("--roi-pooler", choices=("roi_align_legacy", "roi_align", "roi_warp", "roi_pool"), default=None,
@@ -98,7 +102,7 @@ def parse_args(argv=None):
                         "faster model for small objects)")
     p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
                    help="RPN anchor size per FPN level, one per returned layer plus one for 'pool' (default "
-                        "32 64 128 256 512; smaller for small objects)")
+                        "32 64 128 256 512; smaller for small objects); for C4 models, all sizes on its one map")
     p.add_argument("--box-batch-size-per-image", type=int, default=None,
                    help="RoIs sampled per image for the box and mask heads (default the model's, 512 as in "
                         "the reference; fewer is faster)")
@@ -124,6 +128,7 @@ def parse_args(argv=None):
         p.error("--loader-workers must be >= 0")
     if args.eval_every is None:
         args.eval_every = args.checkpoint_every
+    args.arch = next(short for short, name in ARCHS.items() if args.arch in (short, name))  # one spelling
     if args.lr is None:
         args.lr = 0.02 * args.num_workers * args.batch_size / 16
     if args.warmup_iters is None:
@@ -141,9 +146,14 @@ def parse_args(argv=None):
             args.returned_layers = normalize_returned_layers(args.returned_layers)
         except ValueError as e:
             p.error(f"--returned-layers: {e}")
-    levels = num_fpn_levels(args.returned_layers)
-    if args.anchor_sizes is not None and len(args.anchor_sizes) != levels:
-        p.error(f"--anchor-sizes needs one size per FPN level ({levels}), got {len(args.anchor_sizes)}")
+    from mrcnn.registry import get_architecture
+
+    if get_architecture(ARCHS[args.arch]).features == "fpn":
+        levels = num_fpn_levels(args.returned_layers)
+        if args.anchor_sizes is not None and len(args.anchor_sizes) != levels:
+            p.error(f"--anchor-sizes needs one size per FPN level ({levels}), got {len(args.anchor_sizes)}")
+    elif args.returned_layers is not None:
+        p.error(f"--returned-layers is for the FPN architectures; {args.arch} has one feature map")
     if args.box_batch_size_per_image is not None and args.box_batch_size_per_image < 1:
         p.error("--box-batch-size-per-image must be >= 1")
     if args.weights and args.weights_backbone:
@@ -226,9 +236,8 @@ def lr_factor(step, warmup_iters, warmup_factor, milestones, gamma):
 
 def build_model(cfg, num_classes):
     """The model of ``cfg`` with ``num_classes`` outputs, initialised as the recipe says."""
-    from mrcnn.checkpoint import load_weights_into, read_metadata
-    from mrcnn.mask_rcnn import build_model as build
-    from mrcnn.roi_heads import FastRCNNPredictor, MaskRCNNPredictor
+    from mrcnn.checkpoint import read_metadata
+    from mrcnn.models import get_model
 
     arch = ARCHS[cfg["arch"]]
     kwargs = dict(min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
@@ -244,16 +253,11 @@ def build_model(cfg, num_classes):
         if cfg.get(flag):
             kwargs[kwarg] = cfg[flag]
     if not cfg["weights"]:
-        return build(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
+        return get_model(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
     file_classes = int(read_metadata(cfg["weights"])["num_classes"])
-    model = build(arch, num_classes=file_classes, pretrained=True, **kwargs)
-    load_weights_into(model, cfg["weights"])
+    model = get_model(arch, weights=cfg["weights"], num_classes=file_classes, **kwargs)
     if file_classes != num_classes:
-        # fine-tuning on other classes: new predictors, as torchvision's tutorial does
-        rh = model.roi_heads
-        rh.box_predictor = FastRCNNPredictor(rh.box_predictor.cls_score.in_features, num_classes)
-        conv = rh.mask_predictor.conv5_mask
-        rh.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
+        model.reset_predictors(num_classes)  # fine-tuning on other classes
     return model
 
 

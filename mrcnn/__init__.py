@@ -1,19 +1,27 @@
 """mrcnn-batch: Mask R-CNN with our own RoIAlign kernels."""
 from .checkpoint import load_model, read_metadata, save_checkpoint
-from .mask_rcnn import (
-    MaskRCNN,
+from .mask_rcnn import MaskRCNN
+from .models import (
+    get_model,
+    list_models,
     maskrcnn_resnet18_fpn_small,
-    maskrcnn_resnet101_fpn,
+    maskrcnn_resnet50_c4,
     maskrcnn_resnet50_fpn,
     maskrcnn_resnet50_fpn_v2,
+    maskrcnn_resnet101_fpn,
+    maskrcnn_resnext101_32x8d_fpn,
 )
 
 __all__ = [
     "MaskRCNN",
+    "get_model",
+    "list_models",
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet50_fpn_v2",
     "maskrcnn_resnet101_fpn",
+    "maskrcnn_resnext101_32x8d_fpn",
     "maskrcnn_resnet18_fpn_small",
+    "maskrcnn_resnet50_c4",
     "load_model",
     "read_metadata",
     "save_checkpoint",

@@ -1,4 +1,5 @@
-"""ResNet + FPN feature extractor: FPN outputs '0'..'3' (strides 4..32) plus 'pool' (stride 64).
+"""ResNet/ResNeXt feature extractors: with an FPN (outputs '0'..'3', strides 4..32, plus 'pool',
+stride 64) or the C4 variant's single res4 map (stride 16).
 
 Built from torchvision's ResNet and FPN layers, the same modules torchvision's Mask R-CNN uses,
 so state_dict keys (``backbone.body.*``, ``backbone.fpn.*``) match.
@@ -8,11 +9,15 @@ from typing import Callable, Optional
 
 from torch import nn
 from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-_RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101}
+from .weights_file import load_state_dict_file
+
+_RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101,
+            "resnext101_32x8d": resnet.resnext101_32x8d}
 
 
 def validate_trainable_layers(is_trained: bool, trainable_layers: Optional[int], max_value: int = 5, default: int = 3) -> int:
@@ -50,11 +55,6 @@ def num_fpn_levels(returned_layers: Optional[list[int]] = None) -> int:
     return len(normalize_returned_layers(returned_layers)) + 1
 
 
-def returned_layers_of(backbone: nn.Module) -> list[int]:
-    """The ResNet stages a :func:`resnet_fpn_backbone` feeds to its FPN."""
-    return sorted(int(name[len("layer"):]) for name in backbone.body.return_layers)
-
-
 def resnet_fpn_backbone(
     name: str = "resnet50",
     *,
@@ -68,7 +68,7 @@ def resnet_fpn_backbone(
     """A ResNet with an FPN on layer1-4 (or ``returned_layers``) and a LastLevelMaxPool 'pool' level.
 
     Args:
-        name: "resnet18", "resnet50" or "resnet101".
+        name: "resnet18", "resnet50", "resnet101" or "resnext101_32x8d".
         weights_backbone: path or fsspec URI of an ImageNet ResNet state_dict, loaded (strict) into
             the ResNet before the classifier is dropped.
         norm_layer: normalisation in the ResNet (FrozenBatchNorm2d for v1 with pretrained weights).
@@ -83,8 +83,6 @@ def resnet_fpn_backbone(
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
     body = _RESNETS[name](weights=None, norm_layer=norm_layer)
     if weights_backbone is not None:
-        from .checkpoint import load_state_dict_file
-
         state_dict = load_state_dict_file(weights_backbone)
         try:
             body.load_state_dict(state_dict, strict=True)
@@ -98,3 +96,49 @@ def resnet_fpn_backbone(
         backbone.fpn = FeaturePyramidNetwork(in_channels, out_channels, LastLevelMaxPool(), fpn_norm_layer)
         backbone.out_channels = out_channels
     return backbone
+
+
+class ResNetC4(nn.Module):
+    """A ResNet up to res4 (conv1 ... layer3, stride 16): the one feature map '0' of the paper's C4
+    variant. Its res5 (layer4) is not here: it is the second stage's head (``resnet_c4_backbone``)."""
+
+    def __init__(self, body: nn.Module, out_channels: int):
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def resnet_c4_backbone(
+    name: str = "resnet50",
+    *,
+    weights_backbone: Optional[str] = None,
+    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+    trainable_layers: int = 3,
+) -> tuple[ResNetC4, nn.Module]:
+    """(res2-res4 backbone, res5): a ResNet split for the C4 variant (He et al. 2017, Fig. 4 left).
+
+    ``trainable_layers`` counts from the top as for the FPN backbones: layer4 (res5, in the head),
+    layer3, layer2, layer1, conv1. ``weights_backbone`` initialises both parts (ImageNet ResNet).
+    """
+    if name not in _RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
+    resnet = _RESNETS[name](weights=None, norm_layer=norm_layer)
+    if weights_backbone is not None:
+        state_dict = load_state_dict_file(weights_backbone)
+        try:
+            resnet.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers should be in [0, 5], got {trainable_layers}")
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for param_name, parameter in resnet.named_parameters():
+        if not any(param_name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    body = IntermediateLayerGetter(resnet, return_layers={"layer3": "0"})
+    return ResNetC4(body, resnet.layer4[0].conv1.in_channels), resnet.layer4  # res5 reads res4's channels

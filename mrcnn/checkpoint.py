@@ -2,7 +2,7 @@
 
 Two file kinds are read, from local paths or fsspec URIs (``s3://...``):
 
-- a torchvision Mask R-CNN ``state_dict`` (v1, v2 or our ResNet-101 variant), including the published
+- a torchvision-style Mask R-CNN ``state_dict`` of any registered architecture (``mrcnn.registry``), including the published
   v1 COCO file, whose older key names are remapped on load by the modules themselves
   (``_load_from_state_dict`` of the FPN, RPN head and mask head, as torchvision does);
 - our own checkpoint: ``{"format": FORMAT, "format_version": 1, "metadata": {...}, "state_dict": {...}}``
@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .backbone import DEFAULT_RETURNED_LAYERS, returned_layers_of
-from .mask_rcnn import ARCHITECTURES, MaskRCNN, build_model
-from .roi_heads import MaskMLPHead
+from .registry import build_model, detect_architecture, list_models, settings_from_keys
+from .weights_file import load_state_dict_file
 
 FORMAT = "mrcnn-batch/maskrcnn"
 FORMAT_VERSION = 1
@@ -35,42 +34,8 @@ _V1_COCO_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e"
 
 
 
-def load_state_dict_file(path) -> Any:
-    """``torch.load(weights_only=True)`` of a local path or fsspec URI, with errors that name the file."""
-    path = os.fspath(path)
-    try:
-        with fsspec.open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # pickle refusal, truncated zip, not a torch file, ...
-        raise ValueError(
-            f"{path}: cannot be read as a weights-only torch checkpoint (tensors and plain containers "
-            f"only; arbitrary pickled objects are refused): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
-
-
 def _is_our_format(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
-
-
-def detect_architecture(state_dict: dict) -> str:
-    """Which builder made a torchvision-style Mask R-CNN state_dict."""
-    if "roi_heads.box_head.0.0.weight" in state_dict:
-        # conv box heads; ResNet-18's BasicBlocks have two convs, ResNet-50's Bottlenecks three
-        small = "backbone.body.layer1.0.conv3.weight" not in state_dict
-        return "maskrcnn_resnet18_fpn_small" if small else "maskrcnn_resnet50_fpn_v2"
-    if "roi_heads.box_head.fc6.weight" in state_dict:
-        # ResNet-50 has layer3.0-5, ResNet-101 layer3.0-22
-        return "maskrcnn_resnet101_fpn" if "backbone.body.layer3.6.conv1.weight" in state_dict else "maskrcnn_resnet50_fpn"
-    raise ValueError("not a Mask R-CNN state_dict (no roi_heads.box_head weights)")
-
-
-def returned_layers_from_keys(state_dict: dict) -> list[int]:
-    """The ResNet stages a state_dict's FPN reads: its deepest stage and FPN inputs (contiguous, as builders make them)."""
-    deepest = max((k for k in range(1, 5) if f"backbone.body.layer{k}.0.conv1.weight" in state_dict), default=4)
-    inputs = {key.split(".")[3] for key in state_dict if key.startswith("backbone.fpn.inner_blocks.")}
-    return list(range(deepest - len(inputs) + 1, deepest + 1)) if inputs else list(DEFAULT_RETURNED_LAYERS)
 
 
 def _num_classes(state_dict: dict) -> int:
@@ -144,50 +109,6 @@ def _check_architecture(model: nn.Module, state_dict: dict, metadata: dict, path
         raise ValueError(f"{path}: holds a {found} checkpoint, but the model is {expected}")
 
 
-def model_config(model: nn.Module) -> dict:
-    """The builder keyword arguments that reproduce ``model``'s current settings (plain values only)."""
-    t, rpn, rh = model.transform, model.rpn, model.roi_heads
-    config = {
-        "min_size": list(t.min_size),
-        "max_size": int(t.max_size),
-        "image_mean": [float(v) for v in t.image_mean],
-        "image_std": [float(v) for v in t.image_std],
-        "size_divisible": int(t.size_divisible),
-        "rpn_anchor_sizes": [[int(v) for v in s] for s in rpn.anchor_generator.sizes],
-        "rpn_aspect_ratios": [[float(v) for v in a] for a in rpn.anchor_generator.aspect_ratios],
-        "rpn_pre_nms_top_n_train": int(rpn._pre_nms_top_n["training"]),
-        "rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
-        "rpn_post_nms_top_n_train": int(rpn._post_nms_top_n["training"]),
-        "rpn_post_nms_top_n_test": int(rpn._post_nms_top_n["testing"]),
-        "rpn_nms_thresh": float(rpn.nms_thresh),
-        "rpn_fg_iou_thresh": float(rpn.proposal_matcher.high_threshold),
-        "rpn_bg_iou_thresh": float(rpn.proposal_matcher.low_threshold),
-        "rpn_batch_size_per_image": int(rpn.fg_bg_sampler.batch_size_per_image),
-        "rpn_positive_fraction": float(rpn.fg_bg_sampler.positive_fraction),
-        "rpn_score_thresh": float(rpn.score_thresh),
-        "box_score_thresh": float(rh.score_thresh),
-        "box_nms_thresh": float(rh.nms_thresh),
-        "box_detections_per_img": int(rh.detections_per_img),
-        "box_fg_iou_thresh": float(rh.proposal_matcher.high_threshold),
-        "box_bg_iou_thresh": float(rh.proposal_matcher.low_threshold),
-        "box_batch_size_per_image": int(rh.fg_bg_sampler.batch_size_per_image),
-        "box_positive_fraction": float(rh.fg_bg_sampler.positive_fraction),
-        "bbox_reg_weights": [float(w) for w in rh.box_coder.weights],
-    }
-    returned_layers = returned_layers_of(model.backbone)
-    if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
-        config["returned_layers"] = returned_layers
-    # the ablation switches, likewise only when not the default
-    pooler = getattr(rh.box_roi_pool, "pooler", "roi_align_legacy")
-    if pooler != "roi_align_legacy":
-        config["roi_pooler"] = pooler
-    if getattr(rh, "mask_loss", "sigmoid") != "sigmoid":
-        config["mask_loss"] = rh.mask_loss
-    if isinstance(rh.mask_head, MaskMLPHead):
-        config["mask_head_type"] = "mlp"
-    return config
-
-
 def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional[dict] = None) -> None:
     """Write ``model``'s weights and settings to ``path`` (local or fsspec URI) in our format.
 
@@ -196,16 +117,21 @@ def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional
     """
     path = os.fspath(path)
     architecture = getattr(model, "architecture", None)
-    if architecture not in ARCHITECTURES:
+    if architecture not in list_models():
         raise ValueError(
-            f"save_checkpoint needs a model made by one of the builders {ARCHITECTURES}; "
+            f"save_checkpoint needs a model made by one of the builders {list_models()}; "
             f"this one has architecture={architecture!r}"
+        )
+    if getattr(model, "custom_modules", None):
+        raise ValueError(
+            f"save_checkpoint cannot record the modules this model was given ({', '.join(model.custom_modules)}); "
+            f"build it from plain settings (e.g. rpn_anchor_sizes rather than rpn_anchor_generator)"
         )
     num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
     class_names = [str(c) for c in class_names]
     if len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries but the model has {num_classes} classes")
-    config = model_config(model)
+    config = dict(model.builder_kwargs)
     metadata = {
         "architecture": architecture,
         "num_classes": num_classes,
@@ -267,7 +193,7 @@ def _torchvision_metadata(state_dict: dict, path: str) -> dict:
     }
 
 
-def load_model(path, **overrides) -> MaskRCNN:
+def load_model(path, **overrides) -> nn.Module:
     """Build the model a checkpoint describes and load its weights (strict).
 
     Accepts our format and plain torchvision state_dicts. ``overrides`` are builder keyword arguments
@@ -281,10 +207,9 @@ def load_model(path, **overrides) -> MaskRCNN:
         kwargs = dict(metadata.get("builder_kwargs", {}))
     else:
         architecture = _torchvision_metadata(state_dict, path)["architecture"]
-        returned_layers = returned_layers_from_keys(state_dict)
-        kwargs = {} if returned_layers == DEFAULT_RETURNED_LAYERS else {"returned_layers": returned_layers}
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
+        kwargs = settings_from_keys(architecture, state_dict)
+    if architecture not in list_models():
+        raise ValueError(f"{path}: unknown architecture {architecture!r}; expected one of {list_models()}")
     num_classes = _num_classes(state_dict)
     if overrides.get("num_classes") not in (None, num_classes):
         raise ValueError(f"{path}: has {num_classes} classes; num_classes={overrides['num_classes']} cannot be loaded")

@@ -1,14 +1,28 @@
-"""Mask R-CNN: the model class, the ResNet-50/101 FPN builders (v1 and v2 recipes) and a small ResNet-18 one."""
-from typing import Any, Optional
+"""Mask R-CNN: the model class and its architectures: ResNet/ResNeXt-FPN (v1 and v2 recipes, and a
+small ResNet-18 one) and the paper's ResNet-50-C4.
+
+The architectures are registered in :mod:`mrcnn.registry`; their builder functions
+(``mrcnn.maskrcnn_resnet50_fpn`` ...) and ``mrcnn.get_model`` are in :mod:`mrcnn.models`.
+"""
+from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch import nn, Tensor
 from torchvision.ops import FrozenBatchNorm2d
 
 from .anchors import AnchorGenerator
-from .backbone import normalize_returned_layers, resnet_fpn_backbone, validate_trainable_layers
+from .backbone import (
+    DEFAULT_RETURNED_LAYERS,
+    normalize_returned_layers,
+    resnet_c4_backbone,
+    resnet_fpn_backbone,
+    validate_trainable_layers,
+)
 from .ops import MultiScaleRoIAlign
+from .registry import register_model
 from .roi_heads import (
+    DEFAULT_BBOX_REG_WEIGHTS,
     FastRCNNConvFCHead,
     FastRCNNPredictor,
     MaskMLPHead,
@@ -21,14 +35,11 @@ from .roi_heads import (
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import MASK_OUTPUTS, GeneralizedRCNNTransform
 
-__all__ = [
-    "MaskRCNN",
-    "build_model",
-    "maskrcnn_resnet50_fpn",
-    "maskrcnn_resnet50_fpn_v2",
-    "maskrcnn_resnet101_fpn",
-    "maskrcnn_resnet18_fpn_small",
-]
+__all__ = ["MaskRCNN", "mask_branch"]
+
+# the ablation switches' defaults: recorded in checkpoints only when set otherwise, so readers
+# that predate a switch build the same model from a checkpoint that does not use it
+SWITCH_DEFAULTS = {"roi_pooler": "roi_align_legacy", "mask_loss": "sigmoid", "mask_head_type": "fcn"}
 
 
 class MaskRCNN(nn.Module):
@@ -180,6 +191,48 @@ class MaskRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.mask_output = mask_output
+        # the plain settings this model is built with: what a checkpoint records (builder_kwargs)
+        # and load_model passes back to the builder
+        self.builder_kwargs = {
+            "min_size": [int(v) for v in (min_size if isinstance(min_size, (list, tuple)) else [min_size])],
+            "max_size": int(max_size),
+            "image_mean": [float(v) for v in image_mean],
+            "image_std": [float(v) for v in image_std],
+            "size_divisible": int(size_divisible),
+            "rpn_anchor_sizes": [[int(v) for v in s] for s in rpn_anchor_generator.sizes],
+            "rpn_aspect_ratios": [[float(v) for v in a] for a in rpn_anchor_generator.aspect_ratios],
+            "rpn_pre_nms_top_n_train": int(rpn_pre_nms_top_n_train),
+            "rpn_pre_nms_top_n_test": int(rpn_pre_nms_top_n_test),
+            "rpn_post_nms_top_n_train": int(rpn_post_nms_top_n_train),
+            "rpn_post_nms_top_n_test": int(rpn_post_nms_top_n_test),
+            "rpn_nms_thresh": float(rpn_nms_thresh),
+            "rpn_fg_iou_thresh": float(rpn_fg_iou_thresh),
+            "rpn_bg_iou_thresh": float(rpn_bg_iou_thresh),
+            "rpn_batch_size_per_image": int(rpn_batch_size_per_image),
+            "rpn_positive_fraction": float(rpn_positive_fraction),
+            "rpn_score_thresh": float(rpn_score_thresh),
+            "box_score_thresh": float(box_score_thresh),
+            "box_nms_thresh": float(box_nms_thresh),
+            "box_detections_per_img": int(box_detections_per_img),
+            "box_fg_iou_thresh": float(box_fg_iou_thresh),
+            "box_bg_iou_thresh": float(box_bg_iou_thresh),
+            "box_batch_size_per_image": int(box_batch_size_per_image),
+            "box_positive_fraction": float(box_positive_fraction),
+            "bbox_reg_weights": [float(w) for w in (bbox_reg_weights or DEFAULT_BBOX_REG_WEIGHTS)],
+        }
+        switches = {"roi_pooler": roi_pooler, "mask_loss": mask_loss, "mask_head_type": mask_head_type}
+        self.builder_kwargs.update({k: v for k, v in switches.items() if v != SWITCH_DEFAULTS[k]})
+
+    def reset_predictors(self, num_classes: int) -> None:
+        """New, untrained box and mask predictors for ``num_classes`` classes (the background
+        included): fine-tuning on other classes, as torchvision's tutorial does."""
+        rh = self.roi_heads
+        rh.box_predictor = FastRCNNPredictor(rh.box_predictor.cls_score.in_features, num_classes)
+        old = rh.mask_predictor
+        if isinstance(old, MaskMLPPredictor):
+            rh.mask_predictor = MaskMLPPredictor(old.mask_fc_logits.in_features, num_classes, old.resolution)
+        else:
+            rh.mask_predictor = MaskRCNNPredictor(old.conv5_mask.in_channels, old.conv5_mask.out_channels, num_classes)
 
     @property
     def mask_output(self) -> str:
@@ -235,18 +288,9 @@ class MaskRCNN(nn.Module):
         )
 
 
-# ---- builders -------------------------------------------------------------------------------
+# ---- the FPN architectures ------------------------------------------------------------------
 
-
-ARCHITECTURES = (
-    "maskrcnn_resnet50_fpn",
-    "maskrcnn_resnet50_fpn_v2",
-    "maskrcnn_resnet101_fpn",
-    "maskrcnn_resnet18_fpn_small",
-)
 SMALL_CHANNELS = 128  # FPN and head width of maskrcnn_resnet18_fpn_small
-
-
 MASK_HEADS = ("fcn", "mlp")
 
 
@@ -268,202 +312,179 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels)
 
 
-def build_model(
-    architecture: str,
-    *,
-    num_classes: Optional[int] = None,
-    pretrained: bool = False,
-    weights_backbone: Optional[str] = None,
-    trainable_backbone_layers: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """Build an architecture without loading full-model weights.
+def _fpn_builder(body: str, recipe: str):
+    """The builder of a ResNet-FPN Mask R-CNN: ``recipe`` "v1" (torchvision's maskrcnn_resnet50_fpn),
+    "v2" (its maskrcnn_resnet50_fpn_v2) or "small" (ours, see maskrcnn_resnet18_fpn_small)."""
 
-    ``pretrained`` says full weights will be loaded next: like torchvision, the v1 recipe then uses
-    FrozenBatchNorm2d in the ResNet (BatchNorm2d when training from scratch) and freezes the bottom
-    layers (``trainable_backbone_layers``, default 3; all 5 train without any pretrained weights).
-    """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
-    if pretrained:
-        weights_backbone = None  # the full checkpoint overwrites the backbone anyway
-    if num_classes is None:
-        num_classes = 91
-    is_trained = pretrained or weights_backbone is not None
-    trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
-    returned_layers = normalize_returned_layers(kwargs.pop("returned_layers", None))
-    pooler = kwargs.get("roi_pooler", "roi_align_legacy")
-    mask_kind = kwargs.get("mask_head_type", "fcn")
-    if len(returned_layers) < 4:
-        # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
-        names = [str(i) for i in range(len(returned_layers))]
-        kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, pooler=pooler))
-        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, pooler=pooler))
+    def build(*, num_classes, is_trained, weights_backbone, trainable_backbone_layers, returned_layers=None,
+              **kwargs) -> MaskRCNN:
+        trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
+        returned_layers = normalize_returned_layers(returned_layers)
+        pooler = kwargs.get("roi_pooler", "roi_align_legacy")
+        mask_kind = kwargs.get("mask_head_type", "fcn")
+        if len(returned_layers) < 4:
+            # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
+            names = [str(i) for i in range(len(returned_layers))]
+            kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, pooler=pooler))
+            kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, pooler=pooler))
+        if recipe != "v1":
+            # these build their own RPN head, which needs the anchor count
+            anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
+            num_anchors = anchor_generator.num_anchors_per_location()[0]
+        if recipe == "v2":
+            # torchvision's v2: BatchNorm2d (not frozen) in the ResNet and the FPN, a two-conv RPN head,
+            # 4 conv + BatchNorm + 1 fc box head, 4 conv + BatchNorm mask head
+            backbone = resnet_fpn_backbone(body, weights_backbone=weights_backbone, norm_layer=nn.BatchNorm2d,
+                                           trainable_layers=trainable, fpn_norm_layer=nn.BatchNorm2d,
+                                           returned_layers=returned_layers)
+            out = backbone.out_channels
+            kwargs = {
+                "rpn_anchor_generator": anchor_generator,
+                "rpn_head": RPNHead(out, num_anchors, conv_depth=2),
+                "box_head": FastRCNNConvFCHead((out, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+                **kwargs,
+            }
+            if mask_kind == "fcn":  # the MLP head has no norm layer: MaskRCNN builds it
+                kwargs.setdefault("mask_head", MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d))
+        elif recipe == "small":
+            # For small images and training from scratch on CPUs: a 128-channel FPN and two-conv
+            # heads. GroupNorm in the FPN and heads, which train from scratch at any batch size
+            # (BatchNorm stays in the ResNet, frozen as v1's when pretrained).
+            out = SMALL_CHANNELS
+            backbone = resnet_fpn_backbone(body, weights_backbone=weights_backbone,
+                                           norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
+                                           trainable_layers=trainable, fpn_norm_layer=_group_norm, out_channels=out,
+                                           returned_layers=returned_layers)
+            representation = 2 * out
+            mask_head, mask_predictor = mask_branch(mask_kind, out, num_classes, [out, out], norm_layer=_group_norm)
+            kwargs = {
+                "rpn_anchor_generator": anchor_generator,
+                "rpn_head": RPNHead(out, num_anchors),
+                "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
+                "box_predictor": FastRCNNPredictor(representation, num_classes),
+                "mask_head": mask_head,
+                "mask_predictor": mask_predictor,
+                **kwargs,
+            }
+            num_classes = None  # given to the predictors above
+        else:
+            # torchvision trains BatchNorm when starting from scratch and freezes it otherwise
+            backbone = resnet_fpn_backbone(body, weights_backbone=weights_backbone,
+                                           norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
+                                           trainable_layers=trainable, returned_layers=returned_layers)
+        model = MaskRCNN(backbone, num_classes=num_classes, **kwargs)
+        if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
+            model.builder_kwargs["returned_layers"] = returned_layers
+        return model
 
-    if architecture in ("maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_small"):
-        # these build their own RPN head, which needs the anchor count
-        anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
-        num_anchors = anchor_generator.num_anchors_per_location()[0]
-    if architecture == "maskrcnn_resnet50_fpn_v2":
-        # torchvision's v2: BatchNorm2d (not frozen) in the ResNet and the FPN, a two-conv RPN head,
-        # 4 conv + BatchNorm + 1 fc box head, 4 conv + BatchNorm mask head
-        backbone = resnet_fpn_backbone(
-            "resnet50",
-            weights_backbone=weights_backbone,
-            norm_layer=nn.BatchNorm2d,
-            trainable_layers=trainable,
-            fpn_norm_layer=nn.BatchNorm2d,
-            returned_layers=returned_layers,
-        )
-        out = backbone.out_channels
+    return build
+
+
+def _fpn_keys(state_dict) -> tuple[Optional[str], Optional[str]]:
+    """(ResNet body, box head kind "fc" / "conv") of an FPN Mask R-CNN state_dict; (None, None) otherwise."""
+    if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state_dict:
+        return None, None
+    if not any(k.startswith("backbone.fpn.") for k in state_dict):
+        return None, None
+    head = "conv" if "roi_heads.box_head.0.0.weight" in state_dict else "fc" if "roi_heads.box_head.fc6.weight" in state_dict else None
+    if "backbone.body.layer1.0.conv3.weight" not in state_dict:
+        return "resnet18", head  # BasicBlocks: two convs a block
+    conv2 = state_dict.get("backbone.body.layer1.0.conv2.weight")
+    if conv2 is not None and conv2.shape[0] != conv2.shape[1]:
+        return "resnext101_32x8d", head  # grouped 3x3 convs
+    # ResNet-50 has layer3.0-5, ResNet-101 layer3.0-22
+    return ("resnet101" if "backbone.body.layer3.6.conv1.weight" in state_dict else "resnet50"), head
+
+
+def returned_layers_from_keys(state_dict) -> dict:
+    """The ResNet stages a state_dict's FPN reads (its deepest stage and FPN inputs, contiguous as
+    the builders make them), as builder settings: {} for the default, all four."""
+    deepest = max((k for k in range(1, 5) if f"backbone.body.layer{k}.0.conv1.weight" in state_dict), default=4)
+    inputs = {key.split(".")[3] for key in state_dict if key.startswith("backbone.fpn.inner_blocks.")}
+    layers = list(range(deepest - len(inputs) + 1, deepest + 1)) if inputs else list(DEFAULT_RETURNED_LAYERS)
+    return {} if layers == DEFAULT_RETURNED_LAYERS else {"returned_layers": layers}
+
+
+def _register_fpn(name: str, body: str, recipe: str, summary: str) -> None:
+    head = "fc" if recipe == "v1" else "conv"
+    register_model(name, recognise=lambda sd: _fpn_keys(sd) == (body, head), summary=summary,
+                   settings_from_keys=returned_layers_from_keys)(_fpn_builder(body, recipe))
+
+
+_register_fpn("maskrcnn_resnet50_fpn", "resnet50", "v1",
+              "Mask R-CNN ResNet-50-FPN (torchvision's maskrcnn_resnet50_fpn; 37.9/34.6 box/mask AP with COCO weights).")
+_register_fpn("maskrcnn_resnet50_fpn_v2", "resnet50", "v2",
+              "Improved Mask R-CNN ResNet-50-FPN (torchvision's maskrcnn_resnet50_fpn_v2; 47.4/41.8 AP with COCO weights).")
+_register_fpn("maskrcnn_resnet101_fpn", "resnet101", "v1",
+              "Mask R-CNN ResNet-101-FPN: the v1 recipe on a ResNet-101 body (torchvision has no builder for it).")
+_register_fpn("maskrcnn_resnext101_32x8d_fpn", "resnext101_32x8d", "v1",
+              "Mask R-CNN ResNeXt-101 32x8d-FPN: the v1 recipe on torchvision's ResNeXt-101 32x8d body "
+              "(the paper's strongest backbone).")
+_register_fpn("maskrcnn_resnet18_fpn_small", "resnet18", "small",
+              "A small Mask R-CNN (ours; no torchvision counterpart): ResNet-18 body, 128-channel FPN, two-conv "
+              "GroupNorm box and mask heads; about 14M parameters against ResNet-50-FPN's 44M. Meant for small "
+              "images and training from scratch on CPUs (the synthetic-shapes benchmark).")
+
+
+# ---- the C4 architecture --------------------------------------------------------------------
+
+C4_ANCHOR_SIZES = [[32, 64, 128, 256, 512]]  # every size on the one res4 map (stride 16), as Detectron's C4
+C4_POOLED = 14  # RoIs pooled 14x14 from res4; res5 (first block strided) makes them 7x7
+
+
+def _c4_builder(body: str):
+    """The paper's C4 variant (Fig. 4 left; Detectron2's Res5ROIHeads): an RPN on res4 alone,
+    RoIAlign 14x14 from res4, res5 as the head shared by the box branch (then average pooling and
+    the box predictor) and the mask branch (then a 2x deconvolution and per-class 14x14 masks)."""
+
+    def build(*, num_classes, is_trained, weights_backbone, trainable_backbone_layers, **kwargs) -> MaskRCNN:
+        if "returned_layers" in kwargs:
+            raise ValueError("returned_layers is for the FPN architectures; the C4 variant reads res4 only")
+        if kwargs.get("mask_head_type", "fcn") != "fcn":
+            raise ValueError("the C4 variant's mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
+        trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
+        backbone, res5 = resnet_c4_backbone(body, weights_backbone=weights_backbone,
+                                            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
+                                            trainable_layers=trainable)
+        sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
+        if all(isinstance(s, int) for s in sizes):
+            sizes = [list(sizes)]  # a flat list: all of them on the one map
+        anchor_generator = AnchorGenerator(sizes, kwargs.pop("rpn_aspect_ratios", None))
+        if len(anchor_generator.sizes) != 1:
+            raise ValueError(f"the C4 variant has one feature map: rpn_anchor_sizes should be one list of sizes, "
+                             f"got {len(anchor_generator.sizes)} levels")
+        pooler = kwargs.get("roi_pooler", "roi_align_legacy")
+        width = 2 * backbone.out_channels  # res5's output channels
         kwargs = {
+            # Detectron's C4 proposal counts: the one level holds what the FPN spreads over five
+            "rpn_pre_nms_top_n_train": 12000,
+            "rpn_pre_nms_top_n_test": 6000,
             "rpn_anchor_generator": anchor_generator,
-            "rpn_head": RPNHead(out, num_anchors, conv_depth=2),
-            "box_head": FastRCNNConvFCHead((out, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+            "rpn_head": RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
+            "box_roi_pool": MultiScaleRoIAlign(["0"], output_size=C4_POOLED, sampling_ratio=2, pooler=pooler),
+            "box_head": nn.Sequential(OrderedDict(res5=res5, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
+            "box_predictor": FastRCNNPredictor(width, num_classes),
+            "mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=C4_POOLED, sampling_ratio=2, pooler=pooler),
+            # the same res5 module (one set of weights, listed under both heads in the state_dict);
+            # the mask branch runs it again on its own RoIs, as torchvision's RoIHeads pools them
+            "mask_head": nn.Sequential(OrderedDict(res5=res5)),
+            "mask_predictor": MaskRCNNPredictor(width, 256, num_classes),
             **kwargs,
         }
-        if mask_kind == "fcn":  # the MLP head has no norm layer: MaskRCNN builds it
-            kwargs.setdefault("mask_head", MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d))
-    elif architecture == "maskrcnn_resnet18_fpn_small":
-        # Ours, for small images and training from scratch on CPUs: ResNet-18, a 128-channel FPN,
-        # and two-conv box and mask heads. GroupNorm in the FPN and heads, which train from
-        # scratch at any batch size (BatchNorm stays in the ResNet, frozen as v1's when pretrained).
-        out = SMALL_CHANNELS
-        backbone = resnet_fpn_backbone(
-            "resnet18",
-            weights_backbone=weights_backbone,
-            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
-            trainable_layers=trainable,
-            fpn_norm_layer=_group_norm,
-            out_channels=out,
-            returned_layers=returned_layers,
-        )
-        representation = 2 * out
-        mask_head, mask_predictor = mask_branch(mask_kind, out, num_classes, [out, out], norm_layer=_group_norm)
-        kwargs = {
-            "rpn_anchor_generator": anchor_generator,
-            "rpn_head": RPNHead(out, num_anchors),
-            "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
-            "box_predictor": FastRCNNPredictor(representation, num_classes),
-            "mask_head": mask_head,
-            "mask_predictor": mask_predictor,
-            **kwargs,
-        }
-        num_classes = None  # given to the predictors above
-    else:
-        # torchvision trains BatchNorm when starting from scratch and freezes it otherwise
-        norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
-        body = "resnet101" if architecture == "maskrcnn_resnet101_fpn" else "resnet50"
-        backbone = resnet_fpn_backbone(
-            body, weights_backbone=weights_backbone, norm_layer=norm_layer, trainable_layers=trainable,
-            returned_layers=returned_layers,
-        )
-    model = MaskRCNN(backbone, num_classes=num_classes, **kwargs)
-    model.architecture = architecture
-    return model
+        return MaskRCNN(backbone, num_classes=None, **kwargs)
+
+    return build
 
 
-def _build_and_load(architecture: str, weights: Optional[str], **kwargs: Any) -> MaskRCNN:
-    model = build_model(architecture, pretrained=weights is not None, **kwargs)
-    if weights is not None:
-        from .checkpoint import load_weights_into
-
-        load_weights_into(model, weights)
-    return model
-
-
-def maskrcnn_resnet50_fpn(
-    *,
-    weights: Optional[str] = None,
-    progress: bool = True,
-    num_classes: Optional[int] = None,
-    weights_backbone: Optional[str] = None,
-    trainable_backbone_layers: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """Mask R-CNN ResNet-50-FPN (torchvision's ``maskrcnn_resnet50_fpn``; 37.9/34.6 box/mask AP with COCO weights).
-
-    ``weights``: path or fsspec URI of a full checkpoint (torchvision state_dict, including the published
-    COCO file with its legacy key names, or our format). ``weights_backbone``: path of an ImageNet
-    ResNet-50 state_dict. ``progress`` is accepted for compatibility (nothing is downloaded). Other
-    keyword arguments go to :class:`MaskRCNN`.
-    """
-    return _build_and_load(
-        "maskrcnn_resnet50_fpn",
-        weights,
-        num_classes=num_classes,
-        weights_backbone=weights_backbone,
-        trainable_backbone_layers=trainable_backbone_layers,
-        **kwargs,
-    )
+def _c4_keys(state_dict) -> Optional[str]:
+    """The ResNet body of a C4 Mask R-CNN state_dict; None for any other."""
+    if "roi_heads.box_head.res5.0.conv1.weight" not in state_dict or any(k.startswith("backbone.fpn.") for k in state_dict):
+        return None
+    if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state_dict:
+        return None
+    return "resnet101" if "backbone.body.layer3.6.conv1.weight" in state_dict else "resnet50"
 
 
-def maskrcnn_resnet50_fpn_v2(
-    *,
-    weights: Optional[str] = None,
-    progress: bool = True,
-    num_classes: Optional[int] = None,
-    weights_backbone: Optional[str] = None,
-    trainable_backbone_layers: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """Improved Mask R-CNN ResNet-50-FPN (torchvision's ``maskrcnn_resnet50_fpn_v2``; 47.4/41.8 AP with COCO weights).
-
-    Same arguments as :func:`maskrcnn_resnet50_fpn`.
-    """
-    return _build_and_load(
-        "maskrcnn_resnet50_fpn_v2",
-        weights,
-        num_classes=num_classes,
-        weights_backbone=weights_backbone,
-        trainable_backbone_layers=trainable_backbone_layers,
-        **kwargs,
-    )
-
-
-def maskrcnn_resnet101_fpn(
-    *,
-    weights: Optional[str] = None,
-    progress: bool = True,
-    num_classes: Optional[int] = None,
-    weights_backbone: Optional[str] = None,
-    trainable_backbone_layers: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """Mask R-CNN ResNet-101-FPN: the v1 recipe on a ResNet-101 body (torchvision has no builder for it).
-
-    Same arguments as :func:`maskrcnn_resnet50_fpn`; ``weights_backbone`` is an ImageNet ResNet-101 state_dict.
-    """
-    return _build_and_load(
-        "maskrcnn_resnet101_fpn",
-        weights,
-        num_classes=num_classes,
-        weights_backbone=weights_backbone,
-        trainable_backbone_layers=trainable_backbone_layers,
-        **kwargs,
-    )
-
-
-def maskrcnn_resnet18_fpn_small(
-    *,
-    weights: Optional[str] = None,
-    num_classes: Optional[int] = None,
-    weights_backbone: Optional[str] = None,
-    trainable_backbone_layers: Optional[int] = None,
-    **kwargs: Any,
-) -> MaskRCNN:
-    """A small Mask R-CNN (ours; no torchvision counterpart): ResNet-18 body, 128-channel FPN,
-    two-conv GroupNorm box and mask heads; about 14M parameters against ResNet-50-FPN's 44M.
-
-    Meant for small images and training from scratch on CPUs (the synthetic-shapes benchmark).
-    ``weights``: one of our checkpoints of this architecture. ``weights_backbone``: an ImageNet
-    ResNet-18 state_dict. Other arguments as :func:`maskrcnn_resnet50_fpn`.
-    """
-    return _build_and_load(
-        "maskrcnn_resnet18_fpn_small",
-        weights,
-        num_classes=num_classes,
-        weights_backbone=weights_backbone,
-        trainable_backbone_layers=trainable_backbone_layers,
-        **kwargs,
-    )
+register_model("maskrcnn_resnet50_c4", recognise=lambda sd: _c4_keys(sd) == "resnet50", features="single",
+               summary="Mask R-CNN ResNet-50-C4, the paper's C4 variant (Fig. 4 left): RPN and RoIAlign (14x14) on "
+                       "res4, res5 as the shared box and mask head, 14x14 per-class masks.")(_c4_builder("resnet50"))

@@ -14,6 +14,8 @@ from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from .ops import roi_align
 
+DEFAULT_BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box coder's (wx, wy, ww, wh), torchvision's
+
 
 
 def _init_convs(module: nn.Module) -> None:
@@ -239,7 +241,7 @@ class RoIHeads(nn.Module):
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         if bbox_reg_weights is None:
-            bbox_reg_weights = (10.0, 10.0, 5.0, 5.0)
+            bbox_reg_weights = DEFAULT_BBOX_REG_WEIGHTS
         self.box_coder = BoxCoder(bbox_reg_weights)
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 from mrcnn.checkpoint import load_model, save_checkpoint
-from mrcnn.mask_rcnn import build_model
+from mrcnn.registry import build_model
 from mrcnn.ops import MultiScaleRoIAlign
 from mrcnn.roi_heads import MaskMLPHead, maskrcnn_inference, maskrcnn_loss
 from _roi_reference import fpn_features
@@ -60,9 +60,7 @@ def test_each_switch_builds_trains_a_step_and_round_trips(switch, tmp_path):
 
 def test_the_defaults_are_recorded_as_before():
     model = build_model("maskrcnn_resnet18_fpn_small", num_classes=3)
-    from mrcnn.checkpoint import model_config
-
-    assert not {"roi_pooler", "mask_loss", "mask_head_type"} & set(model_config(model))
+    assert not {"roi_pooler", "mask_loss", "mask_head_type"} & set(model.builder_kwargs)
     assert model.roi_heads.box_roi_pool.pooler == "roi_align_legacy" and model.roi_heads.mask_loss == "sigmoid"
 
 
