@@ -55,6 +55,20 @@ def num_fpn_levels(returned_layers: Optional[list[int]] = None) -> int:
     return len(normalize_returned_layers(returned_layers)) + 1
 
 
+def _resnet(name: str, weights_backbone: Optional[str], norm_layer: Callable[..., nn.Module]) -> nn.Module:
+    """torchvision's ResNet ``name``, with an ImageNet state_dict loaded (strict) if given."""
+    if name not in _RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
+    resnet = _RESNETS[name](weights=None, norm_layer=norm_layer)
+    if weights_backbone is not None:
+        state_dict = load_state_dict_file(weights_backbone)
+        try:
+            resnet.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
+    return resnet
+
+
 def resnet_fpn_backbone(
     name: str = "resnet50",
     *,
@@ -79,15 +93,7 @@ def resnet_fpn_backbone(
             name (default all four). Without 4, layer4 is not built at all: ``[1, 2, 3]`` gives FPN
             levels '0'-'2' (strides 4-16) plus 'pool' (stride 32), for small objects and small models.
     """
-    if name not in _RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
-    body = _RESNETS[name](weights=None, norm_layer=norm_layer)
-    if weights_backbone is not None:
-        state_dict = load_state_dict_file(weights_backbone)
-        try:
-            body.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
+    body = _resnet(name, weights_backbone, norm_layer)
     returned_layers = normalize_returned_layers(returned_layers)
     backbone = _resnet_fpn_extractor(body, trainable_layers, returned_layers=returned_layers, norm_layer=fpn_norm_layer)
     if out_channels != backbone.out_channels:
@@ -123,15 +129,7 @@ def resnet_c4_backbone(
     ``trainable_layers`` counts from the top as for the FPN backbones: layer4 (res5, in the head),
     layer3, layer2, layer1, conv1. ``weights_backbone`` initialises both parts (ImageNet ResNet).
     """
-    if name not in _RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_RESNETS)}")
-    resnet = _RESNETS[name](weights=None, norm_layer=norm_layer)
-    if weights_backbone is not None:
-        state_dict = load_state_dict_file(weights_backbone)
-        try:
-            resnet.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{weights_backbone}: not a {name} ImageNet state_dict: {e}") from None
+    resnet = _resnet(name, weights_backbone, norm_layer)
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers should be in [0, 5], got {trainable_layers}")
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
