@@ -53,7 +53,7 @@ import torch
 from jobs.infer import commit
 from jobs.infer.storage import join, resolve, storage_options
 
-from mrcnn.models import list_models
+from mrcnn.registry import get_architecture, list_models
 
 # --arch: the registered architectures, Mask R-CNN ones also by their short names (resnet50_fpn)
 # which run configs record
@@ -146,8 +146,6 @@ def parse_args(argv=None):
             args.returned_layers = normalize_returned_layers(args.returned_layers)
         except ValueError as e:
             p.error(f"--returned-layers: {e}")
-    from mrcnn.registry import get_architecture
-
     if get_architecture(ARCHS[args.arch]).features == "fpn":
         levels = num_fpn_levels(args.returned_layers)
         if args.anchor_sizes is not None and len(args.anchor_sizes) != levels:
