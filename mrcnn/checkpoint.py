@@ -2,8 +2,9 @@
 
 Two file kinds are read, from local paths or fsspec URIs (``s3://...``):
 
-- a torchvision-style Mask R-CNN ``state_dict`` of any registered architecture (``mrcnn.registry``), including the published
-  v1 COCO file, whose older key names are remapped on load by the modules themselves
+- a torchvision-style Mask R-CNN or Keypoint R-CNN ``state_dict`` of any registered architecture
+  (``mrcnn.registry``), including the published COCO files, whose older key names are remapped on
+  load by the modules themselves
   (``_load_from_state_dict`` of the FPN, RPN head and mask head, as torchvision does);
 - our own checkpoint: ``{"format": FORMAT, "format_version": 1, "metadata": {...}, "state_dict": {...}}``
   written by :func:`save_checkpoint`; the metadata records the architecture, classes, thresholds and
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .coco_categories import COCO_PERSON_KEYPOINT_NAMES
 from .registry import build_model, detect_architecture, list_models, settings_from_keys
 from .weights_file import load_state_dict_file
 
@@ -28,8 +30,11 @@ FORMAT_VERSION = 1
 # Keys the published v1 COCO file (and other files from torchvision < 0.13) uses for modules that
 # torchvision later renamed; their presence marks such a file.
 _LEGACY_KEY_MARKERS = ("rpn.head.conv.weight", "roi_heads.mask_head.mask_fcn1.weight", "backbone.fpn.inner_blocks.0.weight")
-# The published v1 COCO weights were trained with FrozenBatchNorm eps 0.0 (torchvision's overwrite_eps).
-_V1_COCO_FILE = "maskrcnn_resnet50_fpn_coco-bf2d0c1e"
+# torchvision's published COCO files that need FrozenBatchNorm eps 0.0 after loading (its
+# overwrite_eps): Mask R-CNN's v1 and Keypoint R-CNN's COCO_V1. Its keypoint COCO_LEGACY file keeps
+# the default eps (1e-5), though its key names are as old as the others'.
+_EPS0_COCO_FILES = ("maskrcnn_resnet50_fpn_coco-bf2d0c1e", "keypointrcnn_resnet50_fpn_coco-fc266e95")
+_DEFAULT_EPS_COCO_FILES = ("keypointrcnn_resnet50_fpn_coco-9f466800",)
 
 
 
@@ -47,6 +52,18 @@ def _num_classes(state_dict: dict) -> int:
 
 def _has_legacy_keys(state_dict: dict) -> bool:
     return any(k in state_dict for k in _LEGACY_KEY_MARKERS)
+
+
+def _torchvision_file_eps(state_dict: dict, path: str) -> Optional[float]:
+    """The FrozenBatchNorm eps a plain torchvision file needs (None: the default). Files with the
+    pre-0.13 key names are taken for the published COCO files of their kind, which need 0.0, except
+    the keypoint COCO_LEGACY file, told by its name."""
+    name = os.path.basename(path)
+    if any(f in name for f in _DEFAULT_EPS_COCO_FILES):
+        return None
+    if _has_legacy_keys(state_dict) or any(f in name for f in _EPS0_COCO_FILES):
+        return 0.0
+    return None
 
 
 def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
@@ -82,13 +99,13 @@ def _apply_state_dict(model: nn.Module, state_dict: dict, path: str, *, legacy_e
     sd = type(state_dict)(state_dict)
     if hasattr(state_dict, "_metadata"):
         sd._metadata = state_dict._metadata
-    legacy = _has_legacy_keys(sd)
+    eps = _torchvision_file_eps(sd, path) if legacy_eps_rule else None
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit this architecture: {e}") from None
-    if legacy_eps_rule and (legacy or _V1_COCO_FILE in os.path.basename(path)):
-        set_frozen_bn_eps(model, 0.0)
+    if eps is not None:
+        set_frozen_bn_eps(model, eps)
 
 
 def load_weights_into(model: nn.Module, path) -> dict:
@@ -109,11 +126,14 @@ def _check_architecture(model: nn.Module, state_dict: dict, metadata: dict, path
         raise ValueError(f"{path}: holds a {found} checkpoint, but the model is {expected}")
 
 
-def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional[dict] = None) -> None:
+def save_checkpoint(model: nn.Module, path, *, class_names, keypoint_names=None,
+                    extra_meta: Optional[dict] = None) -> None:
     """Write ``model``'s weights and settings to ``path`` (local or fsspec URI) in our format.
 
-    ``class_names``: one name per class index, index 0 being the background. ``extra_meta``: any
-    further plain values (str, numbers, bools, None, lists, dicts) to keep with the weights.
+    ``class_names``: one name per class index, index 0 being the background. ``keypoint_names``
+    (a keypoint model's): one name per keypoint; default COCO's person keypoints when the model has
+    17. ``extra_meta``: any further plain values (str, numbers, bools, None, lists, dicts) to keep
+    with the weights.
     """
     path = os.fspath(path)
     architecture = getattr(model, "architecture", None)
@@ -131,11 +151,13 @@ def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional
     class_names = [str(c) for c in class_names]
     if len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries but the model has {num_classes} classes")
+    keypoint_names = _keypoint_names(model, keypoint_names)
     config = dict(model.builder_kwargs)
     metadata = {
         "architecture": architecture,
         "num_classes": num_classes,
         "class_names": class_names,
+        **({"keypoint_names": keypoint_names} if keypoint_names is not None else {}),
         "score_thresh": config["box_score_thresh"],
         "min_size": config["min_size"],
         "max_size": config["max_size"],
@@ -149,6 +171,24 @@ def save_checkpoint(model: nn.Module, path, *, class_names, extra_meta: Optional
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata, "state_dict": state_dict}
     with fsspec.open(path, "wb") as f:
         torch.save(payload, f)
+
+
+def _keypoint_names(model: nn.Module, names) -> Optional[list[str]]:
+    """The keypoint names to record: None for a model without keypoints."""
+    predictor = getattr(model.roi_heads, "keypoint_predictor", None)
+    if predictor is None:
+        if names is not None:
+            raise ValueError("keypoint_names given, but this model has no keypoint head")
+        return None
+    count = int(predictor.out_channels)
+    if names is None:
+        if count != len(COCO_PERSON_KEYPOINT_NAMES):
+            raise ValueError(f"this model predicts {count} keypoints: give their keypoint_names")
+        names = COCO_PERSON_KEYPOINT_NAMES
+    names = [str(n) for n in names]
+    if len(names) != count:
+        raise ValueError(f"keypoint_names has {len(names)} entries but the model predicts {count} keypoints")
+    return names
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -188,7 +228,7 @@ def _torchvision_metadata(state_dict: dict, path: str) -> dict:
         "architecture": architecture,
         "num_classes": _num_classes(state_dict),
         "class_names": None,
-        "frozen_bn_eps": 0.0 if legacy or _V1_COCO_FILE in os.path.basename(path) else None,
+        "frozen_bn_eps": _torchvision_file_eps(state_dict, path),
         "legacy_keys": legacy,
     }
 
@@ -198,7 +238,8 @@ def load_model(path, **overrides) -> nn.Module:
 
     Accepts our format and plain torchvision state_dicts. ``overrides`` are builder keyword arguments
     (e.g. ``box_score_thresh=0.5``, ``min_size=640``) that replace the recorded ones. The result
-    has ``model.class_names`` (None if the file does not say) and ``model.checkpoint_metadata``.
+    has ``model.class_names`` (None if the file does not say), a keypoint model's
+    ``model.keypoint_names``, and ``model.checkpoint_metadata``.
     """
     path = os.fspath(path)
     state_dict, metadata = _unwrap(load_state_dict_file(path), path)
@@ -221,5 +262,9 @@ def load_model(path, **overrides) -> nn.Module:
     if metadata.get("frozen_bn_eps") is not None:
         set_frozen_bn_eps(model, float(metadata["frozen_bn_eps"]))
     model.class_names = metadata.get("class_names")
+    if hasattr(model, "num_keypoints"):
+        # a plain torchvision file says nothing: its 17 keypoints are COCO's person keypoints
+        model.keypoint_names = metadata.get("keypoint_names") or (
+            list(COCO_PERSON_KEYPOINT_NAMES) if model.num_keypoints == len(COCO_PERSON_KEYPOINT_NAMES) else None)
     model.checkpoint_metadata = {"format": FORMAT, **metadata} if metadata else _torchvision_metadata(state_dict, path)
     return model

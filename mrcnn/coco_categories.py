@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["COCO_CATEGORY_NAMES", "label_names"]
+__all__ = ["COCO_CATEGORY_NAMES", "COCO_PERSON_KEYPOINT_NAMES", "COCO_PERSON_SKELETON", "label_names"]
 
 COCO_CATEGORY_NAMES: tuple[str, ...] = (
     "__background__",
@@ -120,3 +120,18 @@ def label_names(labels: Iterable[int], class_names: Optional[Sequence[str]] = No
             raise ValueError(f"label {i} is outside the {len(names)} class names")
         out.append(str(names[i]))
     return out
+
+
+# COCO's person keypoints, in the order of its annotations and of torchvision's keypoint models
+COCO_PERSON_KEYPOINT_NAMES: tuple[str, ...] = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+# the limbs COCO's person category draws (its "skeleton", 1-based there), as 0-based keypoint pairs
+COCO_PERSON_SKELETON: tuple[tuple[int, int], ...] = tuple(
+    (a - 1, b - 1) for a, b in (
+        (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
+        (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+    )
+)

@@ -111,15 +111,22 @@ class MaskRCNN(nn.Module):
         roi_pooler: str = "roi_align_legacy",
         mask_loss: str = "sigmoid",
         mask_head_type: str = "fcn",
+        # the mask branch: off in KeypointRCNN, which builds its keypoint branch instead
+        _with_masks: bool = True,
     ):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone should have an out_channels attribute (channels of every feature map)")
+        if not _with_masks:
+            if mask_roi_pool is not None or mask_head is not None or mask_predictor is not None:
+                raise ValueError("this model has no mask branch: mask_roi_pool, mask_head and mask_predictor must be None")
+            if mask_loss != SWITCH_DEFAULTS["mask_loss"] or mask_head_type != SWITCH_DEFAULTS["mask_head_type"]:
+                raise ValueError("this model has no mask branch: mask_loss and mask_head_type do not apply")
         if num_classes is not None:
             if box_predictor is not None or mask_predictor is not None:
                 raise ValueError("num_classes should be None when box_predictor or mask_predictor is given")
-        elif box_predictor is None or mask_predictor is None:
-            raise ValueError("num_classes is required unless box_predictor and mask_predictor are given")
+        elif box_predictor is None or (_with_masks and mask_predictor is None):
+            raise ValueError("num_classes is required unless the box (and mask) predictors are given")
         out_channels = backbone.out_channels
 
         if rpn_anchor_generator is None:
@@ -148,7 +155,7 @@ class MaskRCNN(nn.Module):
             box_head = TwoMLPHead(out_channels * resolution**2, 1024)
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(1024, num_classes)
-        if mask_roi_pool is None:
+        if mask_roi_pool is None and _with_masks:
             mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2, pooler=roi_pooler)
         if mask_head_type not in MASK_HEADS:
             raise ValueError(f"mask_head_type must be one of {MASK_HEADS}, got {mask_head_type!r}")
@@ -158,9 +165,9 @@ class MaskRCNN(nn.Module):
             if mask_head is None:
                 mask_head, mask_predictor = mask_branch("mlp", out_channels, num_classes, (),
                                                         resolution=mask_roi_pool.output_size[0])
-        if mask_head is None:
+        if mask_head is None and _with_masks:
             mask_head = MaskRCNNHeads(out_channels, (256, 256, 256, 256), 1)
-        if mask_predictor is None:
+        if mask_predictor is None and _with_masks:
             mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
 
         roi_heads = RoIHeads(
@@ -223,12 +230,25 @@ class MaskRCNN(nn.Module):
         switches = {"roi_pooler": roi_pooler, "mask_loss": mask_loss, "mask_head_type": mask_head_type}
         self.builder_kwargs.update({k: v for k, v in switches.items() if v != SWITCH_DEFAULTS[k]})
 
+    # the RoI poolers the FPN builders make for fewer pyramid levels, and their output sizes
+    ROI_POOL_SIZES = {"box_roi_pool": 7, "mask_roi_pool": 14}
+
+    @staticmethod
+    def small_heads(channels: int, num_classes: int, settings: dict) -> dict:
+        """The small recipe's second-stage modules besides the box branch (a two-conv GroupNorm
+        mask head), given the builder's ``settings``."""
+        mask_head, mask_predictor = mask_branch(settings.get("mask_head_type", "fcn"), channels, num_classes,
+                                                [channels, channels], norm_layer=_group_norm)
+        return {"mask_head": mask_head, "mask_predictor": mask_predictor}
+
     def reset_predictors(self, num_classes: int) -> None:
-        """New, untrained box and mask predictors for ``num_classes`` classes (the background
+        """New, untrained box and (if the model has them) mask predictors for ``num_classes`` classes (the background
         included): fine-tuning on other classes, as torchvision's tutorial does."""
         rh = self.roi_heads
         rh.box_predictor = FastRCNNPredictor(rh.box_predictor.cls_score.in_features, num_classes)
         old = rh.mask_predictor
+        if old is None:
+            return  # no mask branch (a keypoint model keeps its keypoint predictor: keypoints are not classes)
         if isinstance(old, MaskMLPPredictor):
             rh.mask_predictor = MaskMLPPredictor(old.mask_fc_logits.in_features, num_classes, old.resolution)
         else:
@@ -312,21 +332,24 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels)
 
 
-def _fpn_builder(body: str, recipe: str):
-    """The builder of a ResNet-FPN Mask R-CNN: ``recipe`` "v1" (torchvision's maskrcnn_resnet50_fpn),
-    "v2" (its maskrcnn_resnet50_fpn_v2) or "small" (ours, see maskrcnn_resnet18_fpn_small)."""
+def _fpn_builder(body: str, recipe: str, model_class=None):
+    """The builder of a ResNet-FPN model (``model_class``, default :class:`MaskRCNN`; or
+    KeypointRCNN): ``recipe`` "v1" (torchvision's maskrcnn_resnet50_fpn / keypointrcnn_resnet50_fpn),
+    "v2" (maskrcnn_resnet50_fpn_v2) or "small" (ours, see maskrcnn_resnet18_fpn_small)."""
+    model_class = model_class or MaskRCNN
+    if recipe == "v2" and model_class is not MaskRCNN:
+        raise ValueError("the v2 recipe is Mask R-CNN's")
 
     def build(*, num_classes, is_trained, weights_backbone, trainable_backbone_layers, returned_layers=None,
               **kwargs) -> MaskRCNN:
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
         returned_layers = normalize_returned_layers(returned_layers)
         pooler = kwargs.get("roi_pooler", "roi_align_legacy")
-        mask_kind = kwargs.get("mask_head_type", "fcn")
         if len(returned_layers) < 4:
             # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
             names = [str(i) for i in range(len(returned_layers))]
-            kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, pooler=pooler))
-            kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, pooler=pooler))
+            for key, size in model_class.ROI_POOL_SIZES.items():
+                kwargs.setdefault(key, MultiScaleRoIAlign(names, output_size=size, sampling_ratio=2, pooler=pooler))
         if recipe != "v1":
             # these build their own RPN head, which needs the anchor count
             anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
@@ -344,7 +367,7 @@ def _fpn_builder(body: str, recipe: str):
                 "box_head": FastRCNNConvFCHead((out, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
                 **kwargs,
             }
-            if mask_kind == "fcn":  # the MLP head has no norm layer: MaskRCNN builds it
+            if kwargs.get("mask_head_type", "fcn") == "fcn":  # the MLP head has no norm layer: MaskRCNN builds it
                 kwargs.setdefault("mask_head", MaskRCNNHeads(out, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d))
         elif recipe == "small":
             # For small images and training from scratch on CPUs: a 128-channel FPN and two-conv
@@ -356,14 +379,12 @@ def _fpn_builder(body: str, recipe: str):
                                            trainable_layers=trainable, fpn_norm_layer=_group_norm, out_channels=out,
                                            returned_layers=returned_layers)
             representation = 2 * out
-            mask_head, mask_predictor = mask_branch(mask_kind, out, num_classes, [out, out], norm_layer=_group_norm)
             kwargs = {
                 "rpn_anchor_generator": anchor_generator,
                 "rpn_head": RPNHead(out, num_anchors),
                 "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
                 "box_predictor": FastRCNNPredictor(representation, num_classes),
-                "mask_head": mask_head,
-                "mask_predictor": mask_predictor,
+                **model_class.small_heads(out, num_classes, kwargs),
                 **kwargs,
             }
             num_classes = None  # given to the predictors above
@@ -372,7 +393,7 @@ def _fpn_builder(body: str, recipe: str):
             backbone = resnet_fpn_backbone(body, weights_backbone=weights_backbone,
                                            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
                                            trainable_layers=trainable, returned_layers=returned_layers)
-        model = MaskRCNN(backbone, num_classes=num_classes, **kwargs)
+        model = model_class(backbone, num_classes=num_classes, **kwargs)
         if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
             model.builder_kwargs["returned_layers"] = returned_layers
         return model
@@ -380,10 +401,11 @@ def _fpn_builder(body: str, recipe: str):
     return build
 
 
+MASK_LOGITS_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
+
+
 def _fpn_keys(state_dict) -> tuple[Optional[str], Optional[str]]:
-    """(ResNet body, box head kind "fc" / "conv") of an FPN Mask R-CNN state_dict; (None, None) otherwise."""
-    if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state_dict:
-        return None, None
+    """(ResNet body, box head kind "fc" / "conv") of an FPN R-CNN state_dict; (None, None) otherwise."""
     if not any(k.startswith("backbone.fpn.") for k in state_dict):
         return None, None
     head = "conv" if "roi_heads.box_head.0.0.weight" in state_dict else "fc" if "roi_heads.box_head.fc6.weight" in state_dict else None
@@ -407,7 +429,7 @@ def returned_layers_from_keys(state_dict) -> dict:
 
 def _register_fpn(name: str, body: str, recipe: str, summary: str) -> None:
     head = "fc" if recipe == "v1" else "conv"
-    register_model(name, recognise=lambda sd: _fpn_keys(sd) == (body, head), summary=summary,
+    register_model(name, recognise=lambda sd: MASK_LOGITS_KEY in sd and _fpn_keys(sd) == (body, head), summary=summary,
                    settings_from_keys=returned_layers_from_keys)(_fpn_builder(body, recipe))
 
 
@@ -480,7 +502,7 @@ def _c4_keys(state_dict) -> Optional[str]:
     """The ResNet body of a C4 Mask R-CNN state_dict; None for any other."""
     if "roi_heads.box_head.res5.0.conv1.weight" not in state_dict or any(k.startswith("backbone.fpn.") for k in state_dict):
         return None
-    if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state_dict:
+    if MASK_LOGITS_KEY not in state_dict:
         return None
     return "resnet101" if "backbone.body.layer3.6.conv1.weight" in state_dict else "resnet50"
 

@@ -2,13 +2,13 @@
 (``maskrcnn_resnet50_fpn(weights=...)`` ...), with torchvision's arguments.
 
 The architectures themselves are declared once, where their models are defined (``@register_model``
-in :mod:`mrcnn.mask_rcnn`); importing those modules here fills the registry.
+in :mod:`mrcnn.mask_rcnn` and :mod:`mrcnn.keypoint_rcnn`); importing those modules here fills the registry.
 """
 from typing import Any, Optional
 
 from torch import nn
 
-from . import mask_rcnn  # noqa: F401  (registers the FPN and C4 architectures)
+from . import keypoint_rcnn, mask_rcnn  # noqa: F401  (register the Mask R-CNN and Keypoint R-CNN architectures)
 from .checkpoint import load_weights_into
 from .registry import build_model, get_architecture, list_models
 
@@ -59,6 +59,8 @@ maskrcnn_resnet101_fpn = _builder("maskrcnn_resnet101_fpn")
 maskrcnn_resnext101_32x8d_fpn = _builder("maskrcnn_resnext101_32x8d_fpn")
 maskrcnn_resnet18_fpn_small = _builder("maskrcnn_resnet18_fpn_small")
 maskrcnn_resnet50_c4 = _builder("maskrcnn_resnet50_c4")
+keypointrcnn_resnet50_fpn = _builder("keypointrcnn_resnet50_fpn")
+keypointrcnn_resnet18_fpn_small = _builder("keypointrcnn_resnet18_fpn_small")
 __all__ += list_models()
 # every registered architecture has its builder function here
 assert all(callable(globals().get(name)) for name in list_models()), "an architecture lacks its builder function"

@@ -22,7 +22,7 @@ class Architecture:
     keys and shapes are this architecture's; ``settings_from_keys(state_dict)`` gives the builder
     settings a plain state_dict implies (e.g. which ResNet stages its FPN reads). ``features``:
     "fpn" (one anchor size per pyramid level; ``returned_layers`` applies) or "single" (one
-    feature map, which holds every anchor size).
+    feature map, which holds every anchor size). ``num_classes``: the default class count.
     """
 
     name: str
@@ -31,12 +31,14 @@ class Architecture:
     summary: str
     settings_from_keys: Optional[Callable[[Mapping[str, Any]], dict]] = None
     features: str = "fpn"
+    num_classes: int = DEFAULT_NUM_CLASSES  # when the caller gives none (COCO's 91; a person-keypoint model's 2)
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_model(name: str, *, recognise, summary: str, settings_from_keys=None, features: str = "fpn"):
+def register_model(name: str, *, recognise, summary: str, settings_from_keys=None, features: str = "fpn",
+                   num_classes: int = DEFAULT_NUM_CLASSES):
     """Decorator: register ``build`` as architecture ``name`` (each name once)."""
     if features not in ("fpn", "single"):
         raise ValueError(f"features must be 'fpn' or 'single', got {features!r}")
@@ -44,7 +46,8 @@ def register_model(name: str, *, recognise, summary: str, settings_from_keys=Non
     def wrap(build):
         if name in _ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
-        _ARCHITECTURES[name] = Architecture(name, build, recognise, summary, settings_from_keys, features)
+        _ARCHITECTURES[name] = Architecture(name, build, recognise, summary, settings_from_keys, features,
+                                             num_classes)
         return build
 
     return wrap
@@ -101,7 +104,7 @@ def build_model(
         weights_backbone = None  # the full checkpoint overwrites the backbone anyway
     custom = sorted(k for k, v in settings.items() if isinstance(v, nn.Module))
     model = arch.build(
-        num_classes=DEFAULT_NUM_CLASSES if num_classes is None else num_classes,
+        num_classes=arch.num_classes if num_classes is None else num_classes,
         is_trained=pretrained or weights_backbone is not None,
         weights_backbone=weights_backbone,
         trainable_backbone_layers=trainable_backbone_layers,

@@ -210,8 +210,78 @@ def maskrcnn_inference(mask_logits: Tensor, labels: list[Tensor], kind: str = "s
     return mask_prob[index, labels][:, None].split(boxes_per_image, dim=0)
 
 
+def keypoints_to_heatmap(keypoints: Tensor, rois: Tensor, heatmap_size: int) -> tuple[Tensor, Tensor]:
+    """Each GT keypoint's cell in its RoI's ``heatmap_size`` square grid (a flat index) and whether
+    it counts (visible and inside the RoI); a keypoint on the RoI's right/bottom edge takes the last cell."""
+    offset_x, offset_y = rois[:, 0:1], rois[:, 1:2]
+    scale_x = heatmap_size / (rois[:, 2:3] - rois[:, 0:1])
+    scale_y = heatmap_size / (rois[:, 3:4] - rois[:, 1:2])
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    on_right, on_bottom = x == rois[:, 2:3], y == rois[:, 3:4]
+    x = ((x - offset_x) * scale_x).floor().long()
+    y = ((y - offset_y) * scale_y).floor().long()
+    x[on_right] = heatmap_size - 1
+    y[on_bottom] = heatmap_size - 1
+    inside = (x >= 0) & (y >= 0) & (x < heatmap_size) & (y < heatmap_size)
+    valid = (inside & (keypoints[..., 2] > 0)).long()
+    return (y * heatmap_size + x) * valid, valid
+
+
+def keypointrcnn_loss(keypoint_logits: Tensor, proposals, gt_keypoints, keypoint_matched_idxs) -> Tensor:
+    """Cross-entropy over each keypoint's M x M heatmap cells (one-hot at its GT cell), visible
+    keypoints of positive RoIs only: the paper's keypoint loss."""
+    N, K, H, W = keypoint_logits.shape
+    if H != W:
+        raise ValueError(f"keypoint logits should be square heatmaps, got {H}x{W}")
+    targets, valid = [], []
+    for boxes, gt, idxs in zip(proposals, gt_keypoints, keypoint_matched_idxs):
+        cells, ok = keypoints_to_heatmap(gt[idxs], boxes, H)
+        targets.append(cells.view(-1))
+        valid.append(ok.view(-1))
+    targets = torch.cat(targets)
+    valid = torch.where(torch.cat(valid) > 0)[0]
+    if targets.numel() == 0 or valid.numel() == 0:
+        return keypoint_logits.sum() * 0  # nothing to learn from, but a loss that depends on the logits
+    return F.cross_entropy(keypoint_logits.view(N * K, H * W)[valid], targets[valid])
+
+
+def heatmaps_to_keypoints(maps: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+    """Keypoints ``[R, K, 3]`` (x, y, 1) and their scores ``[R, K]`` from heatmaps ``[R, K, M, M]``:
+    each map resized bicubically to its box's size in pixels, the argmax cell's centre (Detectron's
+    and torchvision's decoding, so results match theirs)."""
+    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
+    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
+    widths_ceil, heights_ceil = widths.ceil(), heights.ceil()
+    num_keypoints = maps.shape[1]
+    xy = torch.zeros((len(rois), 3, num_keypoints), dtype=torch.float32, device=maps.device)
+    scores = torch.zeros((len(rois), num_keypoints), dtype=torch.float32, device=maps.device)
+    index = torch.arange(num_keypoints, device=maps.device)
+    for i in range(len(rois)):
+        map_w, map_h = int(widths_ceil[i].item()), int(heights_ceil[i].item())
+        roi_map = F.interpolate(maps[i][:, None], size=(map_h, map_w), mode="bicubic", align_corners=False)[:, 0]
+        pos = roi_map.reshape(num_keypoints, -1).argmax(dim=1)
+        x_int = pos % map_w
+        y_int = torch.div(pos - x_int, map_w, rounding_mode="floor")
+        xy[i, 0] = (x_int.float() + 0.5) * (widths[i] / map_w) + rois[i, 0]
+        xy[i, 1] = (y_int.float() + 0.5) * (heights[i] / map_h) + rois[i, 1]
+        xy[i, 2] = 1
+        scores[i] = roi_map[index, y_int, x_int]
+    return xy.permute(0, 2, 1), scores
+
+
+def keypointrcnn_inference(keypoint_logits: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per image: keypoints ``[D, K, 3]`` and keypoint scores ``[D, K]`` of its detections."""
+    keypoints, scores = [], []
+    for maps, b in zip(keypoint_logits.split([len(b) for b in boxes], dim=0), boxes):
+        k, s = heatmaps_to_keypoints(maps, b)
+        keypoints.append(k)
+        scores.append(s)
+    return keypoints, scores
+
+
 class RoIHeads(nn.Module):
-    """Box and mask heads with training-time RoI sampling and eval-time post-processing."""
+    """Box, mask and keypoint heads with training-time RoI sampling and eval-time post-processing
+    (the mask and keypoint branches are optional, as in torchvision's)."""
 
     def __init__(
         self,
@@ -233,6 +303,10 @@ class RoIHeads(nn.Module):
         mask_head: Optional[nn.Module] = None,
         mask_predictor: Optional[nn.Module] = None,
         mask_loss: str = "sigmoid",
+        # keypoints
+        keypoint_roi_pool: Optional[nn.Module] = None,
+        keypoint_head: Optional[nn.Module] = None,
+        keypoint_predictor: Optional[nn.Module] = None,
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
@@ -252,9 +326,16 @@ class RoIHeads(nn.Module):
         self.mask_roi_pool = mask_roi_pool
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
+        self.keypoint_roi_pool = keypoint_roi_pool
+        self.keypoint_head = keypoint_head
+        self.keypoint_predictor = keypoint_predictor
 
     def has_mask(self) -> bool:
         return self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None
+
+    def has_keypoint(self) -> bool:
+        return (self.keypoint_roi_pool is not None and self.keypoint_head is not None
+                and self.keypoint_predictor is not None)
 
     # ---- training-time sampling -------------------------------------------------------------
 
@@ -284,7 +365,9 @@ class RoIHeads(nn.Module):
         if targets is None:
             raise ValueError("targets are required in training mode")
         for i, t in enumerate(targets):
-            for key in ("boxes", "labels") + (("masks",) if self.has_mask() else ()):
+            required = ("boxes", "labels") + (("masks",) if self.has_mask() else ()) + (
+                ("keypoints",) if self.has_keypoint() else ())
+            for key in required:
                 if key not in t:
                     raise ValueError(f"target {i} has no {key!r} entry")
 
@@ -359,6 +442,8 @@ class RoIHeads(nn.Module):
                     raise TypeError(f"target {i} boxes must be floating point, got {t['boxes'].dtype}")
                 if t["labels"].dtype != torch.int64:
                     raise TypeError(f"target {i} labels must be int64, got {t['labels'].dtype}")
+                if self.has_keypoint() and "keypoints" in t and t["keypoints"].dtype != torch.float32:
+                    raise TypeError(f"target {i} keypoints must be float32, got {t['keypoints'].dtype}")
 
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -376,16 +461,16 @@ class RoIHeads(nn.Module):
             boxes, scores, det_labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
             result = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, det_labels, scores)]
 
+        if self.training and (self.has_mask() or self.has_keypoint()):
+            # the mask and keypoint branches train on positive RoIs only
+            pos_proposals, pos_matched_idxs = [], []
+            for img_id in range(len(proposals)):
+                pos = torch.where(labels[img_id] > 0)[0]
+                pos_proposals.append(proposals[img_id][pos])
+                pos_matched_idxs.append(matched_idxs[img_id][pos])
+
         if self.has_mask():
-            if self.training:
-                # the mask branch trains on positive RoIs only
-                mask_proposals, pos_matched_idxs = [], []
-                for img_id in range(len(proposals)):
-                    pos = torch.where(labels[img_id] > 0)[0]
-                    mask_proposals.append(proposals[img_id][pos])
-                    pos_matched_idxs.append(matched_idxs[img_id][pos])
-            else:
-                mask_proposals = [r["boxes"] for r in result]
+            mask_proposals = pos_proposals if self.training else [r["boxes"] for r in result]
 
             mask_features = self.mask_roi_pool(features, mask_proposals, image_shapes)
             mask_features = self.mask_head(mask_features)
@@ -400,4 +485,18 @@ class RoIHeads(nn.Module):
                 probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result], self.mask_loss)
                 for mask_prob, r in zip(probs, result):
                     r["masks"] = mask_prob
+
+        if self.has_keypoint():
+            keypoint_proposals = pos_proposals if self.training else [r["boxes"] for r in result]
+            keypoint_features = self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)
+            keypoint_logits = self.keypoint_predictor(self.keypoint_head(keypoint_features))
+            if self.training:
+                gt_keypoints = [t["keypoints"] for t in targets]
+                losses["loss_keypoint"] = keypointrcnn_loss(keypoint_logits, keypoint_proposals, gt_keypoints,
+                                                            pos_matched_idxs)
+            else:
+                keypoints, keypoint_scores = keypointrcnn_inference(keypoint_logits, keypoint_proposals)
+                for k, s, r in zip(keypoints, keypoint_scores, result):
+                    r["keypoints"] = k
+                    r["keypoints_scores"] = s
         return result, losses

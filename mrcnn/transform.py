@@ -46,6 +46,19 @@ def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
 
 
+def resize_keypoints(keypoints: Tensor, original_size, new_size) -> Tensor:
+    """Scale ``[..., K, 3]`` keypoints (x, y, visibility) from ``original_size`` (h, w) to ``new_size``."""
+    ratio_h, ratio_w = [
+        torch.tensor(s, dtype=torch.float32, device=keypoints.device)
+        / torch.tensor(s_orig, dtype=torch.float32, device=keypoints.device)
+        for s, s_orig in zip(new_size, original_size)
+    ]
+    resized = keypoints.clone()
+    resized[..., 0] *= ratio_w
+    resized[..., 1] *= ratio_h
+    return resized
+
+
 class GeneralizedRCNNTransform(nn.Module):
     """Normalise, resize and pad a list of images (and their targets) into an ImageList.
 
@@ -105,6 +118,8 @@ class GeneralizedRCNNTransform(nn.Module):
         image, target = resize_image_and_masks(image, size, self.max_size, target)
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+            if "keypoints" in target:
+                target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), image.shape[-2:])
         return image, target
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
@@ -125,7 +140,7 @@ class GeneralizedRCNNTransform(nn.Module):
         original_image_sizes: list[tuple[int, int]],
         mask_output: str = "probs",
     ) -> list[dict[str, Tensor]]:
-        """Boxes back to input-image pixels; masks pasted per ``mask_output``:
+        """Boxes and keypoints back to input-image pixels; masks pasted per ``mask_output``:
 
         - "probs": float ``[N, 1, H, W]`` probabilities (torchvision's output)
         - "binary": bool ``[N, 1, H, W]``, probability > 0.5
@@ -135,6 +150,8 @@ class GeneralizedRCNNTransform(nn.Module):
             raise ValueError(f"mask_output must be one of {MASK_OUTPUTS}, got {mask_output!r}")
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            if "keypoints" in pred:
+                pred["keypoints"] = resize_keypoints(pred["keypoints"], im_s, o_im_s)
             if "masks" in pred and mask_output != "raw":
                 threshold = 0.5 if mask_output == "binary" else None
                 pred["masks"] = paste_masks(pred["masks"], pred["boxes"], tuple(o_im_s), threshold=threshold)

@@ -10,7 +10,8 @@ from mrcnn.checkpoint import load_model, read_metadata, save_checkpoint
 
 SIZES = dict(min_size=64, max_size=96)
 EXPECTED = {"maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn",
-            "maskrcnn_resnext101_32x8d_fpn", "maskrcnn_resnet18_fpn_small", "maskrcnn_resnet50_c4"}
+            "maskrcnn_resnext101_32x8d_fpn", "maskrcnn_resnet18_fpn_small", "maskrcnn_resnet50_c4",
+            "keypointrcnn_resnet50_fpn", "keypointrcnn_resnet18_fpn_small"}
 
 
 def _batch():
@@ -22,8 +23,13 @@ def _batch():
         masks = torch.zeros(2, h, w, dtype=torch.uint8)
         masks[0, 5:30, 6:40] = 1
         masks[1, 30:60, 20:60] = 1
+        # keypoints inside each box, the last few not labelled (visibility 0)
+        keypoints = torch.rand(2, 17, 3, generator=g) * torch.tensor([34.0, 25, 1]) + torch.tensor([6.0, 5, 0])
+        keypoints[1] += torch.tensor([14.0, 25, 0])
+        keypoints[:, :, 2] = 2
+        keypoints[:, 14:, 2] = 0
         targets.append({"boxes": torch.tensor([[6.0, 5, 40, 30], [20.0, 30, 60, 60]]),
-                        "labels": torch.tensor([1, 2 - k]), "masks": masks})
+                        "labels": torch.tensor([1, 2 - k]), "masks": masks, "keypoints": keypoints})
     return images, targets
 
 
@@ -47,7 +53,9 @@ def test_each_architecture_builds_trains_a_step_and_round_trips(name, tmp_path):
     images, targets = _batch()
     model.train()
     losses = model(images, targets)
-    assert len(losses) == 5 and all(torch.isfinite(v) for v in losses.values()), losses
+    second = "loss_keypoint" if name.startswith("keypointrcnn") else "loss_mask"
+    assert set(losses) == {"loss_classifier", "loss_box_reg", second, "loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
     trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) > 50
@@ -71,8 +79,9 @@ def test_each_architecture_builds_trains_a_step_and_round_trips(name, tmp_path):
         with torch.no_grad():
             outputs.append(loaded(images))
     compared = 0
+    branch = "keypoints" if name.startswith("keypointrcnn") else "masks"
     for a, b in zip(*outputs):  # and both files give the same detections
-        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a[branch], b[branch])
         compared += len(a["boxes"])
     assert compared > 0
 
