@@ -1,14 +1,18 @@
-"""Train Mask R-CNN on synthetic shapes on this machine's CPUs and report held-out mask AP.
+"""Train Mask R-CNN on synthetic shapes on this machine's CPUs and report held-out mask AP
+(or Keypoint R-CNN on synthetic stick figures, and keypoint AP).
 
     python bench/train_synthetic.py --workdir /tmp/bench_train  # the goal configuration: ~81 min on 2 cores
     python bench/train_synthetic.py --workdir /tmp/bench_train_smoke --images 24 --max-iters 20  # smoke run
+    python bench/train_synthetic.py --kind figures --workdir /tmp/bench_kp --max-iters 4000  # keypoints
 
 Generates a synthetic COCO shapes dataset (``jobs.synthetic``; a held-out ``val`` split), trains
 ``maskrcnn_resnet18_fpn_small`` (``--arch``) with ``jobs.train`` (Ray Train, one CPU worker by
 default, from scratch: no weights can be downloaded here; held-out AP at every checkpoint in
 ``run/metrics.jsonl``), then evaluates ``model_final.pt`` on the val split with the same in-process
 COCO evaluation the trainer uses. Prints one JSON line: mask/box AP and AP@0.5, wall times, the
-configuration. The goal for the full configuration is mask AP@0.5 >= 0.95.
+configuration. The goal for the full configuration is mask AP@0.5 >= 0.95. With ``--kind figures``
+the data are ``jobs.synthetic --kind figures`` (7 keypoints a figure), the default architecture
+``keypointrcnn_resnet18_fpn_small``, and the report gives keypoint AP (COCO OKS) and box AP.
 
 Re-running with the same ``--workdir`` reuses the dataset and resumes (or skips) training.
 """
@@ -35,7 +39,10 @@ def main(argv=None):
     p.add_argument("--lr-steps", type=int, nargs="*", default=None, help="jobs.train --lr-steps")
     p.add_argument("--min-size", type=int, nargs="+", default=[128, 144, 160])
     p.add_argument("--max-size", type=int, default=240)
-    p.add_argument("--arch", default="resnet18_fpn_small", help="jobs.train --arch")
+    p.add_argument("--kind", choices=("shapes", "figures"), default="shapes",
+                   help="synthetic data: shapes (masks) or figures (keypoints)")
+    p.add_argument("--arch", default=None,
+                   help="jobs.train --arch (default resnet18_fpn_small; keypointrcnn_resnet18_fpn_small for figures)")
     # the shapes are 10-60 px: anchors from 16 px, and fewer sampled RoIs (few objects per image)
     p.add_argument("--anchor-sizes", type=int, nargs="+", default=None,
                    help="one per FPN level (default 16 32 64 128 256, cut to the levels --returned-layers gives)")
@@ -54,6 +61,8 @@ def main(argv=None):
     p.add_argument("--clip-grad-norm", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.arch is None:
+        args.arch = "keypointrcnn_resnet18_fpn_small" if args.kind == "figures" else "resnet18_fpn_small"
     if args.anchor_sizes is None:
         from mrcnn.backbone import num_fpn_levels
 
@@ -68,7 +77,7 @@ def main(argv=None):
     data, out = args.data or os.path.join(args.workdir, "data"), os.path.join(args.workdir, "run")
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(data, "val", "annotations.json")):
-        generate(data, args.images, seed=args.seed, size=args.size, val_fraction=args.val_fraction)
+        generate(data, args.images, seed=args.seed, size=args.size, val_fraction=args.val_fraction, kind=args.kind)
     t_data = time.perf_counter() - t0
 
     train_argv = [
@@ -107,8 +116,8 @@ def main(argv=None):
     metrics = train.evaluate_model(model, os.path.join(data, "val", "annotations.json"), model.class_names)
     t_eval = time.perf_counter() - t2
     report = {
-        "mask_AP50": round(metrics["segm"]["AP50"], 4), "mask_AP": round(metrics["segm"]["AP"], 4),
-        "mask_AP75": round(metrics["segm"]["AP75"], 4),
+        **{f"{prefix}_{k}": round(metrics[kind][k], 4) for kind, prefix in (("segm", "mask"), ("keypoints", "keypoint"))
+           if kind in metrics for k in ("AP50", "AP", "AP75")},
         "box_AP50": round(metrics["bbox"]["AP50"], 4), "box_AP": round(metrics["bbox"]["AP"], 4),
         "box_AP75": round(metrics["bbox"]["AP75"], 4),
         "val_images": metrics["counts"]["gt_images"], "detections": metrics["counts"]["detections"],
@@ -131,14 +140,15 @@ def ship(model, path, report, train_argv, argv):
     recipe = {
         "command": "python bench/train_synthetic.py " + " ".join(argv),
         "train_command": "python -m jobs.train " + " ".join(train_argv),
-        "data": {"generator": "jobs.synthetic.generate", "seed": report["config"]["seed"],
+        "data": {"generator": "jobs.synthetic.generate", "kind": report["config"]["kind"], "seed": report["config"]["seed"],
                  "images": report["config"]["images"], "val_fraction": report["config"]["val_fraction"],
                  "size": report["config"]["size"]},
         "iterations": report["config"]["max_iters"],
-        "held_out": {k: report[k] for k in ("mask_AP50", "mask_AP", "box_AP50", "box_AP", "val_images", "detections")},
+        "held_out": {k: v for k, v in report.items() if k.endswith(("_AP50", "_AP", "_AP75")) or k in ("val_images", "detections")},
         "weights_dtype": "float16",
     }
-    save_checkpoint(model, path, class_names=model.class_names, extra_meta={"recipe": recipe})
+    save_checkpoint(model, path, class_names=model.class_names, keypoint_names=getattr(model, "keypoint_names", None),
+                    keypoint_skeleton=getattr(model, "keypoint_skeleton", None), extra_meta={"recipe": recipe})
     print(f"shipped {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", file=sys.stderr)
 
 

@@ -19,6 +19,14 @@ reference's training set, images without a usable annotation are skipped
 This lives in ``jobs/`` rather than ``mrcnn/``: it is storage and file-format plumbing
 (fsspec, pycocotools, PIL), while the model package takes tensors and stays I/O-free.
 
+Keypoints: when the categories name keypoints (COCO's ``keypoints`` list, as person keypoints
+or ``jobs.synthetic --kind figures``), targets also hold ``keypoints`` float [G, K, 3] (x, y,
+visibility; an annotation without keypoints gets zeros, i.e. not labelled), what Keypoint
+R-CNN trains on, and images need a labelled keypoint to count as usable for training
+(torchvision's reference asks for 10, COCO's people having 17). The horizontal flip mirrors
+keypoints and swaps each ``left_*`` keypoint with its ``right_*`` one
+(``RandomHorizontalFlip(p, keypoint_flip=dataset.keypoint_flip)``).
+
 Multi-scale resizing is the model transform's job (``min_size`` tuple); the only augmentation
 here is the horizontal flip.
 """
@@ -56,16 +64,34 @@ def segmentation_to_mask(segm, height, width):
     return mask_utils.decode(segmentation_to_rle(segm, height, width))
 
 
-def _has_valid_annotation(anns):
+def _has_valid_annotation(anns, keypoints=False):
     # torchvision reference: an image is usable for training when some annotation
-    # (crowd ones included) has a box wider and taller than one pixel.
-    return any(all(v > 1 for v in a["bbox"][2:]) for a in anns)
+    # (crowd ones included) has a box wider and taller than one pixel (and, for keypoints,
+    # has labelled keypoints)
+    if not any(all(v > 1 for v in a["bbox"][2:]) for a in anns):
+        return False
+    return not keypoints or any(v > 0 for a in anns for v in (a.get("keypoints") or [])[2::3])
 
 
-def convert_annotations(anns, height, width, category_to_label):
-    """COCO annotations of one image -> (boxes, labels, masks, area, iscrowd) tensors.
+def keypoint_flip_indices(names):
+    """For each keypoint, the one it becomes in a mirrored image: ``left_x`` <-> ``right_x``."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for n in names:
+        for a, b in (("left_", "right_"), ("right_", "left_")):
+            if n.startswith(a) and b + n[len(a):] in index:
+                out.append(index[b + n[len(a):]])
+                break
+        else:
+            out.append(index[n])
+    return out
 
-    Mirrors ConvertCocoPolysToMask: drops crowd regions and boxes with no area.
+
+def convert_annotations(anns, height, width, category_to_label, num_keypoints=0):
+    """COCO annotations of one image -> (boxes, labels, masks, area, iscrowd[, keypoints]) tensors.
+
+    Mirrors ConvertCocoPolysToMask: drops crowd regions and boxes with no area. With
+    ``num_keypoints``, ``keypoints`` [G, K, 3] too (zeros for an annotation without them).
     """
     anns = [a for a in anns if not a.get("iscrowd", 0)]
     boxes = torch.as_tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -83,13 +109,22 @@ def convert_annotations(anns, height, width, category_to_label):
     masks = torch.from_numpy(masks)
     area = torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32)
     keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
-    return {
+    target = {
         "boxes": boxes[keep],
         "labels": labels[keep],
         "masks": masks[keep],
         "area": area[keep],
         "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64),
     }
+    if num_keypoints:
+        rows = []
+        for a in anns:
+            kp = a.get("keypoints") or [0.0] * (3 * num_keypoints)
+            if len(kp) != 3 * num_keypoints:
+                raise ValueError(f"annotation {a.get('id')} has {len(kp) // 3} keypoints, its category names {num_keypoints}")
+            rows.append(kp)
+        target["keypoints"] = torch.tensor(rows, dtype=torch.float32).reshape(-1, num_keypoints, 3)[keep]
+    return target
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -138,6 +173,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.category_ids = [c["id"] for c in order]  # label k (1-based) -> COCO id category_ids[k-1]
         self.class_names = ["__background__"] + [c["name"] for c in order]
         self.category_to_label = {cid: k + 1 for k, cid in enumerate(self.category_ids)}
+        named = {tuple(c["keypoints"]) for c in order if c.get("keypoints")}
+        if len(named) > 1:
+            raise ValueError("categories name different keypoints; a keypoint model predicts one set for all")
+        self.keypoint_names = list(named.pop()) if named else None  # what a keypoint model predicts
+        skeletons = [c.get("skeleton") for c in order if c.get("keypoints") and c.get("skeleton")]
+        # COCO's skeleton is 1-based pairs; kept 0-based, as checkpoints record it
+        self.keypoint_skeleton = [[int(a) - 1, int(b) - 1] for a, b in skeletons[0]] if skeletons else None
 
         known = {c["id"] for c in cats}
         self.images = {img["id"]: img for img in doc["images"]}
@@ -151,8 +193,17 @@ class CocoDetection(torch.utils.data.Dataset):
                 self.anns_by_image[a["image_id"]].append(a)
         ids = sorted(self.images)
         if remove_images_without_annotations:
-            ids = [i for i in ids if _has_valid_annotation(self.anns_by_image[i])]
+            ids = [i for i in ids if _has_valid_annotation(self.anns_by_image[i], self.keypoint_names is not None)]
         self.ids = ids
+
+    @property
+    def num_keypoints(self):
+        return len(self.keypoint_names) if self.keypoint_names else 0
+
+    @property
+    def keypoint_flip(self):
+        """The keypoint permutation of a horizontal flip (None without keypoints)."""
+        return keypoint_flip_indices(self.keypoint_names) if self.keypoint_names else None
 
     @property
     def num_classes(self):
@@ -183,7 +234,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if (w, h) != (info["width"], info["height"]):
             raise ValueError(f"{path} is {w}x{h} but annotations say {info['width']}x{info['height']}")
         image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255)
-        target = convert_annotations(self.anns_by_image[info["id"]], h, w, self.category_to_label)
+        target = convert_annotations(self.anns_by_image[info["id"]], h, w, self.category_to_label, self.num_keypoints)
         target["image_id"] = info["id"]
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -196,8 +247,9 @@ def collate_fn(batch):
 
 
 # -------------------------------------------------------------------------- transforms
-def hflip(image, target):
-    """Mirror an image [C,H,W] and its boxes and masks left-right."""
+def hflip(image, target, keypoint_flip=None):
+    """Mirror an image [C,H,W] and its boxes, masks and keypoints left-right (``keypoint_flip``:
+    the keypoint each one becomes, e.g. left hand <-> right hand; see keypoint_flip_indices)."""
     width = image.shape[-1]
     image = image.flip(-1)
     target = dict(target)
@@ -207,18 +259,27 @@ def hflip(image, target):
         target["boxes"] = boxes
     if "masks" in target:
         target["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        # torchvision's reference: x -> width - x, the labelled ones only
+        keypoints = target["keypoints"].clone()
+        if keypoint_flip is not None:
+            keypoints = keypoints[:, keypoint_flip]
+        labelled = keypoints[..., 2] > 0
+        keypoints[..., 0] = torch.where(labelled, width - keypoints[..., 0], keypoints[..., 0])
+        target["keypoints"] = keypoints
     return image, target
 
 
 class RandomHorizontalFlip:
     """hflip with probability p (torch RNG, so DataLoader workers get distinct draws)."""
 
-    def __init__(self, p=0.5):
+    def __init__(self, p=0.5, keypoint_flip=None):
         self.p = p
+        self.keypoint_flip = keypoint_flip
 
     def __call__(self, image, target):
         if torch.rand(1).item() < self.p:
-            return hflip(image, target)
+            return hflip(image, target, self.keypoint_flip)
         return image, target
 
 

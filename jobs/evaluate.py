@@ -26,7 +26,16 @@ How predictions meet the ground truth:
 Metrics are pycocotools COCOeval's twelve numbers for ``bbox`` and ``segm`` (the box results
 carry no masks and the mask results no boxes, so each area range uses the right area, as
 detectron2 does), written as JSON with the names AP, AP50, AP75, APs, APm, APl, AR1, AR10,
-AR100, ARs, ARm, ARl, plus the counts above.
+AR100, ARs, ARm, ARl, plus the counts above. ``segm`` is left out when no prediction has a
+mask (a keypoint model).
+
+Keypoints: when the predictions carry keypoints and the GT categories name theirs (COCO's
+``keypoints`` list), ``keypoints`` holds COCOeval's ten numbers for ``iouType="keypoints"``
+(AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl; OKS instead of IoU). Each prediction's
+keypoints are put in the GT's order by name (the output files name theirs in their
+``mrcnn.keypoint_names`` metadata), all marked visible, with the box score as the score, as
+torchvision's reference does. The OKS sigmas are the GT category's ``keypoint_sigmas`` when it
+has them (``jobs.synthetic`` writes them), else COCO's for its 17 person keypoints.
 """
 
 import argparse
@@ -37,8 +46,12 @@ import json
 import posixpath
 
 import fsspec
+import numpy as np
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+# COCO's per-keypoint OKS sigmas of its 17 person keypoints (pycocotools' default)
+COCO_KEYPOINT_SIGMAS = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]
 PRED_COLUMNS = ["image_uri", "width", "height", "status", "instances"]
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -97,7 +110,38 @@ def _category_ids(gt, rows_instances):
     return names
 
 
-def _summarize(gt, results, iou_type, img_ids):
+def gt_keypoint_spec(gt):
+    """(keypoint names, OKS sigmas) of the GT's keypoint categories; (None, None) without keypoints.
+    All keypoint categories must name the same keypoints."""
+    specs = {(tuple(c["keypoints"]), tuple(c.get("keypoint_sigmas") or ())) for c in gt.dataset["categories"]
+             if c.get("keypoints")}
+    if not specs:
+        return None, None
+    if len(specs) > 1:
+        raise ValueError("GT categories name different keypoints: cannot evaluate them together")
+    names, sigmas = specs.pop()
+    if not sigmas:
+        if len(names) != len(COCO_KEYPOINT_SIGMAS):
+            raise ValueError(f"GT names {len(names)} keypoints and gives no keypoint_sigmas; COCO's sigmas are "
+                             f"for its {len(COCO_KEYPOINT_SIGMAS)} person keypoints")
+        sigmas = [v / 10.0 for v in COCO_KEYPOINT_SIGMAS]
+    if len(sigmas) != len(names):
+        raise ValueError(f"GT keypoint_sigmas has {len(sigmas)} values for {len(names)} keypoints")
+    return list(names), [float(v) for v in sigmas]
+
+
+def _keypoint_order(gt_names, pred_names):
+    """Index into the predictions' keypoints of each GT keypoint (by name; in order when the
+    predictions do not name theirs)."""
+    if pred_names is None:
+        return list(range(len(gt_names)))
+    missing = [n for n in gt_names if n not in pred_names]
+    if missing:
+        raise ValueError(f"GT keypoint(s) {missing} are not among the predictions' keypoints {list(pred_names)}")
+    return [list(pred_names).index(n) for n in gt_names]
+
+
+def _summarize(gt, results, iou_type, img_ids, sigmas=None):
     from pycocotools.cocoeval import COCOeval
 
     out = io.StringIO()
@@ -108,19 +152,23 @@ def _summarize(gt, results, iou_type, img_ids):
             dt = coco_from_dict({"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []})
         ev = COCOeval(gt, dt, iou_type)
         ev.params.imgIds = img_ids
+        if sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas)
         ev.evaluate()
         ev.accumulate()
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         ev.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}, table.getvalue()
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    return {name: float(v) for name, v in zip(names, ev.stats)}, table.getvalue()
 
 
-def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storage_options=None):
-    """COCO bbox and segm metrics of prediction rows (dicts in the batch job's schema).
+def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storage_options=None, keypoint_names=None):
+    """COCO bbox, segm (and keypoint) metrics of prediction rows (dicts in the batch job's schema).
 
-    gt_json_uri may also be a pycocotools COCO object. Returns {"bbox": {AP..ARl},
-    "segm": {...}, "counts": {...}, "tables": {"bbox": text, "segm": text}}.
+    gt_json_uri may also be a pycocotools COCO object. ``keypoint_names``: the order of the
+    rows' keypoints (default: the GT's). Returns {"bbox": {AP..ARl}, "segm": {...},
+    ["keypoints": {...},] "counts": {...}, "tables": {"bbox": text, ...}}.
     """
     gt = gt_json_uri if hasattr(gt_json_uri, "dataset") else load_gt(gt_json_uri, storage_options)
     match = _ImageMatcher(gt.dataset["images"])
@@ -147,7 +195,11 @@ def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storag
             latest[img["id"]] = row
 
     names = _category_ids(gt, [r.get("instances") or [] for r in latest.values()])
-    boxes, segms, no_mask = [], [], 0
+    gt_kp_names, sigmas = gt_keypoint_spec(gt)
+    order = _keypoint_order(gt_kp_names, keypoint_names) if gt_kp_names else None
+    boxes, segms, keypoints, no_mask = [], [], [], 0
+    keypoint_model = keypoint_names is not None or any(
+        inst.get("keypoints") for r in latest.values() for inst in r.get("instances") or [])
     for img_id, row in latest.items():
         h, w = row["height"], row["width"]
         for inst in row.get("instances") or []:
@@ -159,14 +211,26 @@ def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storag
                               "segmentation": {"size": [h, w], "counts": inst["mask_rle"]}})
             else:
                 no_mask += 1
+            if order is not None and inst.get("keypoints"):
+                kps = inst["keypoints"]
+                if max(order) >= len(kps):
+                    raise ValueError(f"{row['image_uri']}: an instance has {len(kps)} keypoints, the GT names {len(order)}")
+                flat = [v for k in order for v in (float(kps[k]["x"]), float(kps[k]["y"]), 1.0)]
+                keypoints.append({"image_id": img_id, "category_id": cat, "score": score, "keypoints": flat})
 
     gt_ids = sorted(gt.getImgIds())
     img_ids = sorted(latest) if only_predicted else gt_ids
     counts.update(gt_images=len(gt_ids), evaluated_images=len(img_ids), predicted_images=len(latest),
                   missing_images=len(set(gt_ids) - set(latest)), detections=len(boxes), detections_without_mask=no_mask)
+    counts["detections_with_keypoints"] = len(keypoints)
     result = {"counts": counts, "tables": {}}
-    for iou_type, results in (("bbox", boxes), ("segm", segms)):
-        result[iou_type], result["tables"][iou_type] = _summarize(gt, results, iou_type, img_ids)
+    kinds = [("bbox", boxes, None)]
+    if segms or not keypoint_model:  # a keypoint model's rows have no masks to score
+        kinds.append(("segm", segms, None))
+    if keypoint_model and gt_kp_names:
+        kinds.append(("keypoints", keypoints, sigmas))
+    for iou_type, results, kind_sigmas in kinds:
+        result[iou_type], result["tables"][iou_type] = _summarize(gt, results, iou_type, img_ids, kind_sigmas)
     return result
 
 
@@ -179,7 +243,8 @@ def _later(row, prev):
 
 
 def read_prediction_rows(pred_uri, storage_options=None):
-    """Rows of the batch job's Parquet output (a file or a folder) as dicts."""
+    """Rows of the batch job's Parquet output (a file or a folder) as dicts (see also
+    :func:`read_keypoint_names`)."""
     import pyarrow.dataset as pads
 
     fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
@@ -193,10 +258,31 @@ def read_prediction_rows(pred_uri, storage_options=None):
     return dataset.to_table(columns=columns).to_pylist()
 
 
+def read_keypoint_names(pred_uri, storage_options=None):
+    """The keypoint names the output files at pred_uri declare (``mrcnn.keypoint_names``);
+    None when they declare none. Files that declare different names are refused."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from jobs.infer.schema import KEYPOINT_NAMES_KEY
+
+    fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
+    found = set()
+    for f in pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet").files:
+        with fs.open(f, "rb") as fh:
+            value = (pq.read_metadata(fh).metadata or {}).get(KEYPOINT_NAMES_KEY)
+        if value is not None:
+            found.add(tuple(json.loads(value)))
+    if len(found) > 1:
+        raise ValueError(f"{pred_uri}: files name different keypoints {sorted(found)}")
+    return list(found.pop()) if found else None
+
+
 def evaluate_parquet(gt, pred_uri, *, only_predicted=False, storage_options=None):
     """evaluate_predictions over the batch job's Parquet output at pred_uri."""
     return evaluate_predictions(gt, read_prediction_rows(pred_uri, storage_options),
-                                only_predicted=only_predicted, storage_options=storage_options)
+                                only_predicted=only_predicted, storage_options=storage_options,
+                                keypoint_names=read_keypoint_names(pred_uri, storage_options))
 
 
 def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_options=None):
@@ -247,7 +333,8 @@ def evaluate_predictor(predictor, gt, *, images_root=None, batch_size=4, max_ima
         fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
         images_root = fs.unstrip_protocol(posixpath.dirname(gt_path))
     rows = predict_gt_images(predictor, gt_coco, images_root, batch_size=batch_size, storage_options=storage_options)
-    return evaluate_predictions(gt_coco, rows, only_predicted=only_predicted)
+    return evaluate_predictions(gt_coco, rows, only_predicted=only_predicted,
+                                keypoint_names=getattr(predictor, "keypoint_names", None))
 
 
 def evaluate_checkpoint(gt, checkpoint, *, images_root=None, device="cpu", batch_size=4, only_predicted=False,
@@ -267,8 +354,9 @@ def format_report(result):
         f"{c['missing_images']} without; rows: {c['rows']} read, {c['error_rows']} status=error, "
         f"{c['duplicate_rows']} duplicates, {c['unmatched_rows']} not in GT; detections: {c['detections']}",
     ]
-    for iou_type in ("bbox", "segm"):
-        lines += [f"--- {iou_type} ---", result["tables"][iou_type].rstrip()]
+    for iou_type in ("bbox", "segm", "keypoints"):
+        if iou_type in result["tables"]:
+            lines += [f"--- {iou_type} ---", result["tables"][iou_type].rstrip()]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Synthetic shapes dataset in COCO format, for training and evaluating without downloads.
 
     python -m jobs.synthetic --out s3://bucket/shapes --images 200 --seed 0 --val-fraction 0.2
+    python -m jobs.synthetic --kind figures --out figures/ --images 200   # keypoints: stick figures
 
 Layout written under ``--out`` (a local folder or any fsspec URI; ``s3://`` honours
 ``AWS_ENDPOINT_URL``)::
@@ -33,6 +34,15 @@ What the annotations mean:
   training readers drop it from targets (see ``jobs.coco_data``).
 - ``area`` is the visible pixel count and ``bbox`` ([x, y, w, h]) the visible mask's box.
 
+``--kind figures`` writes a person-keypoint-like data set instead: stick figures (category
+``figure``) with 7 keypoints each, COCO keypoint style (``keypoints`` [x, y, v] * 7 with v = 2,
+``num_keypoints``; the category lists the keypoint names, its ``skeleton`` and the OKS
+``keypoint_sigmas``, 0.05 for every keypoint: they are exact points). The keypoints are the
+head's centre, the neck, the hip, the hands and the feet; "left" is the one nearer the image's
+left edge, so a horizontal flip swaps left and right as it does for COCO's people. Figures do
+not overlap one another; a few unannotated shapes are painted behind them as distractors; the
+mask is the figure's painted pixels.
+
 Output is deterministic: the same arguments give the same bytes (each image draws from its
 own generator seeded by ``(seed, image index)``, and no timestamps are written).
 """
@@ -53,7 +63,15 @@ CATEGORIES = [
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
-_CATEGORY_ID = {c["name"]: c["id"] for c in CATEGORIES}
+FIGURE_KEYPOINTS = ["head", "neck", "hip", "left_hand", "right_hand", "left_foot", "right_foot"]
+FIGURE_SKELETON = [(0, 1), (1, 2), (1, 3), (1, 4), (2, 5), (2, 6)]  # 0-based pairs of FIGURE_KEYPOINTS
+FIGURE_CATEGORIES = [{
+    "id": 1, "name": "figure", "supercategory": "figure", "keypoints": FIGURE_KEYPOINTS,
+    "skeleton": [[a + 1, b + 1] for a, b in FIGURE_SKELETON],  # COCO's skeleton is 1-based
+    "keypoint_sigmas": [0.05] * len(FIGURE_KEYPOINTS),
+}]
+KINDS = {"shapes": CATEGORIES, "figures": FIGURE_CATEGORIES}
+_CATEGORY_ID = {c["name"]: c["id"] for c in CATEGORIES + FIGURE_CATEGORIES}
 
 
 # ---------------------------------------------------------------------------- masks
@@ -204,6 +222,64 @@ def render_image(rng, h, w, *, min_objects=2, max_objects=6, overlap=0.5, crowd_
     return image, out
 
 
+# ------------------------------------------------------------------- stick figures
+def _figure(rng, height):
+    """Keypoints (7 x 2, FIGURE_KEYPOINTS order, relative to the neck) and drawing sizes of one
+    stick figure ``height`` pixels tall."""
+    tilt = rng.normal(0, 0.25)
+    down = np.array([math.sin(tilt), math.cos(tilt)])
+    neck = np.zeros(2)
+    hip = neck + 0.35 * height * down
+    head = neck - 0.17 * height * down
+    hands = [neck + 0.3 * height * np.array([math.cos(a), math.sin(a)]) for a in rng.uniform(-math.pi, math.pi, 2)]
+    feet = [hip + 0.38 * height * np.array([math.cos(a), math.sin(a)])
+            for a in math.pi / 2 + tilt + rng.uniform(-0.9, 0.9, 2)]
+    hands.sort(key=lambda p: p[0])  # left = nearer the image's left edge
+    feet.sort(key=lambda p: p[0])
+    points = np.stack([head, neck, hip, *hands, *feet])
+    return points, max(2.0, 0.06 * height), 0.1 * height
+
+
+def render_figures(rng, h, w, *, min_objects=1, max_objects=3, distractors=2, max_tries=30):
+    """Draw one image of stick figures. Returns (image, objects) as :func:`render_image`, each
+    object also holding ``keypoints`` (7 x 3: x, y, visibility 2)."""
+    from PIL import ImageDraw
+
+    image = _background(rng, h, w)
+    side = min(h, w)
+    for _ in range(int(rng.integers(0, distractors + 1))):  # unannotated shapes behind the figures
+        r = rng.uniform(0.05, 0.15) * side
+        m, _ = _shape(rng, h, w, ["circle", "square", "triangle"][rng.integers(3)], rng.uniform(r, w - r),
+                      rng.uniform(r, h - r), r)
+        image[m.astype(bool)] = rng.integers(0, 256, 3).astype(np.uint8)
+    objects, taken = [], np.zeros((h, w), bool)
+    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
+        for _try in range(max_tries):
+            points, width, radius = _figure(rng, rng.uniform(0.4, 0.8) * side)
+            lo = points.min(0) - radius - width
+            hi = points.max(0) + radius + width
+            if np.any(hi - lo >= [w, h]):
+                continue
+            points = points + rng.uniform(-lo, [w, h] - hi)
+            canvas = Image.new("L", (w, h), 0)
+            draw = ImageDraw.Draw(canvas)
+            for a, b in FIGURE_SKELETON[1:]:  # the limbs; the head is a disc
+                draw.line([tuple(points[a]), tuple(points[b])], fill=1, width=int(round(width)))
+            hx, hy = points[0]
+            draw.ellipse([hx - radius, hy - radius, hx + radius, hy + radius], fill=1)
+            mask = np.asarray(canvas, dtype=np.uint8).copy()
+            if (mask.astype(bool) & taken).any():
+                continue  # figures do not overlap
+            taken |= mask.astype(bool)
+            colour = rng.integers(0, 256, 3).astype(np.uint8)
+            image[mask.astype(bool)] = colour
+            keypoints = np.concatenate([np.round(points, 2), np.full((len(points), 1), 2.0)], axis=1)
+            objects.append({"category": "figure", "iscrowd": 0, "colours": [colour], "mask": mask,
+                            "polygon": None, "keypoints": keypoints})
+            break
+    return image, objects
+
+
 def annotations_for(objects, image_id, first_ann_id):
     """COCO annotation dicts for the objects of one image."""
     anns = []
@@ -224,6 +300,9 @@ def annotations_for(objects, image_id, first_ann_id):
             "bbox": [float(v) for v in mask_utils.toBbox(rle)],
             "iscrowd": int(o["iscrowd"]),
         })
+        if o.get("keypoints") is not None:
+            anns[-1]["keypoints"] = [float(v) for v in np.asarray(o["keypoints"]).reshape(-1)]
+            anns[-1]["num_keypoints"] = int((np.asarray(o["keypoints"])[:, 2] > 0).sum())
     return anns
 
 
@@ -250,12 +329,17 @@ def _encode(image, fmt):
 
 
 def generate(out_uri, n_images, seed=0, *, size="256/384", val_fraction=0.0, image_format="png",
-             overwrite=False, storage_options=None, **render_kwargs):
+             overwrite=False, storage_options=None, kind="shapes", **render_kwargs):
     """Write a synthetic COCO dataset under out_uri (layout in the module docstring).
 
     Returns {"train": {...}, "val": {...}} with each split's annotations URI and counts.
-    render_kwargs go to render_image (min_objects, max_objects, overlap, crowd_prob, ...).
+    ``kind``: "shapes" or "figures" (keypoints). render_kwargs go to render_image
+    (min_objects, max_objects, overlap, crowd_prob, ...) or render_figures (min_objects,
+    max_objects, distractors).
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    render = render_figures if kind == "figures" else render_image
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
     if not 0.0 <= val_fraction < 1.0:
@@ -288,7 +372,7 @@ def generate(out_uri, n_images, seed=0, *, size="256/384", val_fraction=0.0, ima
         prefix, data = splits[split]
         rng = np.random.default_rng([seed, index])
         w, h = int(rng.integers(wlo, whi + 1)), int(rng.integers(hlo, hhi + 1))
-        image, objects = render_image(rng, h, w, **render_kwargs)
+        image, objects = render(rng, h, w, **render_kwargs)
         image_id = index + 1
         file_name = f"images/{image_id:06d}.{image_format}"
         data["images"].append({"id": image_id, "file_name": file_name, "width": w, "height": h})
@@ -307,11 +391,11 @@ def generate(out_uri, n_images, seed=0, *, size="256/384", val_fraction=0.0, ima
         if not data["images"]:
             continue
         doc = {
-            "info": {"description": f"mrcnn-batch synthetic shapes ({split})", "seed": seed, "version": "1"},
+            "info": {"description": f"mrcnn-batch synthetic {kind} ({split})", "seed": seed, "version": "1"},
             "licenses": [],
             "images": data["images"],
             "annotations": data["annotations"],
-            "categories": CATEGORIES,
+            "categories": KINDS[kind],
         }
         path = posixpath.join(root, prefix, "annotations.json")
         fs.pipe_file(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -332,14 +416,20 @@ def main(argv=None):
     p.add_argument("--size", default="256/384", help="WxH for a fixed size, or MIN/MAX for random sides (default 256/384)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of images written to OUT/val (default 0)")
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding (png is lossless: exact colours)")
-    p.add_argument("--min-objects", type=int, default=2)
-    p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--crowd-prob", type=float, default=0.15, help="probability that an image holds a crowd region")
+    p.add_argument("--kind", choices=sorted(KINDS), default="shapes",
+                   help="shapes (circles, squares, triangles; masks) or figures (stick figures; keypoints)")
+    p.add_argument("--min-objects", type=int, help="default 2 shapes, 1 figure")
+    p.add_argument("--max-objects", type=int, help="default 6 shapes, 3 figures")
+    p.add_argument("--crowd-prob", type=float, default=0.15, help="shapes: probability that an image holds a crowd region")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     args = p.parse_args(argv)
+    figures = args.kind == "figures"
+    render_kwargs = {"min_objects": args.min_objects if args.min_objects is not None else (1 if figures else 2),
+                     "max_objects": args.max_objects if args.max_objects is not None else (3 if figures else 6)}
+    if not figures:
+        render_kwargs["crowd_prob"] = args.crowd_prob
     summary = generate(args.out, args.images, args.seed, size=args.size, val_fraction=args.val_fraction,
-                       image_format=args.format, overwrite=args.overwrite, min_objects=args.min_objects,
-                       max_objects=args.max_objects, crowd_prob=args.crowd_prob)
+                       image_format=args.format, overwrite=args.overwrite, kind=args.kind, **render_kwargs)
     for split, s in summary.items():
         print(f"{split}: {s['images']} images, {s['instances']} instances, {s['crowd_regions']} crowd regions -> {s['annotations']}")
 

@@ -152,6 +152,8 @@ def parse_args(argv=None):
             p.error(f"--anchor-sizes needs one size per FPN level ({levels}), got {len(args.anchor_sizes)}")
     elif args.returned_layers is not None:
         p.error(f"--returned-layers is for the FPN architectures; {args.arch} has one feature map")
+    if get_architecture(ARCHS[args.arch]).outputs == "keypoints" and (args.mask_loss or args.mask_head):
+        p.error(f"--mask-loss and --mask-head are for the Mask R-CNN architectures; {args.arch} predicts keypoints")
     if args.box_batch_size_per_image is not None and args.box_batch_size_per_image < 1:
         p.error("--box-batch-size-per-image must be >= 1")
     if args.weights and args.weights_backbone:
@@ -232,12 +234,14 @@ def lr_factor(step, warmup_iters, warmup_factor, milestones, gamma):
     return warm * gamma ** sum(step >= m for m in milestones)
 
 
-def build_model(cfg, num_classes):
-    """The model of ``cfg`` with ``num_classes`` outputs, initialised as the recipe says."""
+def build_model(cfg, num_classes, num_keypoints=None):
+    """The model of ``cfg`` with ``num_classes`` outputs (and ``num_keypoints``, a keypoint
+    architecture's), initialised as the recipe says."""
     from mrcnn.checkpoint import read_metadata
     from mrcnn.models import get_model
 
     arch = ARCHS[cfg["arch"]]
+    keypoints = get_architecture(arch).outputs == "keypoints"
     kwargs = dict(min_size=tuple(cfg["min_size"]), max_size=cfg["max_size"],
                   trainable_backbone_layers=cfg["trainable_backbone_layers"])
     # given only when set: the model's defaults stay the one place for them (older configs lack the keys)
@@ -251,11 +255,18 @@ def build_model(cfg, num_classes):
         if cfg.get(flag):
             kwargs[kwarg] = cfg[flag]
     if not cfg["weights"]:
+        if keypoints:
+            kwargs["num_keypoints"] = num_keypoints
         return get_model(arch, num_classes=num_classes, weights_backbone=cfg["weights_backbone"], **kwargs)
-    file_classes = int(read_metadata(cfg["weights"])["num_classes"])
+    meta = read_metadata(cfg["weights"])
+    file_classes = int(meta["num_classes"])
+    if keypoints:
+        kwargs["num_keypoints"] = len(meta.get("keypoint_names") or []) or meta["builder_kwargs"]["num_keypoints"]
     model = get_model(arch, weights=cfg["weights"], num_classes=file_classes, **kwargs)
-    if file_classes != num_classes:
-        model.reset_predictors(num_classes)  # fine-tuning on other classes
+    if keypoints:
+        model.reset_predictors(num_classes, num_keypoints)  # fine-tuning on other classes or keypoints
+    elif file_classes != num_classes:
+        model.reset_predictors(num_classes)
     return model
 
 
@@ -279,15 +290,19 @@ def evaluate_model(model, gt_uri, class_names, *, device="cpu", max_images=None)
 
 
 def flat_eval_metrics(result):
-    return {f"{t}_{k}": round(v, 5) for t in ("bbox", "segm") for k, v in result[t].items()}
+    return {f"{t}_{k}": round(v, 5) for t in ("bbox", "segm", "keypoints") if t in result for k, v in result[t].items()}
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def save_train_checkpoint(directory, model, optimizer, scheduler, scaler, step, cfg, class_names):
+def _save_model(model, path, class_names, extra_meta):
     from mrcnn.checkpoint import save_checkpoint
 
-    save_checkpoint(model, os.path.join(directory, "model.pt"), class_names=class_names,
-                    extra_meta={"step": step, "train_config": cfg})
+    save_checkpoint(model, path, class_names=class_names, keypoint_names=getattr(model, "keypoint_names", None),
+                    keypoint_skeleton=getattr(model, "keypoint_skeleton", None), extra_meta=extra_meta)
+
+
+def save_train_checkpoint(directory, model, optimizer, scheduler, scaler, step, cfg, class_names):
+    _save_model(model, os.path.join(directory, "model.pt"), class_names, {"step": step, "train_config": cfg})
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step}, os.path.join(directory, "train_state.pt"))
     with open(os.path.join(directory, "meta.json"), "w") as f:
@@ -348,12 +363,16 @@ def train_loop(cfg):
         meta = read_checkpoint_meta(resume_dir)
         start_step, class_names = int(meta["step"]), meta["class_names"]
 
-    dataset = CocoDetection(cfg["data"], transforms=RandomHorizontalFlip(cfg["hflip"]) if cfg["hflip"] else None,
-                            class_names=class_names[1:] if class_names else None)
+    dataset = CocoDetection(cfg["data"], class_names=class_names[1:] if class_names else None)
+    if cfg["hflip"]:
+        dataset.transforms = RandomHorizontalFlip(cfg["hflip"], keypoint_flip=dataset.keypoint_flip)
     class_names = dataset.class_names
+    keypoints = get_architecture(ARCHS[cfg["arch"]]).outputs == "keypoints"
 
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg, dataset.num_classes)
+    model = build_model(cfg, dataset.num_classes, dataset.num_keypoints or None)
+    if keypoints:  # what the checkpoints record and the held-out evaluation matches by name
+        model.keypoint_names, model.keypoint_skeleton = dataset.keypoint_names, dataset.keypoint_skeleton
     torch.manual_seed(cfg["seed"] * 1000 + rank + start_step)  # flips differ per rank and per attempt
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -460,10 +479,8 @@ def _fail_once(out, rank, step):
 
 
 def _write_final(model, out, class_names, step, cfg):
-    from mrcnn.checkpoint import save_checkpoint
-
     final = join(out, "model_final.pt")
-    save_checkpoint(model, final, class_names=class_names, extra_meta={"step": step, "train_config": cfg})
+    _save_model(model, final, class_names, {"step": step, "train_config": cfg})
     write_bytes(join(out, "final.json"), json.dumps({"step": step, "model": final}).encode())
     print(f"[train] final model: {final}", flush=True)
 
@@ -483,7 +500,11 @@ def run(args) -> dict:
 
     from jobs.coco_data import CocoDetection
 
-    CocoDetection(args.data)  # fail here, with the dataset's own error, rather than inside every worker
+    # fail here, with the dataset's own error, rather than inside every worker
+    dataset = CocoDetection(args.data)
+    if get_architecture(ARCHS[args.arch]).outputs == "keypoints" and not dataset.keypoint_names:
+        raise ValueError(f"--arch {args.arch} learns keypoints, but no category of {args.data} names any "
+                         "(COCO's 'keypoints' list, as person_keypoints files and jobs.synthetic --kind figures have)")
     check_same_model(args)
     started = not ray.is_initialized()
     if started:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .coco_categories import COCO_PERSON_KEYPOINT_NAMES
+from .coco_categories import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
 from .registry import build_model, detect_architecture, list_models, settings_from_keys
 from .weights_file import load_state_dict_file
 
@@ -126,13 +126,14 @@ def _check_architecture(model: nn.Module, state_dict: dict, metadata: dict, path
         raise ValueError(f"{path}: holds a {found} checkpoint, but the model is {expected}")
 
 
-def save_checkpoint(model: nn.Module, path, *, class_names, keypoint_names=None,
+def save_checkpoint(model: nn.Module, path, *, class_names, keypoint_names=None, keypoint_skeleton=None,
                     extra_meta: Optional[dict] = None) -> None:
     """Write ``model``'s weights and settings to ``path`` (local or fsspec URI) in our format.
 
     ``class_names``: one name per class index, index 0 being the background. ``keypoint_names``
     (a keypoint model's): one name per keypoint; default COCO's person keypoints when the model has
-    17. ``extra_meta``: any further plain values (str, numbers, bools, None, lists, dicts) to keep
+    17. ``keypoint_skeleton``: the pairs of keypoint indices (0-based) a drawing joins; default
+    COCO's for its person keypoints. ``extra_meta``: any further plain values (str, numbers, bools, None, lists, dicts) to keep
     with the weights.
     """
     path = os.fspath(path)
@@ -152,12 +153,14 @@ def save_checkpoint(model: nn.Module, path, *, class_names, keypoint_names=None,
     if len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries but the model has {num_classes} classes")
     keypoint_names = _keypoint_names(model, keypoint_names)
+    keypoint_skeleton = _keypoint_skeleton(keypoint_names, keypoint_skeleton)
     config = dict(model.builder_kwargs)
     metadata = {
         "architecture": architecture,
         "num_classes": num_classes,
         "class_names": class_names,
         **({"keypoint_names": keypoint_names} if keypoint_names is not None else {}),
+        **({"keypoint_skeleton": keypoint_skeleton} if keypoint_skeleton is not None else {}),
         "score_thresh": config["box_score_thresh"],
         "min_size": config["min_size"],
         "max_size": config["max_size"],
@@ -189,6 +192,20 @@ def _keypoint_names(model: nn.Module, names) -> Optional[list[str]]:
     if len(names) != count:
         raise ValueError(f"keypoint_names has {len(names)} entries but the model predicts {count} keypoints")
     return names
+
+
+def _keypoint_skeleton(names: Optional[list[str]], skeleton) -> Optional[list[list[int]]]:
+    if names is None:
+        if skeleton is not None:
+            raise ValueError("keypoint_skeleton given, but this model has no keypoint head")
+        return None
+    if skeleton is None:
+        return [list(p) for p in COCO_PERSON_SKELETON] if names == list(COCO_PERSON_KEYPOINT_NAMES) else None
+    pairs = [[int(a), int(b)] for a, b in skeleton]
+    bad = [p for p in pairs if not all(0 <= i < len(names) for i in p)]
+    if bad:
+        raise ValueError(f"keypoint_skeleton pairs {bad} are not indices of the {len(names)} keypoints")
+    return pairs
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -223,11 +240,15 @@ def _torchvision_metadata(state_dict: dict, path: str) -> dict:
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     legacy = _has_legacy_keys(state_dict)
+    keypoints = settings_from_keys(architecture, state_dict).get("num_keypoints")
     return {
         "format": "torchvision",
         "architecture": architecture,
         "num_classes": _num_classes(state_dict),
         "class_names": None,
+        # torchvision's keypoint files are COCO's person keypoints
+        **({"keypoint_names": list(COCO_PERSON_KEYPOINT_NAMES), "keypoint_skeleton": [list(p) for p in COCO_PERSON_SKELETON]}
+           if keypoints == len(COCO_PERSON_KEYPOINT_NAMES) else {}),
         "frozen_bn_eps": _torchvision_file_eps(state_dict, path),
         "legacy_keys": legacy,
     }
@@ -266,5 +287,6 @@ def load_model(path, **overrides) -> nn.Module:
         # a plain torchvision file says nothing: its 17 keypoints are COCO's person keypoints
         model.keypoint_names = metadata.get("keypoint_names") or (
             list(COCO_PERSON_KEYPOINT_NAMES) if model.num_keypoints == len(COCO_PERSON_KEYPOINT_NAMES) else None)
+        model.keypoint_skeleton = metadata.get("keypoint_skeleton") or _keypoint_skeleton(model.keypoint_names, None)
     model.checkpoint_metadata = {"format": FORMAT, **metadata} if metadata else _torchvision_metadata(state_dict, path)
     return model

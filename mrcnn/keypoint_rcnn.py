@@ -114,6 +114,15 @@ class KeypointRCNN(MaskRCNN):
     def num_keypoints(self) -> int:
         return int(self.roi_heads.keypoint_predictor.out_channels)
 
+    def reset_predictors(self, num_classes: int, num_keypoints: Optional[int] = None) -> None:
+        """New, untrained box predictor (and keypoint predictor, when ``num_keypoints`` differs):
+        fine-tuning on other classes or other keypoints."""
+        super().reset_predictors(num_classes)
+        if num_keypoints is not None and num_keypoints != self.num_keypoints:
+            old = self.roi_heads.keypoint_predictor
+            self.roi_heads.keypoint_predictor = KeypointRCNNPredictor(old.kps_score_lowres.in_channels, num_keypoints)
+            self.builder_kwargs["num_keypoints"] = int(num_keypoints)
+
     @staticmethod
     def small_heads(channels: int, num_classes: int, settings: dict) -> dict:
         """The small recipe's keypoint branch: four 3x3 conv + GroupNorm layers and the predictor."""
@@ -135,12 +144,12 @@ def _settings_from_keys(state_dict) -> dict:
 
 
 register_model("keypointrcnn_resnet50_fpn", recognise=lambda sd: _keypoint_keys(sd) == ("resnet50", "fc"),
-               settings_from_keys=_settings_from_keys, num_classes=2,
+               settings_from_keys=_settings_from_keys, num_classes=2, outputs="keypoints",
                summary="Keypoint R-CNN ResNet-50-FPN (torchvision's keypointrcnn_resnet50_fpn; 54.6 box / 65.0 "
                        "keypoint AP with its COCO_V1 person weights): 8 x 512 conv keypoint head, 56x56 heatmaps."
                )(_fpn_builder("resnet50", "v1", KeypointRCNN))
 register_model("keypointrcnn_resnet18_fpn_small", recognise=lambda sd: _keypoint_keys(sd) == ("resnet18", "conv"),
-               settings_from_keys=_settings_from_keys, num_classes=2,
+               settings_from_keys=_settings_from_keys, num_classes=2, outputs="keypoints",
                summary="A small Keypoint R-CNN (ours): maskrcnn_resnet18_fpn_small's backbone and box head with a "
                        "four-conv GroupNorm keypoint head; for small images and training from scratch on CPUs."
                )(_fpn_builder("resnet18", "small", KeypointRCNN))

@@ -1,4 +1,4 @@
-"""Batch inference: RGB uint8 images in, numpy detections with pasted masks out.
+"""Batch inference: RGB uint8 images in, numpy detections with pasted masks (or keypoints) out.
 
 The Predictor runs one model call per batch under ``torch.inference_mode``; on CUDA it
 uses channels-last weights and bf16 autocast. With our model it asks for the raw 28 x 28
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .coco_categories import COCO_CATEGORY_NAMES, label_names
+from .coco_categories import COCO_CATEGORY_NAMES, COCO_PERSON_KEYPOINT_NAMES, label_names
 from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
 
 __all__ = ["Predictor", "MASK_FORMATS"]
@@ -31,7 +31,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # au
 
 
 class Predictor:
-    """Run a Mask R-CNN over batches of images.
+    """Run a Mask R-CNN (or Keypoint R-CNN) over batches of images.
 
     Args:
         model: our ``mrcnn`` Mask R-CNN or a torchvision one.
@@ -53,8 +53,10 @@ class Predictor:
 
     ``predictor(images)`` takes H x W x 3 uint8 RGB arrays or 3 x H x W uint8 tensors (sizes
     may differ) and returns, per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
-    ``scores`` float32 (N,), ``label_names`` list[str], ``areas`` int64 (N,) mask pixel
-    counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being probability > 0.5.
+    ``scores`` float32 (N,), ``label_names`` list[str], and for a mask model ``areas`` int64
+    (N,) mask pixel counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being
+    probability > 0.5; for a keypoint model (Keypoint R-CNN) ``keypoints`` float32 (N, K, 3):
+    x, y in pixels and the keypoint's score, in the order of ``predictor.keypoint_names``.
     """
 
     def __init__(
@@ -100,6 +102,9 @@ class Predictor:
             if self.num_classes is not None and len(class_names) != self.num_classes:
                 raise ValueError(f"class_names has {len(class_names)} names but the model has {self.num_classes} classes")
         self.class_names = class_names
+        self.keypoint_names = _keypoint_names(model)
+        # pairs of keypoint indices a drawing joins (the checkpoint's; None when it gives none)
+        self.keypoint_skeleton = getattr(model, "keypoint_skeleton", None) if self.keypoint_names else None
 
     @classmethod
     def from_checkpoint(cls, path_or_uri, device=None, *, model_overrides: Optional[dict] = None, **kwargs) -> "Predictor":
@@ -231,13 +236,38 @@ class Predictor:
 
     def _finish(self, out: dict, image_size: tuple[int, int], output_size: tuple[int, int], raw: bool) -> dict:
         boxes = out["boxes"].float()
+        ry, rx = output_size[0] / image_size[0], output_size[1] / image_size[1]
         if output_size != image_size:
-            # The image was decoded downscaled: boxes to full-size pixels, masks pasted there.
-            ry, rx = output_size[0] / image_size[0], output_size[1] / image_size[1]
+            # The image was decoded downscaled: boxes (and keypoints) to full-size pixels, masks pasted there.
             boxes = boxes * torch.tensor([rx, ry, rx, ry], dtype=torch.float32, device=boxes.device)
-            image_size = output_size
         labels = out["labels"].to(torch.int64)
-        masks = out["masks"]
+        labels_np = labels.cpu().numpy()
+        if self.class_names is not None:
+            names = label_names(labels_np, self.class_names)
+        else:
+            names = [str(int(v)) for v in labels_np]
+        result = {
+            "boxes": boxes.cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4),
+            "labels": labels_np.astype(np.int64, copy=False),
+            "scores": out["scores"].float().cpu().numpy().astype(np.float32, copy=False),
+            "label_names": names,
+        }
+        if "keypoints" in out:
+            result["keypoints"] = self._keypoints(out, rx, ry)
+        if "masks" in out:
+            result["masks"], result["areas"] = self._masks(out["masks"], boxes, output_size, raw)
+        return result
+
+    @staticmethod
+    def _keypoints(out: dict, rx: float, ry: float) -> np.ndarray:
+        """(N, K, 3) float32: x, y in output-size pixels (the model's times rx, ry) and the keypoint's score."""
+        xy = out["keypoints"][..., :2].float()
+        if (rx, ry) != (1.0, 1.0):
+            xy = xy * torch.tensor([rx, ry], dtype=torch.float32, device=xy.device)
+        return torch.cat([xy, out["keypoints_scores"].float()[..., None]], dim=-1).cpu().numpy()
+
+    def _masks(self, masks: Tensor, boxes: Tensor, image_size, raw: bool):
+        """(masks as ``mask_format`` says, pixel areas) of probabilities ``masks``."""
         with torch.autocast(self.device.type, enabled=False):
             if raw:
                 # N x 1 x 28 x 28 probabilities and boxes in image pixels: paste them here.
@@ -256,19 +286,7 @@ class Predictor:
                 else:
                     mask_out = binary.cpu().numpy()
                     areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
-        labels_np = labels.cpu().numpy()
-        if self.class_names is not None:
-            names = label_names(labels_np, self.class_names)
-        else:
-            names = [str(int(v)) for v in labels_np]
-        return {
-            "boxes": boxes.cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4),
-            "labels": labels_np.astype(np.int64, copy=False),
-            "scores": out["scores"].float().cpu().numpy().astype(np.float32, copy=False),
-            "label_names": names,
-            "areas": np.asarray(areas, dtype=np.int64),
-            "masks": mask_out,
-        }
+        return mask_out, np.asarray(areas, dtype=np.int64)
 
 
 @dataclass
@@ -313,6 +331,19 @@ def _encode(binary: Tensor, image_size: tuple[int, int]) -> list[dict]:
         for rle in mask_util.encode(chunk.transpose(2, 1, 0)):
             rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
     return rles
+
+
+def _keypoint_names(model: nn.Module) -> Optional[list[str]]:
+    """A keypoint model's keypoint names (its own, else COCO's for 17, else their indices); None
+    for a model without keypoints."""
+    predictor = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None)
+    if predictor is None:
+        return None
+    names = getattr(model, "keypoint_names", None)
+    count = int(predictor.out_channels)
+    if names is None:
+        names = COCO_PERSON_KEYPOINT_NAMES if count == len(COCO_PERSON_KEYPOINT_NAMES) else range(count)
+    return [str(n) for n in names]
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:

@@ -23,6 +23,7 @@ class Architecture:
     settings a plain state_dict implies (e.g. which ResNet stages its FPN reads). ``features``:
     "fpn" (one anchor size per pyramid level; ``returned_layers`` applies) or "single" (one
     feature map, which holds every anchor size). ``num_classes``: the default class count.
+    ``outputs``: "masks" (Mask R-CNN) or "keypoints" (Keypoint R-CNN).
     """
 
     name: str
@@ -32,22 +33,25 @@ class Architecture:
     settings_from_keys: Optional[Callable[[Mapping[str, Any]], dict]] = None
     features: str = "fpn"
     num_classes: int = DEFAULT_NUM_CLASSES  # when the caller gives none (COCO's 91; a person-keypoint model's 2)
+    outputs: str = "masks"  # what the second stage predicts besides boxes: "masks" or "keypoints"
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register_model(name: str, *, recognise, summary: str, settings_from_keys=None, features: str = "fpn",
-                   num_classes: int = DEFAULT_NUM_CLASSES):
+                   num_classes: int = DEFAULT_NUM_CLASSES, outputs: str = "masks"):
     """Decorator: register ``build`` as architecture ``name`` (each name once)."""
     if features not in ("fpn", "single"):
         raise ValueError(f"features must be 'fpn' or 'single', got {features!r}")
+    if outputs not in ("masks", "keypoints"):
+        raise ValueError(f"outputs must be 'masks' or 'keypoints', got {outputs!r}")
 
     def wrap(build):
         if name in _ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
         _ARCHITECTURES[name] = Architecture(name, build, recognise, summary, settings_from_keys, features,
-                                             num_classes)
+                                             num_classes, outputs)
         return build
 
     return wrap

@@ -401,6 +401,8 @@ class Run:
     run_id: str
     resumed: bool = False
     params: dict = field(default_factory=dict)
+    # key-value metadata every output file of the run carries (e.g. the model's keypoint names)
+    file_metadata: dict = field(default_factory=dict)
 
     # paths
     @property
@@ -451,7 +453,7 @@ class Run:
         if run_ids != {self.run_id}:
             raise ValueError(f"shard rows carry run_id {sorted(run_ids)}, expected {self.run_id}")
         table = table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), b"mrcnn.shard_id": shard.shard_id.encode(),
+            {**(table.schema.metadata or {}), **self.file_metadata, b"mrcnn.shard_id": shard.shard_id.encode(),
              b"mrcnn.run_id": self.run_id.encode()}
         )
         sink = pa.BufferOutputStream()  # serialise fully before touching storage

@@ -26,12 +26,14 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -170,6 +172,17 @@ class CheckpointInfo:
     sha256: str
     model_name: str
     model_input: tuple[int, int]  # (min_size, max_size) the model resizes images to
+    keypoint_names: Optional[tuple[str, ...]] = None  # a keypoint model's, in the order of its outputs
+    keypoint_skeleton: Optional[tuple[tuple[int, int], ...]] = None
+
+    def file_metadata(self) -> dict:
+        """Key-value metadata of every output file the model's rows go to."""
+        out = {}
+        if self.keypoint_names is not None:
+            out[schema.KEYPOINT_NAMES_KEY] = json.dumps(list(self.keypoint_names)).encode()
+        if self.keypoint_skeleton is not None:
+            out[schema.KEYPOINT_SKELETON_KEY] = json.dumps([list(p) for p in self.keypoint_skeleton]).encode()
+        return out
 
 
 def checkpoint_identity(weights: str) -> CheckpointInfo:
@@ -187,7 +200,10 @@ def checkpoint_identity(weights: str) -> CheckpointInfo:
         raise InfraError(f"checkpoint not found: {weights}") from None
     except Exception as e:  # noqa: BLE001  (unreadable, not a checkpoint, no access)
         raise InfraError(f"cannot load checkpoint {weights}: {' '.join(str(e).split())}") from None
-    return CheckpointInfo(h.hexdigest(), str(meta.get("architecture")), model_input_size(meta))
+    names, skeleton = meta.get("keypoint_names"), meta.get("keypoint_skeleton")
+    return CheckpointInfo(h.hexdigest(), str(meta.get("architecture")), model_input_size(meta),
+                          None if names is None else tuple(str(n) for n in names),
+                          None if skeleton is None else tuple((int(a), int(b)) for a, b in skeleton))
 
 
 def model_input_size(meta: dict) -> tuple[int, int]:
@@ -467,6 +483,7 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
         raise  # a run id that does not fit these parameters: the message says so
     except Exception as e:  # noqa: BLE001
         raise _output_error(cfg.output, e) from None
+    run = dataclasses.replace(run, file_metadata=ckpt.file_metadata())
     lease.info["run"] = run.run_id
     summary = RunSummary(run.run_id, resumed=run.resumed)
     stats = commit.PlanStats()
@@ -501,5 +518,7 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
         plan_files, expected = _write_plan(run, retry_shards, summary, reuse_staged=False) if held else ([], {})
     lease.check()
     summary.finish().write(cfg.output)
-    manifest = run.finish()
+    keypoints = {"keypoint_names": list(ckpt.keypoint_names),
+                 "keypoint_skeleton": [list(p) for p in ckpt.keypoint_skeleton or ()]} if ckpt.keypoint_names else None
+    manifest = run.finish(keypoints)
     return summary, manifest

@@ -24,10 +24,20 @@ instances (list<struct>)  detections of an ok row ([] when there are none); null
   label_name (string)       class name
   score (float32)           confidence in [0, 1]
   bbox (list<float32>)      [x0, y0, x1, y1] in pixels of the decoded image
-  area (int64)              mask area in pixels
+  area (int64)              mask area in pixels; null for a model without masks
   mask_rle (string)         COCO compressed RLE ``counts`` of a height x width mask
                             (column-major, as pycocotools writes it); decode with
-                            ``{"size": [height, width], "counts": mask_rle}``
+                            ``{"size": [height, width], "counts": mask_rle}``; null for a
+                            model without masks (Keypoint R-CNN)
+  keypoints (list<struct>)  a keypoint model's keypoints, one per keypoint type in the
+                            order of the file's ``mrcnn.keypoint_names`` metadata (and the
+                            run manifest's ``keypoint_names``; COCO's 17 person keypoints
+                            for torchvision's model; ``mrcnn.keypoint_skeleton`` holds the
+                            0-based index pairs a drawing joins); null for a model without
+                            keypoints:
+    x, y (float32)            position in pixels of the decoded image
+    score (float32)           the keypoint's heatmap logit (COCO's evaluation treats a
+                              keypoint as visible when it is > 0)
 model_name (string)       name of the model that produced the row
 checkpoint_sha256 (str)   SHA-256 (hex) of the checkpoint file
 settings (string)         the run's output settings that differ from the checkpoint's own, as
@@ -73,14 +83,27 @@ def _f(name: str, type_: pa.DataType, description: str, nullable: bool = True) -
     return pa.field(name, type_, nullable=nullable, metadata={"description": description})
 
 
+KEYPOINT_TYPE = pa.struct(
+    [
+        _f("x", pa.float32(), "x in pixels"),
+        _f("y", pa.float32(), "y in pixels"),
+        _f("score", pa.float32(), "heatmap logit of the keypoint"),
+    ]
+)
+# file metadata naming the keypoints (JSON list), in files written by a keypoint model
+KEYPOINT_NAMES_KEY = b"mrcnn.keypoint_names"
+KEYPOINT_SKELETON_KEY = b"mrcnn.keypoint_skeleton"  # and the pairs of keypoint indices drawings join
+
 INSTANCE_TYPE = pa.struct(
     [
         _f("label", pa.int32(), "model class index"),
         _f("label_name", pa.string(), "class name"),
         _f("score", pa.float32(), "confidence in [0, 1]"),
         _f("bbox", pa.list_(pa.float32()), "[x0, y0, x1, y1] in pixels"),
-        _f("area", pa.int64(), "mask area in pixels"),
-        _f("mask_rle", pa.string(), "COCO compressed RLE counts of a height x width mask"),
+        _f("area", pa.int64(), "mask area in pixels; null without masks"),
+        _f("mask_rle", pa.string(), "COCO compressed RLE counts of a height x width mask; null without masks"),
+        _f("keypoints", pa.list_(KEYPOINT_TYPE),
+           "keypoints (x, y, score) in the order of the mrcnn.keypoint_names metadata; null without keypoints"),
     ]
 )
 
@@ -164,19 +187,30 @@ def ok_row(
     """A row for a decoded image from one Predictor result.
 
     ``result`` holds ``boxes`` (N,4) float, ``labels`` (N,) int, ``scores`` (N,) float,
-    ``label_names`` list[str], ``areas`` (N,) int and ``masks``: N COCO RLE dicts whose
-    ``size`` must be ``[height, width]``. Inconsistent results raise ValueError: they are a
-    model bug, not bad input.
+    ``label_names`` list[str]; a mask model's ``areas`` (N,) int and ``masks``, N COCO RLE
+    dicts whose ``size`` must be ``[height, width]``; a keypoint model's ``keypoints`` (N, K, 3)
+    float (x, y, score). Inconsistent results raise ValueError: they are a model bug, not bad
+    input.
     """
     boxes = np.asarray(result["boxes"], dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(result["labels"]).reshape(-1)
     scores = np.asarray(result["scores"], dtype=np.float32).reshape(-1)
-    areas = np.asarray(result["areas"]).reshape(-1)
     names = list(result["label_names"])
-    masks = list(result["masks"])
     n = len(boxes)
-    lengths = {"labels": len(labels), "scores": len(scores), "areas": len(areas),
-               "label_names": len(names), "masks": len(masks)}
+    lengths = {"labels": len(labels), "scores": len(scores), "label_names": len(names)}
+    has_masks = "masks" in result
+    if has_masks:
+        areas = np.asarray(result["areas"]).reshape(-1)
+        masks = list(result["masks"])
+        lengths.update(areas=len(areas), masks=len(masks))
+    keypoints = None
+    if "keypoints" in result:
+        keypoints = np.asarray(result["keypoints"], dtype=np.float32)
+        if keypoints.ndim != 3 or keypoints.shape[2] != 3:
+            raise ValueError(f"predictor keypoints should be (N, K, 3), got shape {keypoints.shape}")
+        lengths["keypoints"] = len(keypoints)
+        if n and not np.isfinite(keypoints).all():
+            raise ValueError("predictor result has non-finite keypoints")
     bad = {k: v for k, v in lengths.items() if v != n}
     if bad:
         raise ValueError(f"predictor result has {n} boxes but {bad}")
@@ -188,17 +222,20 @@ def ok_row(
         raise ValueError("labels do not fit int32")
     instances = []
     for i in range(n):
-        size = list(masks[i]["size"])
-        if size != [height, width]:
-            raise ValueError(f"mask {i} has size {size}, image is [{height}, {width}] (H, W)")
+        if has_masks:
+            size = list(masks[i]["size"])
+            if size != [height, width]:
+                raise ValueError(f"mask {i} has size {size}, image is [{height}, {width}] (H, W)")
         instances.append(
             {
                 "label": int(labels[i]),
                 "label_name": str(names[i]),
                 "score": float(scores[i]),
                 "bbox": [float(v) for v in boxes[i]],
-                "area": int(areas[i]),
-                "mask_rle": _counts_str(masks[i]["counts"]),
+                "area": int(areas[i]) if has_masks else None,
+                "mask_rle": _counts_str(masks[i]["counts"]) if has_masks else None,
+                "keypoints": None if keypoints is None else [
+                    {"x": float(x), "y": float(y), "score": float(s)} for x, y, s in keypoints[i]],
             }
         )
     return {
@@ -299,7 +336,8 @@ def validate_table(table: pa.Table, *, check_masks: bool = True) -> None:
     """Raise ValueError naming every way ``table`` breaks the output contract.
 
     Checks the schema (names, types, order), required columns, status/error/instances
-    consistency, bbox length and, with ``check_masks``, that every mask_rle decodes to
+    consistency, bbox length, that a row's instances all have masks or none and the same
+    number of keypoints (or none) and, with ``check_masks``, that every mask_rle decodes to
     exactly height x width pixels with the stated area.
     """
     problems: list[str] = []
@@ -320,11 +358,20 @@ def validate_table(table: pa.Table, *, check_masks: bool = True) -> None:
                 continue
             if row["width"] <= 0 or row["height"] <= 0:
                 problems.append(f"{where}: non-positive size")
+            kinds = {(inst["mask_rle"] is None, None if inst["keypoints"] is None else len(inst["keypoints"]))
+                     for inst in row["instances"]}
+            if len(kinds) > 1:
+                problems.append(f"{where}: instances differ in having masks or in their keypoint count {sorted(kinds, key=str)}")
             for j, inst in enumerate(row["instances"]):
                 bbox = inst["bbox"]
                 if bbox is None or len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
                     problems.append(f"{where} instance {j}: bbox must be 4 finite numbers")
-                if check_masks:
+                if inst["mask_rle"] is None:
+                    if inst["area"] is not None:
+                        problems.append(f"{where} instance {j}: an area without a mask")
+                    if inst["keypoints"] is None:
+                        problems.append(f"{where} instance {j}: neither a mask nor keypoints")
+                elif check_masks:
                     try:
                         total, area = rle_counts_stats(inst["mask_rle"] or "")
                     except ValueError as e:
