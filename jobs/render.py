@@ -6,7 +6,10 @@ For the latest committed row of each image (or the rows of one run with ``--run-
 the source image is re-read from ``image_uri`` and decoded with ``jobs.infer.decode``
 (so EXIF orientation matches the stored width/height), then every instance scoring at
 least ``min_score`` is drawn: a semi-transparent fill and a contour for its mask, its box,
-and a tag with class name and score. Colours are a fixed function of the label index.
+and a tag with class name and score; a keypoint model's instances get their keypoints (those
+scoring > 0, COCO's visibility rule) joined by the skeleton the output files name
+(``mrcnn.keypoint_skeleton``; COCO's for its person keypoints). Colours are a fixed function
+of the label index; tags are sized to the image and kept inside it.
 
 Rows are read with pyarrow.dataset from the committed files only (``run_id=*/part-*``;
 staging and run records are never read), on any fsspec filesystem; ``s3://`` honours
@@ -65,7 +68,30 @@ def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequenc
     uris = table.column("image_uri").to_numpy(zero_copy_only=False)
     keep = np.ones(len(uris), dtype=bool)
     keep[1:] = uris[1:] != uris[:-1]
-    return table.filter(pa.array(keep))
+    return table.filter(pa.array(keep)).replace_schema_metadata(_keypoint_metadata(fs, files))
+
+
+def _keypoint_metadata(fs, files: Sequence[str]) -> dict:
+    """The keypoint names and skeleton the newest file declares (run ids sort by time; one
+    footer read, however many files)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(max(files), "rb") as f:
+        kv = pq.read_metadata(f).metadata or {}
+    return {k: v for k, v in kv.items() if k in (schema.KEYPOINT_NAMES_KEY, schema.KEYPOINT_SKELETON_KEY)}
+
+
+def keypoint_skeleton(table: pa.Table) -> list[list[int]] | None:
+    """The skeleton a table from :func:`read_latest` declares, else COCO's when its keypoints are COCO's."""
+    import json
+
+    from mrcnn.coco_categories import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
+
+    kv = table.schema.metadata or {}
+    if schema.KEYPOINT_SKELETON_KEY in kv:
+        return json.loads(kv[schema.KEYPOINT_SKELETON_KEY])
+    names = json.loads(kv[schema.KEYPOINT_NAMES_KEY]) if schema.KEYPOINT_NAMES_KEY in kv else None
+    return [list(p) for p in COCO_PERSON_SKELETON] if names == list(COCO_PERSON_KEYPOINT_NAMES) else None
 
 
 # ------------------------------------------------------------------ drawing
@@ -103,36 +129,61 @@ def _text_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if luma > 140 else (255, 255, 255)
 
 
+def _font(h: int, w: int):
+    # about 1/14 of the short side, 8 to 16 px: legible without covering small images
+    return ImageFont.load_default(size=int(min(16, max(8, round(min(h, w) / 14)))))
+
+
+def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints, skeleton, color, radius: int, line: int) -> None:
+    visible = [(k["x"], k["y"]) if k is not None and k["score"] is not None and k["score"] > 0 else None
+               for k in keypoints]
+    for a, b in skeleton or ():
+        if a < len(visible) and b < len(visible) and visible[a] and visible[b]:
+            draw.line([visible[a], visible[b]], fill=color, width=line + 1)
+    for p in visible:
+        if p:
+            x, y = p
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color, outline=(255, 255, 255))
+
+
 def render_overlay(
     image: np.ndarray,
     instances: Iterable[Mapping[str, Any]],
     *,
     min_score: float = DEFAULT_MIN_SCORE,
+    skeleton: Sequence[Sequence[int]] | None = None,
 ) -> Image.Image:
-    """``image`` (H x W x 3 uint8) with the instances scoring >= ``min_score`` drawn on it.
+    """``image`` (H x W x 3 uint8) with the instances scoring >= ``min_score`` drawn on it;
+    instances with ``keypoints`` get them drawn, joined by ``skeleton`` (pairs of indices).
 
-    Pixels outside every drawn mask and box (and the tag inside each box's top-left
-    corner) are left exactly as they were.
+    Pixels outside every drawn mask, box, skeleton and tag (inside each box's top-left
+    corner, moved left where it would leave the image) are left exactly as they were.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
     chosen = [i for i in instances if i["score"] is not None and i["score"] >= min_score]
     chosen.sort(key=lambda i: i["score"])  # best drawn last, on top
-    masks = [decode_mask(i["mask_rle"], h, w) for i in chosen]
+    masks = [decode_mask(i["mask_rle"], h, w) if i.get("mask_rle") is not None else None for i in chosen]
 
     out = image.astype(np.float32)
     for inst, m in zip(chosen, masks):
-        color = np.array(label_color(inst["label"]), dtype=np.float32)
-        out[m] = out[m] * (1.0 - FILL_ALPHA) + color * FILL_ALPHA
+        if m is not None:
+            color = np.array(label_color(inst["label"]), dtype=np.float32)
+            out[m] = out[m] * (1.0 - FILL_ALPHA) + color * FILL_ALPHA
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     for inst, m in zip(chosen, masks):
-        out[_boundary(m)] = label_color(inst["label"])
+        if m is not None:
+            out[_boundary(m)] = label_color(inst["label"])
 
     canvas = Image.fromarray(out, "RGB")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    font = _font(h, w)
     line = max(1, round(min(h, w) / 320))
+    for inst in chosen:
+        if inst.get("keypoints"):
+            _draw_keypoints(draw, inst["keypoints"], skeleton, label_color(inst["label"]),
+                            max(2, round(min(h, w) / 100)), line)
     for inst in chosen:
         color = label_color(inst["label"])
         x0, y0, x1, y1 = (float(v) for v in inst["bbox"])
@@ -145,9 +196,11 @@ def render_overlay(
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 4, bottom - top + 3
         # The tag sits inside the box's top-left corner, so it never hides unmarked pixels
-        # of small neighbours above the box; it may run past a box narrower than the text.
-        draw.rectangle([x0, y0, min(x0 + tw, w - 1), min(y0 + th, h - 1)], fill=color)
-        draw.text((x0 + 2 - left, y0 + 1 - top), text, fill=_text_color(color), font=font)
+        # of small neighbours above the box; it may run past a box narrower than the text,
+        # and moves left (and up) where it would leave the image.
+        tx, ty = max(0, min(x0, w - 1 - tw)), max(0, min(y0, h - 1 - th))
+        draw.rectangle([tx, ty, min(tx + tw, w - 1), min(ty + th, h - 1)], fill=color)
+        draw.text((tx + 2 - left, ty + 1 - top), text, fill=_text_color(color), font=font)
     return canvas
 
 
@@ -167,7 +220,8 @@ def _png_name(index: int, uri: str) -> str:
     return f"{index:05d}-{base}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}.png"
 
 
-def render_row(row: Mapping[str, Any], *, min_score: float = DEFAULT_MIN_SCORE) -> Image.Image:
+def render_row(row: Mapping[str, Any], *, min_score: float = DEFAULT_MIN_SCORE,
+               skeleton: Sequence[Sequence[int]] | None = None) -> Image.Image:
     """The overlay for one ok row; ReadError, DecodeError or ValueError when it cannot be drawn."""
     image = decode_image(read_object(row["image_uri"]))
     h, w = image.shape[:2]
@@ -175,7 +229,7 @@ def render_row(row: Mapping[str, Any], *, min_score: float = DEFAULT_MIN_SCORE) 
         raise ValueError(
             f"source is {w}x{h} now but the row says {row['width']}x{row['height']} (changed since the run?)"
         )
-    return render_overlay(image, row["instances"] or [], min_score=min_score)
+    return render_overlay(image, row["instances"] or [], min_score=min_score, skeleton=skeleton)
 
 
 def render_table(
@@ -185,12 +239,17 @@ def render_table(
     limit: int | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     keep_images: bool = False,
+    skeleton: Sequence[Sequence[int]] | None = None,
 ) -> tuple[RenderResult, list[Image.Image]]:
     """Render the ok rows of ``table`` (in its order) into ``out_dir`` (any fsspec URI).
 
     ``limit`` caps the PNGs written (images that fail do not count). With ``out_dir``
     None nothing is written; with ``keep_images`` the PIL images are returned too.
+    ``skeleton``: the keypoint pairs to join (default: the table's ``mrcnn.keypoint_skeleton``
+    metadata, as :func:`read_latest` keeps it).
     """
+    if skeleton is None:
+        skeleton = keypoint_skeleton(table)
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
     result, images = RenderResult(), []
@@ -205,7 +264,7 @@ def render_table(
         if limit is not None and len(result.uris) >= limit:
             continue  # keep scanning: error rows are still collected
         try:
-            im = render_row(row, min_score=min_score)
+            im = render_row(row, min_score=min_score, skeleton=skeleton)
         except (ReadError, DecodeError) as e:
             result.failures.append((row["image_uri"], e.reason))
             continue
