@@ -7,6 +7,13 @@ outputs are compared (boxes, labels, scores, masks > 0.5).
 
     python bench/model.py                          # CPU
     python bench/model.py --device cuda --batch 8  # GPU: fp32 both, and ours bf16 + channels_last
+    python bench/model.py --architectures          # every registered architecture: params, Predictor images/s
+
+``--architectures`` times the Predictor (what the batch job runs: channels-last, fp32 on CPU)
+on every architecture of ``mrcnn.list_models()`` with seeded random weights, score threshold 0
+(100 detections an image, the worst case of real weights), at the architectures' COCO input
+size (short side 800), and prints images/s with the ratio to ``maskrcnn_resnet50_fpn`` measured
+in the same run: the README's table.
 """
 from __future__ import annotations
 
@@ -87,14 +94,39 @@ def peak_memory(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def architectures(device: str, batch: int, repeat: int) -> None:
+    """Parameters and Predictor images/s of every registered architecture (see the module doc)."""
+    arrays = [(img.permute(1, 2, 0) * 255).round().byte().cpu().numpy() for img in images(batch, "cpu")]
+    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} CPU threads, device {device}; "
+          f"batch of {batch} images {[a.shape[:2] for a in arrays]}, score threshold 0, fp32")
+    rows, reference = [], None
+    for name in ["maskrcnn_resnet50_fpn"] + [n for n in mrcnn.list_models() if n != "maskrcnn_resnet50_fpn"]:
+        torch.manual_seed(0)
+        model = mrcnn.get_model(name, box_score_thresh=0.0)
+        params = sum(p.numel() for p in model.parameters())
+        predictor = mrcnn.Predictor(model, device=device)
+        detections = []
+        t = timed(lambda: detections.append(sum(len(r["boxes"]) for r in predictor(arrays))), device, repeat)
+        reference = reference or t
+        rows.append((name, params, batch / t, reference / t, detections[-1] / batch))
+        print(f"  {name}: {batch / t:.3f} images/s", flush=True)
+        del model, predictor
+    print("\n| architecture | parameters | images/s | vs maskrcnn_resnet50_fpn | detections/image |\n|---|---|---|---|---|")
+    for name, params, ips, ratio, dets in rows:
+        print(f"| `{name}` | {params / 1e6:.1f}M | {ips:.3f} | {ratio:.2f}x | {dets:.0f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default="resnet50_fpn", choices=["resnet50_fpn", "resnet50_fpn_v2"])
+    p.add_argument("--architectures", action="store_true", help="every registered architecture (see above)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     dev = args.device
+    if args.architectures:
+        return architectures(dev, args.batch, args.repeat)
     tv, ours = build(args.arch, dev)
     imgs = images(args.batch, dev)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.machine()}, "

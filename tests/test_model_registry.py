@@ -1,6 +1,7 @@
 """The registry of architectures: every registered one builds, detects, trains a step and
 round-trips its checkpoint; the table is the one place the builders, detection, load_model and
 jobs.train read."""
+import numpy as np
 import pytest
 import torch
 
@@ -150,3 +151,35 @@ def test_the_c4_variant_is_the_papers():
         mrcnn.maskrcnn_resnet50_c4(num_classes=3, returned_layers=[1, 2, 3])
     with pytest.raises(ValueError, match="one feature map"):
         mrcnn.maskrcnn_resnet50_c4(num_classes=3, rpn_anchor_sizes=[[16], [32]])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_architecture_runs_in_bf16_and_fp16_under_the_predictor(name):
+    """The Predictor's reduced precisions (autocast) on every architecture give results of the
+    fp32 form, finite. (Agreement with fp32 needs trained weights: random ones amplify rounding,
+    so it is checked on the shipped model, tests/test_shipped_model.py.)"""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    model = mrcnn.get_model(name, num_classes=3, box_score_thresh=0.0, box_detections_per_img=10, **SIZES)
+    with torch.no_grad():  # torchvision's zero_init_residual: random deep ResNets otherwise overflow fp16
+        for m in model.modules():
+            if isinstance(m, (Bottleneck, BasicBlock)):
+                (m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight.zero_()
+    arrays = [(image.permute(1, 2, 0) * 255).byte().numpy() for image in _batch()[0]]
+    branch = "keypoints" if name.startswith("keypointrcnn") else "masks"
+    reference = mrcnn.Predictor(model, precision="fp32", class_names=["bg", "a", "b"])(arrays)
+    detections = 0
+    for precision in ("bf16", "fp16"):
+        for ref, out, image in zip(reference, mrcnn.Predictor(model, precision=precision)(arrays), arrays):
+            assert sorted(out) == sorted(ref)
+            n = len(out["boxes"])
+            assert n <= 10 and out["boxes"].dtype == out["scores"].dtype == np.float32
+            assert np.isfinite(out["boxes"]).all() and np.isfinite(out["scores"]).all()
+            assert len(out[branch]) == n
+            if branch == "keypoints":
+                assert out["keypoints"].shape == (n, 17, 3) and np.isfinite(out["keypoints"]).all()
+            else:
+                assert all(m["size"] == list(image.shape[:2]) for m in out["masks"])
+            detections += n
+    assert detections > 0

@@ -105,3 +105,30 @@ def test_evaluating_the_checkpoint_scores_like_its_batch_job_rows(held_out, caps
     evaluate.main(["--gt", gt, "--pred", str(SHIPPED_MODEL)])
     printed = capsys.readouterr().out
     assert f"{HELD_OUT_IMAGES} with predictions" in printed and "Average Precision" in printed
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_finds_what_fp32_finds(precision, tmp_path):
+    """The Predictor's bf16/fp16 autocast on trained weights: the same confident detections as fp32."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.ops import box_iou
+
+    from mrcnn.predictor import Predictor
+
+    generate(str(tmp_path), 8, seed=HELD_OUT_SEED + 1, size="128/160")
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tmp_path / "images").glob("*.png"))]
+    fp32 = Predictor.from_checkpoint(str(SHIPPED_MODEL), device="cpu", precision="fp32")(arrays)
+    low = Predictor.from_checkpoint(str(SHIPPED_MODEL), device="cpu", precision=precision)(arrays)
+    compared = matched = 0
+    for a, b in zip(fp32, low):
+        keep_a, keep_b = a["scores"] > 0.5, b["scores"] > 0.5
+        if not keep_a.any():
+            continue
+        iou = box_iou(torch.from_numpy(a["boxes"][keep_a]), torch.from_numpy(b["boxes"][keep_b]))
+        best = iou.max(dim=1).values if iou.numel() else torch.zeros(int(keep_a.sum()))
+        compared += len(best)
+        # bf16 keeps 8 bits of mantissa: a box of 15-60 px moves by about a pixel
+        matched += int((best >= 0.8).sum())
+        assert abs(int(keep_a.sum()) - int(keep_b.sum())) <= 1
+    assert compared >= 16 and matched >= 0.9 * compared, (matched, compared)
