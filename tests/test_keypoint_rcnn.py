@@ -12,11 +12,11 @@ import pytest
 import torch
 import torchvision
 import torchvision.models.detection as tvd
-from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 import mrcnn
+from _detection_compare import run_both, smooth_images
 from mrcnn.checkpoint import load_model, read_metadata, save_checkpoint
 
 DETECTIONS = 20
@@ -26,26 +26,7 @@ IMAGE_SIZES = [(200, 300), (40, 1000), (500, 130), (24, 20)]
 
 
 def _images(sizes=IMAGE_SIZES, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    images = []
-    for h, w in sizes:
-        small = torch.rand(1, 3, max(h // 8, 2), max(w // 8, 2), generator=g)
-        images.append(nn.functional.interpolate(small, size=(h, w), mode="bilinear")[0].clamp(0, 1))
-    return images
-
-
-def _run(model, batches):
-    """Outputs and RPN proposals (captured by a forward hook) of each batch."""
-    proposals = []
-    handle = model.rpn.register_forward_hook(lambda m, i, o: proposals.extend(b.clone() for b in o[0]))
-    outputs = []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                outputs.extend(model(batch))
-    finally:
-        handle.remove()
-    return outputs, proposals
+    return smooth_images(sizes, seed)
 
 
 def _assert_same_detections(ours, theirs, *, exact=True) -> int:
@@ -76,15 +57,7 @@ def pair():
 def test_same_outputs_as_torchvision(pair, batching):
     tv, ours = pair
     images = _images()
-    batches = [images] if batching == "batched" else [[im] for im in images]
-    tv_out, tv_props = _run(tv, batches)
-    our_out, our_props = _run(ours, batches)
-
-    assert len(tv_props) == len(our_props) == len(images)
-    n_props = 0
-    for a, b in zip(our_props, tv_props):
-        assert torch.equal(a, b)
-        n_props += len(b)
+    tv_out, our_out, n_props = run_both(tv, ours, images, batching)  # proposals exactly equal
     assert n_props >= 100 * len(images)
     for (h, w), r in zip(IMAGE_SIZES, tv_out):
         assert len(r["boxes"]) == DETECTIONS, f"torchvision found {len(r['boxes'])} detections on {h}x{w}"

@@ -14,6 +14,7 @@ import torch
 import torchvision.models.detection as tvd
 
 import mrcnn
+from _detection_compare import run_both, smooth_images
 
 SETTINGS = dict(
     min_size=160,
@@ -29,27 +30,7 @@ DETECTIONS_PER_IMAGE = 100
 
 
 def _images():
-    g = torch.Generator().manual_seed(1234)
-    images = []
-    for h, w in IMAGE_SIZES:
-        # smooth structure (upsampled noise) rather than pure noise, like a real picture
-        small = torch.rand(1, 3, max(h // 8, 2), max(w // 8, 2), generator=g)
-        images.append(torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear")[0].clamp(0, 1))
-    return images
-
-
-def _run(model, batches):
-    """Outputs and RPN proposals (captured by a forward hook) of each batch."""
-    proposals = []
-    handle = model.rpn.register_forward_hook(lambda m, i, o: proposals.extend(b.clone() for b in o[0]))
-    outputs = []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                outputs.extend(model(batch))
-    finally:
-        handle.remove()
-    return outputs, proposals
+    return smooth_images(IMAGE_SIZES)
 
 
 def _mask_iou(a, b):
@@ -84,18 +65,8 @@ def pair(request):
 def test_same_outputs_as_torchvision(pair, batching):
     tv, ours = pair
     images = _images()
-    batches = [images] if batching == "batched" else [[im] for im in images]
-
-    tv_out, tv_props = _run(tv, batches)
-    our_out, our_props = _run(ours, batches)
-
     # RPN proposals: same boxes in the same order
-    assert len(tv_props) == len(our_props) == len(images)
-    n_props = 0
-    for p_tv, p_ours in zip(tv_props, our_props):
-        assert p_tv.shape == p_ours.shape
-        torch.testing.assert_close(p_ours, p_tv, rtol=0, atol=1e-4)
-        n_props += len(p_tv)
+    tv_out, our_out, n_props = run_both(tv, ours, images, batching, atol=1e-4)
     assert n_props >= 100 * len(images)
 
     n_dets = 0
