@@ -10,7 +10,8 @@ outputs are compared (boxes, labels, scores, masks > 0.5).
     python bench/model.py --architectures          # every registered architecture: params, Predictor images/s
 
 ``--architectures`` times the Predictor (what the batch job runs: channels-last, fp32 on CPU)
-on every architecture of ``mrcnn.list_models()`` with seeded random weights, score threshold 0
+on every architecture of ``mrcnn.list_models()`` with seeded random weights (residual branches
+zero-initialised, so deep bodies stay finite), score threshold 0
 (100 detections an image, the worst case of real weights), at the architectures' COCO input
 size (short side 800), and prints images/s with the ratio to ``maskrcnn_resnet50_fpn`` measured
 in the same run: the README's table.
@@ -94,6 +95,17 @@ def peak_memory(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def zero_init_residual(model) -> None:
+    """torchvision's zero_init_residual on a built model: without it the random activations of a
+    deep ResNet (101 layers) overflow and it detects nothing, which would time no mask work."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (Bottleneck, BasicBlock)):
+                (m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight.zero_()
+
+
 def architectures(device: str, batch: int, repeat: int) -> None:
     """Parameters and Predictor images/s of every registered architecture (see the module doc)."""
     arrays = [(img.permute(1, 2, 0) * 255).round().byte().cpu().numpy() for img in images(batch, "cpu")]
@@ -103,6 +115,7 @@ def architectures(device: str, batch: int, repeat: int) -> None:
     for name in ["maskrcnn_resnet50_fpn"] + [n for n in mrcnn.list_models() if n != "maskrcnn_resnet50_fpn"]:
         torch.manual_seed(0)
         model = mrcnn.get_model(name, box_score_thresh=0.0)
+        zero_init_residual(model)
         params = sum(p.numel() for p in model.parameters())
         predictor = mrcnn.Predictor(model, device=device)
         detections = []
