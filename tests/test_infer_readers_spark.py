@@ -58,3 +58,52 @@ def test_spark_reads_committed_rows_and_latest_per_image(tmp_path):
         assert n == 11  # one fake instance per decodable row: 10 in run 1, 1 in run 2
     finally:
         spark.stop()
+
+
+@pytest.mark.slow
+def test_spark_reads_keypoints_and_older_files_without_them(tmp_path):
+    """A keypoint model's rows (instances[].keypoints) next to a file written before the field
+    existed: with mergeSchema Spark sees the field, null in the older file's instances."""
+    pytest.importorskip("pyspark")
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql import SparkSession
+    from pycocotools import mask as mask_utils
+    from pyspark.sql import functions as F
+
+    from jobs.infer import schema
+
+    meta = dict(source_etag=None, source_size=None, model_name="k", checkpoint_sha256="0" * 64)
+    kp = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    result = dict(boxes=np.array([[0, 0, 5, 5], [1, 1, 6, 6]], np.float32), labels=[1, 1], scores=[0.9, 0.8],
+                  label_names=["person", "person"], keypoints=kp)
+    new = tmp_path / "out" / "run_id=b"
+    new.mkdir(parents=True)
+    pq.write_table(schema.rows_to_table([schema.ok_row(result, image_uri="file:///a.jpg", width=8, height=8,
+                                                        run_id="b", **meta)]), new / "part-1.parquet")
+    # the schema of before: the instance struct without its last field
+    old_instance = pa.struct([f for f in schema.INSTANCE_TYPE if f.name != "keypoints"])
+    old_schema = pa.schema([pa.field("instances", pa.list_(old_instance)) if f.name == "instances" else f
+                            for f in schema.SCHEMA])
+    old_row = schema.ok_row(dict(boxes=np.zeros((1, 4), np.float32), labels=[1], scores=[0.7], label_names=["cat"],
+                                 areas=[0], masks=[mask_utils.encode(np.zeros((8, 8), np.uint8, order="F"))]),
+                            image_uri="file:///b.jpg", width=8, height=8, run_id="a", **meta)
+    for inst in old_row["instances"]:
+        inst.pop("keypoints")
+    (tmp_path / "out" / "run_id=a").mkdir()
+    pq.write_table(pa.Table.from_pylist([old_row], schema=old_schema), tmp_path / "out" / "run_id=a" / "part-0.parquet")
+
+    spark = (SparkSession.builder.master("local[1]").appName("t").config("spark.ui.enabled", "false")
+             .config("spark.sql.session.timeZone", "UTC").getOrCreate())
+    try:
+        df = spark.read.option("mergeSchema", "true").parquet(str(tmp_path / "out"))
+        inst = df.select("image_uri", F.explode("instances").alias("i"))
+        assert "keypoints:array<struct<x:float,y:float,score:float>>" in dict(df.dtypes)["instances"]
+        by_image = {r["image_uri"]: r["n"] for r in inst.groupBy("image_uri").agg(
+            F.count(F.col("i.keypoints")).alias("n")).collect()}
+        assert by_image == {"file:///a.jpg": 2, "file:///b.jpg": 0}  # null keypoints in the older file
+        points = inst.select(F.explode("i.keypoints").alias("k")).select("k.x", "k.y", "k.score").collect()
+        assert len(points) == 6 and sorted(p["x"] for p in points) == sorted(kp[..., 0].ravel().tolist())
+    finally:
+        spark.stop()
