@@ -130,8 +130,8 @@ def _text_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _font(h: int, w: int):
-    # about 1/14 of the short side, 8 to 16 px: legible without covering small images
-    return ImageFont.load_default(size=int(min(16, max(8, round(min(h, w) / 14)))))
+    # about 1/18 of the short side, 8 to 16 px: legible without covering small images
+    return ImageFont.load_default(size=int(min(16, max(8, round(min(h, w) / 18)))))
 
 
 def _draw_keypoints(draw: ImageDraw.ImageDraw, keypoints, skeleton, color, radius: int, line: int) -> None:
