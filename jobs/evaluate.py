@@ -262,15 +262,13 @@ def read_keypoint_names(pred_uri, storage_options=None):
     """The keypoint names the output files at pred_uri declare (``mrcnn.keypoint_names``);
     None when they declare none. Files that declare different names are refused."""
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
-    from jobs.infer.schema import KEYPOINT_NAMES_KEY
+    from jobs.infer.schema import KEYPOINT_NAMES_KEY, keypoint_metadata
 
     fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
     found = set()
     for f in pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet").files:
-        with fs.open(f, "rb") as fh:
-            value = (pq.read_metadata(fh).metadata or {}).get(KEYPOINT_NAMES_KEY)
+        value = keypoint_metadata(fs, f).get(KEYPOINT_NAMES_KEY)
         if value is not None:
             found.add(tuple(json.loads(value)))
     if len(found) > 1:

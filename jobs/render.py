@@ -68,30 +68,20 @@ def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequenc
     uris = table.column("image_uri").to_numpy(zero_copy_only=False)
     keep = np.ones(len(uris), dtype=bool)
     keep[1:] = uris[1:] != uris[:-1]
-    return table.filter(pa.array(keep)).replace_schema_metadata(_keypoint_metadata(fs, files))
-
-
-def _keypoint_metadata(fs, files: Sequence[str]) -> dict:
-    """The keypoint names and skeleton the newest file declares (run ids sort by time; one
-    footer read, however many files)."""
-    import pyarrow.parquet as pq
-
-    with fs.open(max(files), "rb") as f:
-        kv = pq.read_metadata(f).metadata or {}
-    return {k: v for k, v in kv.items() if k in (schema.KEYPOINT_NAMES_KEY, schema.KEYPOINT_SKELETON_KEY)}
+    # the keypoint names and skeleton of the newest file (run ids sort by time): one footer read
+    return table.filter(pa.array(keep)).replace_schema_metadata(schema.keypoint_metadata(fs, max(files)))
 
 
 def keypoint_skeleton(table: pa.Table) -> list[list[int]] | None:
     """The skeleton a table from :func:`read_latest` declares, else COCO's when its keypoints are COCO's."""
     import json
 
-    from mrcnn.coco_categories import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
+    from mrcnn.coco_categories import default_keypoint_skeleton
 
     kv = table.schema.metadata or {}
     if schema.KEYPOINT_SKELETON_KEY in kv:
         return json.loads(kv[schema.KEYPOINT_SKELETON_KEY])
-    names = json.loads(kv[schema.KEYPOINT_NAMES_KEY]) if schema.KEYPOINT_NAMES_KEY in kv else None
-    return [list(p) for p in COCO_PERSON_SKELETON] if names == list(COCO_PERSON_KEYPOINT_NAMES) else None
+    return default_keypoint_skeleton(json.loads(kv[schema.KEYPOINT_NAMES_KEY]) if schema.KEYPOINT_NAMES_KEY in kv else None)
 
 
 # ------------------------------------------------------------------ drawing

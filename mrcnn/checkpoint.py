@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .coco_categories import COCO_PERSON_KEYPOINT_NAMES, COCO_PERSON_SKELETON
+from .coco_categories import default_keypoint_names, default_keypoint_skeleton
 from .registry import build_model, detect_architecture, list_models, settings_from_keys
 from .weights_file import load_state_dict_file
 
@@ -185,9 +185,9 @@ def _keypoint_names(model: nn.Module, names) -> Optional[list[str]]:
         return None
     count = int(predictor.out_channels)
     if names is None:
-        if count != len(COCO_PERSON_KEYPOINT_NAMES):
+        names = default_keypoint_names(count)
+        if names is None:
             raise ValueError(f"this model predicts {count} keypoints: give their keypoint_names")
-        names = COCO_PERSON_KEYPOINT_NAMES
     names = [str(n) for n in names]
     if len(names) != count:
         raise ValueError(f"keypoint_names has {len(names)} entries but the model predicts {count} keypoints")
@@ -200,7 +200,7 @@ def _keypoint_skeleton(names: Optional[list[str]], skeleton) -> Optional[list[li
             raise ValueError("keypoint_skeleton given, but this model has no keypoint head")
         return None
     if skeleton is None:
-        return [list(p) for p in COCO_PERSON_SKELETON] if names == list(COCO_PERSON_KEYPOINT_NAMES) else None
+        return default_keypoint_skeleton(names)
     pairs = [[int(a), int(b)] for a, b in skeleton]
     bad = [p for p in pairs if not all(0 <= i < len(names) for i in p)]
     if bad:
@@ -241,14 +241,15 @@ def _torchvision_metadata(state_dict: dict, path: str) -> dict:
         raise ValueError(f"{path}: {e}") from None
     legacy = _has_legacy_keys(state_dict)
     keypoints = settings_from_keys(architecture, state_dict).get("num_keypoints")
+    keypoint_names = default_keypoint_names(keypoints) if keypoints is not None else None
     return {
         "format": "torchvision",
         "architecture": architecture,
         "num_classes": _num_classes(state_dict),
         "class_names": None,
         # torchvision's keypoint files are COCO's person keypoints
-        **({"keypoint_names": list(COCO_PERSON_KEYPOINT_NAMES), "keypoint_skeleton": [list(p) for p in COCO_PERSON_SKELETON]}
-           if keypoints == len(COCO_PERSON_KEYPOINT_NAMES) else {}),
+        **({"keypoint_names": keypoint_names, "keypoint_skeleton": default_keypoint_skeleton(keypoint_names)}
+           if keypoint_names is not None else {}),
         "frozen_bn_eps": _torchvision_file_eps(state_dict, path),
         "legacy_keys": legacy,
     }
@@ -285,8 +286,7 @@ def load_model(path, **overrides) -> nn.Module:
     model.class_names = metadata.get("class_names")
     if hasattr(model, "num_keypoints"):
         # a plain torchvision file says nothing: its 17 keypoints are COCO's person keypoints
-        model.keypoint_names = metadata.get("keypoint_names") or (
-            list(COCO_PERSON_KEYPOINT_NAMES) if model.num_keypoints == len(COCO_PERSON_KEYPOINT_NAMES) else None)
-        model.keypoint_skeleton = metadata.get("keypoint_skeleton") or _keypoint_skeleton(model.keypoint_names, None)
+        model.keypoint_names = metadata.get("keypoint_names") or default_keypoint_names(model.num_keypoints)
+        model.keypoint_skeleton = metadata.get("keypoint_skeleton") or default_keypoint_skeleton(model.keypoint_names)
     model.checkpoint_metadata = {"format": FORMAT, **metadata} if metadata else _torchvision_metadata(state_dict, path)
     return model

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["COCO_CATEGORY_NAMES", "COCO_PERSON_KEYPOINT_NAMES", "COCO_PERSON_SKELETON", "label_names"]
+__all__ = ["COCO_CATEGORY_NAMES", "COCO_PERSON_KEYPOINT_NAMES", "COCO_PERSON_SKELETON", "default_keypoint_names",
+           "default_keypoint_skeleton", "label_names"]
 
 COCO_CATEGORY_NAMES: tuple[str, ...] = (
     "__background__",
@@ -135,3 +136,17 @@ COCO_PERSON_SKELETON: tuple[tuple[int, int], ...] = tuple(
         (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
     )
 )
+
+
+def default_keypoint_names(count: int) -> Optional[list[str]]:
+    """The names of ``count`` keypoints when nothing says otherwise: COCO's person keypoints for
+    17 (torchvision's keypoint models), else None."""
+    return list(COCO_PERSON_KEYPOINT_NAMES) if count == len(COCO_PERSON_KEYPOINT_NAMES) else None
+
+
+def default_keypoint_skeleton(names: Optional[Sequence[str]]) -> Optional[list[list[int]]]:
+    """The skeleton of keypoints ``names`` when nothing says otherwise: COCO's for its person
+    keypoints, else None."""
+    if names is None or list(names) != list(COCO_PERSON_KEYPOINT_NAMES):
+        return None
+    return [list(p) for p in COCO_PERSON_SKELETON]

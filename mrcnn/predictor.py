@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .coco_categories import COCO_CATEGORY_NAMES, COCO_PERSON_KEYPOINT_NAMES, label_names
+from .coco_categories import COCO_CATEGORY_NAMES, default_keypoint_names, label_names
 from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
 
 __all__ = ["Predictor", "MASK_FORMATS"]
@@ -339,10 +339,8 @@ def _keypoint_names(model: nn.Module) -> Optional[list[str]]:
     predictor = getattr(getattr(model, "roi_heads", None), "keypoint_predictor", None)
     if predictor is None:
         return None
-    names = getattr(model, "keypoint_names", None)
     count = int(predictor.out_channels)
-    if names is None:
-        names = COCO_PERSON_KEYPOINT_NAMES if count == len(COCO_PERSON_KEYPOINT_NAMES) else range(count)
+    names = getattr(model, "keypoint_names", None) or default_keypoint_names(count) or range(count)
     return [str(n) for n in names]
 
 

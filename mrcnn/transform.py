@@ -35,24 +35,24 @@ def resize_image_and_masks(
     return image, target
 
 
-def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
-    """Scale ``[x1, y1, x2, y2]`` boxes from an image of ``original_size`` (h, w) to ``new_size``."""
-    ratio_height, ratio_width = [
-        torch.tensor(s, dtype=torch.float32, device=boxes.device)
-        / torch.tensor(s_orig, dtype=torch.float32, device=boxes.device)
+def _ratios(original_size, new_size, device) -> list[Tensor]:
+    """(height, width) ratios of ``new_size`` to ``original_size``, float32 tensors as torchvision computes them."""
+    return [
+        torch.tensor(s, dtype=torch.float32, device=device) / torch.tensor(s_orig, dtype=torch.float32, device=device)
         for s, s_orig in zip(new_size, original_size)
     ]
+
+
+def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
+    """Scale ``[x1, y1, x2, y2]`` boxes from an image of ``original_size`` (h, w) to ``new_size``."""
+    ratio_height, ratio_width = _ratios(original_size, new_size, boxes.device)
     xmin, ymin, xmax, ymax = boxes.unbind(1)
     return torch.stack((xmin * ratio_width, ymin * ratio_height, xmax * ratio_width, ymax * ratio_height), dim=1)
 
 
 def resize_keypoints(keypoints: Tensor, original_size, new_size) -> Tensor:
     """Scale ``[..., K, 3]`` keypoints (x, y, visibility) from ``original_size`` (h, w) to ``new_size``."""
-    ratio_h, ratio_w = [
-        torch.tensor(s, dtype=torch.float32, device=keypoints.device)
-        / torch.tensor(s_orig, dtype=torch.float32, device=keypoints.device)
-        for s, s_orig in zip(new_size, original_size)
-    ]
+    ratio_h, ratio_w = _ratios(original_size, new_size, keypoints.device)
     resized = keypoints.clone()
     resized[..., 0] *= ratio_w
     resized[..., 1] *= ratio_h

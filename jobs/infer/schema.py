@@ -94,6 +94,16 @@ KEYPOINT_TYPE = pa.struct(
 KEYPOINT_NAMES_KEY = b"mrcnn.keypoint_names"
 KEYPOINT_SKELETON_KEY = b"mrcnn.keypoint_skeleton"  # and the pairs of keypoint indices drawings join
 
+
+def keypoint_metadata(fs, path: str) -> dict:
+    """The keypoint metadata (KEYPOINT_NAMES_KEY, KEYPOINT_SKELETON_KEY: JSON bytes) of one output
+    file, from its footer alone; {} for a file of a model without keypoints."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        kv = pq.read_metadata(f).metadata or {}
+    return {k: v for k, v in kv.items() if k in (KEYPOINT_NAMES_KEY, KEYPOINT_SKELETON_KEY)}
+
 INSTANCE_TYPE = pa.struct(
     [
         _f("label", pa.int32(), "model class index"),
