@@ -11,13 +11,12 @@ and one op pools them all.
 rounded to the grid, bilinear bins) and ``roi_pool`` (corners and bins rounded, max). The
 first three pool every level in one launch; ``roi_pool`` loops over levels.
 """
-from __future__ import annotations
-
 import math
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.utils import _pair
 
 from ._registration import ops
@@ -27,27 +26,97 @@ from .roi_warp import quantize_rois
 POOLERS = ("roi_align_legacy", "roi_align", "roi_warp", "roi_pool")
 
 
-def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
-    # The scale is a power of two: round log2(feature size / image size). Plain Python
-    # math (no tensor round-trip) keeps the first call traceable with fullgraph=True.
-    approx = float(feature.shape[-2]) / float(original_size[0])
-    return 2.0 ** round(math.log2(approx))
-
-
 class LevelMapper:
     """FPN level of each box, Eq. (1) of Lin et al. (2017), as torchvision computes it."""
 
     def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
                  eps: float = 1e-6):
-        self.k_min, self.k_max = k_min, k_max
-        self.s0, self.lvl0, self.eps = canonical_scale, canonical_level, eps
+        self.k_min = k_min
+        self.k_max = k_max
+        self.s0 = canonical_scale
+        self.lvl0 = canonical_level
+        self.eps = eps
 
-    def __call__(self, boxes: list[Tensor]) -> Tensor:
+    def __call__(self, boxes: List[Tensor]) -> Tensor:
         cat = torch.cat(boxes, dim=0)
         s = torch.sqrt((cat[:, 2] - cat[:, 0]) * (cat[:, 3] - cat[:, 1]))
         target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
         target = torch.clamp(target, min=self.k_min, max=self.k_max)
         return target.to(torch.int64) - self.k_min
+
+
+def _log2(x: float) -> float:
+    # Python's math keeps torch.compile's first call in one graph; TorchScript has no math.log2
+    if torch.jit.is_scripting():
+        return float(torch.log2(torch.tensor(x, dtype=torch.float64)))
+    return math.log2(x)
+
+
+def _symbolic_tracing() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return is_fx_symbolic_tracing()
+
+
+def _level_mapper(scales: List[float], canonical_scale: int, canonical_level: int) -> LevelMapper:
+    return LevelMapper(int(-_log2(scales[0])), int(-_log2(scales[-1])), canonical_scale, canonical_level)
+
+
+# The three steps of the forward are leaves for torch.fx (as torchvision wraps its own), so
+# symbolic_trace and torchvision.models.feature_extraction see one pooling call, not shape arithmetic.
+@torch.fx.wrap
+def _filter_input(x: Dict[str, Tensor], featmap_names: List[str]) -> List[Tensor]:
+    # dictionary order, as torchvision's
+    features: List[Tensor] = []
+    for k, v in x.items():
+        if k in featmap_names:
+            features.append(v)
+    if len(features) == 0:
+        raise ValueError(f"none of the feature maps {featmap_names} is in the input (keys: {list(x.keys())})")
+    return features
+
+
+@torch.fx.wrap
+def _infer_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]]) -> List[float]:
+    """Each map's scale, a power of two: round(log2(feature size / largest image height))."""
+    if len(image_shapes) == 0:
+        raise ValueError("image_shapes is empty: pass the (H, W) of every image in the batch")
+    original = 0
+    for shape in image_shapes:
+        original = max(original, shape[0])
+    scales: List[float] = []
+    for feature in features:
+        approx = float(feature.shape[-2]) / float(original)
+        scales.append(2.0 ** float(round(_log2(approx))))
+    return scales
+
+
+@torch.fx.wrap
+def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], scales: List[float],
+                          output_size: List[int], sampling_ratio: int, canonical_scale: int,
+                          canonical_level: int, pooler: str) -> Tensor:
+    rois = boxes_to_rois(boxes)
+    ph, pw = output_size[0], output_size[1]
+    levels: Optional[Tensor] = None
+    if len(features) > 1:  # one map: every RoI is on level 0 (no level tensor is made)
+        levels = _level_mapper(scales, canonical_scale, canonical_level)(boxes)
+    if pooler == "roi_pool":
+        if levels is None:
+            return ops.roi_pool(features[0], rois.to(features[0].dtype), scales[0], ph, pw)[0]
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
+        for level, feature in enumerate(features):
+            idx = torch.where(levels == level)[0]
+            out[idx] = ops.roi_pool(feature, rois[idx].to(feature.dtype), scales[level], ph, pw)[0]
+        return out
+    aligned = pooler == "roi_align"
+    if pooler == "roi_warp":  # corners in cells of each RoI's level: the kernel's scales are 1
+        level_scales = torch.tensor(scales, device=rois.device)
+        rois = quantize_rois(rois, level_scales[0] if levels is None else level_scales[levels])
+        scales = [1.0 for _ in scales]
+    if levels is None:
+        return ops.roi_align(features[0], rois, scales[0], ph, pw, sampling_ratio, aligned)
+    return ops.multilevel_roi_align(features, rois, levels, scales, ph, pw, sampling_ratio, aligned)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -56,67 +125,38 @@ class MultiScaleRoIAlign(nn.Module):
 
     forward(x: dict[str, Tensor], boxes: list[Tensor[L, 4]], image_shapes: list[(H, W)])
     returns (sum L, C, *output_size). Like torchvision, level scales are inferred from
-    the first call's feature and image sizes.
+    the first call's feature and image sizes. TorchScript compiles it; torch.fx sees one leaf call.
     """
 
-    def __init__(self, featmap_names: list[str], output_size, sampling_ratio: int, *,
+    __annotations__ = {"scales": Optional[List[float]], "map_levels": Optional[LevelMapper]}
+
+    def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
                  canonical_scale: int = 224, canonical_level: int = 4, pooler: str = "roi_align_legacy"):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"pooler must be one of {POOLERS}, got {pooler!r}")
         self.pooler = pooler
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
         self.featmap_names = featmap_names
         self.sampling_ratio = sampling_ratio
-        self.output_size = tuple(_pair(output_size))
-        self.scales: Optional[list[float]] = None
+        self.output_size = list(_pair(output_size))
+        self.scales: Optional[List[float]] = None
         self.map_levels: Optional[LevelMapper] = None
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def _setup_scales(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> None:
-        if not image_shapes:
-            raise ValueError("image_shapes is empty: pass the (H, W) of every image in the batch")
-        original = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        self.scales = [_infer_scale(f, original) for f in features]
-        k_min = int(-math.log2(self.scales[0]))
-        k_max = int(-math.log2(self.scales[-1]))
-        self.map_levels = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        # Dictionary order, as torchvision's _filter_input.
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(f"none of the feature maps {self.featmap_names} is in the input (keys: {list(x)})")
-        if self.scales is None or self.map_levels is None:
-            self._setup_scales(features, image_shapes)
-        rois = boxes_to_rois(boxes)
-        ph, pw = self.output_size
-        # one map: every RoI is on level 0 (no level tensor is made)
-        levels = self.map_levels(list(boxes)) if len(features) > 1 else None
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        features = _filter_input(x, self.featmap_names)
         scales = self.scales
-        if self.pooler == "roi_pool":
-            return self._roi_pool(features, rois, levels)
-        aligned = self.pooler == "roi_align"
-        if self.pooler == "roi_warp":  # corners in cells of each RoI's level: the kernel's scales are 1
-            rois = quantize_rois(rois, scales[0] if levels is None else torch.tensor(scales, device=rois.device)[levels])
-            scales = [1.0] * len(features)
-        if levels is None:
-            return ops.roi_align(features[0], rois, scales[0], ph, pw, self.sampling_ratio, aligned)
-        return ops.multilevel_roi_align(features, rois, levels, scales, ph, pw, self.sampling_ratio, aligned)
-
-    def _roi_pool(self, features: list[Tensor], rois: Tensor, levels: Optional[Tensor]) -> Tensor:
-        ph, pw = self.output_size
-        if levels is None:
-            return ops.roi_pool(features[0], rois.to(features[0].dtype), self.scales[0], ph, pw)[0]
-        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            idx = torch.where(levels == level)[0]
-            out[idx] = ops.roi_pool(feature, rois[idx].to(feature.dtype), scale, ph, pw)[0]
-        return out
+        if scales is None:
+            scales = _infer_scales(features, image_shapes)
+            # kept from the first call, as torchvision; a traced graph infers them on every call
+            if not _symbolic_tracing():
+                self.scales = scales
+                self.map_levels = _level_mapper(scales, self.canonical_scale, self.canonical_level)
+        return _multiscale_roi_align(features, boxes, scales, self.output_size, self.sampling_ratio,
+                                     self.canonical_scale, self.canonical_level, self.pooler)
 
     def __repr__(self) -> str:
         pooler = "" if self.pooler == "roi_align_legacy" else f", pooler={self.pooler!r}"
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
-                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}{pooler})")
+                f"output_size={tuple(self.output_size)}, sampling_ratio={self.sampling_ratio}{pooler})")

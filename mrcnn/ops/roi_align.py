@@ -3,35 +3,38 @@
 A drop-in for ``torchvision.ops.roi_align`` / ``torchvision.ops.RoIAlign`` backed by our
 own kernels (mrcnn/ops/csrc).
 """
-from __future__ import annotations
-
-from typing import Sequence, Union
+from typing import List, Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 from torch.nn.modules.utils import _pair
 
 from ._registration import ops
 
-BoxesArg = Union[Tensor, Sequence[Tensor]]
+# What every operator accepts as boxes (torchvision's annotation, so TorchScript compiles callers);
+# tuples of tensors work too outside TorchScript.
+BoxesArg = Union[Tensor, List[Tensor]]
 
 
 def boxes_to_rois(boxes: BoxesArg) -> Tensor:
     """A [K, 5] tensor of (batch_index, x0, y0, x1, y1) from either accepted box format."""
-    if isinstance(boxes, Tensor):
+    if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.size(1) != 5:
-            raise ValueError(f"boxes must be a [K, 5] tensor or a list of [L, 4] tensors, got shape {tuple(boxes.shape)}")
+            raise ValueError(f"boxes must be a [K, 5] tensor or a list of [L, 4] tensors, got shape {list(boxes.shape)}")
         return boxes
-    if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"boxes must be a Tensor or a list of Tensors, got {type(boxes).__name__}")
-    for i, b in enumerate(boxes):
-        if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != 4:
-            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-            raise ValueError(f"boxes[{i}] must be a [L, 4] tensor, got {shape}")
+    if not torch.jit.is_scripting():
+        if not isinstance(boxes, (list, tuple)):
+            raise TypeError(f"boxes must be a Tensor or a list of Tensors, got {type(boxes).__name__}")
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor):
+                raise ValueError(f"boxes[{i}] must be a [L, 4] tensor, got {type(b).__name__}")
     if len(boxes) == 0:
         raise ValueError("boxes is an empty list: pass one [L, 4] tensor per image")
     ref = boxes[0]
     for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.size(1) != 4:
+            raise ValueError(f"boxes[{i}] must be a [L, 4] tensor, got shape {list(b.shape)}")
         if b.device != ref.device or b.dtype != ref.dtype:
             raise ValueError(f"boxes[{i}] is {b.dtype} on {b.device}, boxes[0] is {ref.dtype} on {ref.device}")
     ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
@@ -45,15 +48,18 @@ def check_roi_values(rois: Tensor, batch_size: int, what: str = "roi_align") -> 
     callers that produce their own boxes (the model) may skip it: the CUDA kernel never
     reads out of bounds, it writes NaN for such RoIs instead.
     """
-    if rois.numel() == 0 or torch.compiler.is_compiling():
+    if rois.numel() == 0:
         return
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_compiling():
+            return
     finite = torch.isfinite(rois).all(dim=1)
     idx = rois[:, 0]
     in_range = (idx >= 0) & (idx < batch_size)
     bad = ~(finite & in_range)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
-        row = [float(v) for v in rois[k].tolist()]
+        row: List[float] = rois[k].tolist()
         if not bool(finite[k]):
             raise ValueError(f"{what}: box {k} has non-finite values {row}")
         raise ValueError(f"{what}: box {k} has batch index {row[0]}, outside [0, {batch_size}) "
@@ -63,7 +69,7 @@ def check_roi_values(rois: Tensor, batch_size: int, what: str = "roi_align") -> 
 def roi_align(
     input: Tensor,
     boxes: BoxesArg,
-    output_size: Union[int, tuple[int, int]],
+    output_size: BroadcastingList2[int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -77,8 +83,9 @@ def roi_align(
     by half a pixel, the correct alignment.
     Float16/bfloat16 inputs accumulate in float32 and accept float32 boxes.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not torch.jit.is_scripting():
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     rois = boxes_to_rois(boxes)
     ph, pw = _pair(output_size)
     if input.is_cuda and input.dim() == 4:

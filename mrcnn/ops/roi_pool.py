@@ -5,19 +5,17 @@ The pooler Mask R-CNN's RoIAlign replaced (the paper's ablation, Table 2c). A dr
 (mrcnn/ops/csrc/roi_pool*): the same outputs, the same argmax (ties go to the first maximum in
 row-major order) and so the same gradients.
 """
-from __future__ import annotations
-
-from typing import Union
 
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 from torch.nn.modules.utils import _pair
 
 from ._registration import ops
 from .roi_align import BoxesArg, boxes_to_rois, check_roi_values
 
 
-def roi_pool(input: Tensor, boxes: BoxesArg, output_size: Union[int, tuple[int, int]],
+def roi_pool(input: Tensor, boxes: BoxesArg, output_size: BroadcastingList2[int],
              spatial_scale: float = 1.0) -> Tensor:
     """Max-pools each box of ``boxes`` from ``input`` into ``output_size`` bins.
 
@@ -26,8 +24,9 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: Union[int, tuple[int, 
     returns (K, C, *output_size). Box corners are rounded to the feature grid (``x *
     spatial_scale``); a bin that falls outside the map pools to 0.
     """
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not torch.jit.is_scripting():
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     rois = boxes_to_rois(boxes)
     ph, pw = _pair(output_size)
     if input.is_cuda and input.dim() == 4:

@@ -5,38 +5,34 @@ halves away from zero), then each bin is sampled bilinearly and averaged, as RoI
 without its half-pixel alignment. It is our RoIAlign kernel run on the quantised boxes, so it
 has RoIAlign's devices, dtypes, autograd and checks.
 """
-from __future__ import annotations
-
-from typing import Union
-
 import torch
 from torch import Tensor, nn
+from torch.jit.annotations import BroadcastingList2
 from torch.nn.modules.utils import _pair
 
 from ._registration import ops
 from .roi_align import BoxesArg, boxes_to_rois, check_roi_values
 
 
-def quantize_rois(rois: Tensor, spatial_scale: Union[float, Tensor]) -> Tensor:
+def quantize_rois(rois: Tensor, spatial_scale: Tensor) -> Tensor:
     """[K, 5] RoIs with corners in feature-map cells, rounded as RoIPool rounds them
-    (``spatial_scale``: one for all, or a [K] tensor of each RoI's own)."""
-    if isinstance(spatial_scale, Tensor):
-        spatial_scale = spatial_scale.to(rois.dtype)[:, None]
-    xy = rois[:, 1:] * spatial_scale
+    (``spatial_scale``: a 0-d tensor for all, or a [K] tensor of each RoI's own)."""
+    xy = rois[:, 1:] * spatial_scale.to(rois.dtype).reshape(-1, 1)
     return torch.cat([rois[:, :1], torch.sign(xy) * torch.floor(xy.abs() + 0.5)], dim=1)
 
 
-def roi_warp(input: Tensor, boxes: BoxesArg, output_size: Union[int, tuple[int, int]],
+def roi_warp(input: Tensor, boxes: BoxesArg, output_size: BroadcastingList2[int],
              spatial_scale: float = 1.0, sampling_ratio: int = -1) -> Tensor:
     """Bilinear pooling of RoIs quantised to the feature grid; arguments as ``roi_align``'s."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if not torch.jit.is_scripting():
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     rois = boxes_to_rois(boxes)
     if input.is_cuda and input.dim() == 4:
         check_roi_values(rois, input.size(0), "roi_warp")
     ph, pw = _pair(output_size)
     # corners already in cells: the kernel's scale is 1, so no rounding creeps back in
-    return ops.roi_align(input, quantize_rois(rois, float(spatial_scale)), 1.0, int(ph), int(pw),
+    return ops.roi_align(input, quantize_rois(rois, torch.tensor(spatial_scale, device=rois.device)), 1.0, int(ph), int(pw),
                          int(sampling_ratio), False)
 
 
