@@ -1,5 +1,5 @@
 """ResNet/ResNeXt feature extractors: with an FPN (outputs '0'..'3', strides 4..32, plus 'pool',
-stride 64) or the C4 variant's single res4 map (stride 16).
+stride 64), or a single map: res4 (stride 16) for the C4 variant, res5 (stride 32) for C5.
 
 Built from torchvision's ResNet and FPN layers, the same modules torchvision's Mask R-CNN uses,
 so state_dict keys (``backbone.body.*``, ``backbone.fpn.*``) match.
@@ -104,9 +104,9 @@ def resnet_fpn_backbone(
     return backbone
 
 
-class ResNetC4(nn.Module):
-    """A ResNet up to res4 (conv1 ... layer3, stride 16): the one feature map '0' of the paper's C4
-    variant. Its res5 (layer4) is not here: it is the second stage's head (``resnet_c4_backbone``)."""
+class ResNetSingleMap(nn.Module):
+    """A ResNet up to res4 (stride 16, the paper's C4 variant) or res5 (stride 32, C5), giving the one
+    feature map '0'. The C4 backbone's res5 (layer4) is not here: it is the second stage's head."""
 
     def __init__(self, body: nn.Module, out_channels: int):
         super().__init__()
@@ -117,18 +117,10 @@ class ResNetC4(nn.Module):
         return self.body(x)
 
 
-def resnet_c4_backbone(
-    name: str = "resnet50",
-    *,
-    weights_backbone: Optional[str] = None,
-    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
-    trainable_layers: int = 3,
-) -> tuple[ResNetC4, nn.Module]:
-    """(res2-res4 backbone, res5): a ResNet split for the C4 variant (He et al. 2017, Fig. 4 left).
-
-    ``trainable_layers`` counts from the top as for the FPN backbones: layer4 (res5, in the head),
-    layer3, layer2, layer1, conv1. ``weights_backbone`` initialises both parts (ImageNet ResNet).
-    """
+def _trainable_resnet(name: str, weights_backbone: Optional[str], norm_layer: Callable[..., nn.Module],
+                      trainable_layers: int) -> nn.Module:
+    """torchvision's ResNet with all but the top ``trainable_layers`` of layer4, layer3, layer2, layer1,
+    conv1 frozen (torchvision's rule for its FPN extractor)."""
     resnet = _resnet(name, weights_backbone, norm_layer)
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers should be in [0, 5], got {trainable_layers}")
@@ -138,5 +130,35 @@ def resnet_c4_backbone(
     for param_name, parameter in resnet.named_parameters():
         if not any(param_name.startswith(layer) for layer in layers_to_train):
             parameter.requires_grad_(False)
+    return resnet
+
+
+def resnet_c4_backbone(
+    name: str = "resnet50",
+    *,
+    weights_backbone: Optional[str] = None,
+    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+    trainable_layers: int = 3,
+) -> tuple[ResNetSingleMap, nn.Module]:
+    """(res2-res4 backbone, res5): a ResNet split for the C4 variant (He et al. 2017, Fig. 4 left).
+
+    ``trainable_layers`` counts from the top as for the FPN backbones: layer4 (res5, in the head),
+    layer3, layer2, layer1, conv1. ``weights_backbone`` initialises both parts (ImageNet ResNet).
+    """
+    resnet = _trainable_resnet(name, weights_backbone, norm_layer, trainable_layers)
     body = IntermediateLayerGetter(resnet, return_layers={"layer3": "0"})
-    return ResNetC4(body, resnet.layer4[0].conv1.in_channels), resnet.layer4  # res5 reads res4's channels
+    return ResNetSingleMap(body, resnet.layer4[0].conv1.in_channels), resnet.layer4  # res5 reads res4's channels
+
+
+def resnet_c5_backbone(
+    name: str = "resnet50",
+    *,
+    weights_backbone: Optional[str] = None,
+    norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
+    trainable_layers: int = 3,
+) -> ResNetSingleMap:
+    """res2-res5 with res5's output (stride 32) as the one map: the C5 variant of the paper's
+    large-stride ablation (Table 2d). Arguments as :func:`resnet_c4_backbone`'s."""
+    resnet = _trainable_resnet(name, weights_backbone, norm_layer, trainable_layers)
+    body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+    return ResNetSingleMap(body, resnet.fc.in_features)  # res5's output channels

@@ -16,6 +16,7 @@ from .backbone import (
     DEFAULT_RETURNED_LAYERS,
     normalize_returned_layers,
     resnet_c4_backbone,
+    resnet_c5_backbone,
     resnet_fpn_backbone,
     validate_trainable_layers,
 )
@@ -448,48 +449,67 @@ _register_fpn("maskrcnn_resnet18_fpn_small", "resnet18", "small",
               "images and training from scratch on CPUs (the synthetic-shapes benchmark).")
 
 
-# ---- the C4 architecture --------------------------------------------------------------------
+# ---- the single-map architectures: C4 and C5 ----------------------------------------------
 
-C4_ANCHOR_SIZES = [[32, 64, 128, 256, 512]]  # every size on the one res4 map (stride 16), as Detectron's C4
+C4_ANCHOR_SIZES = [[32, 64, 128, 256, 512]]  # every size on the one map, as Detectron's C4
 C4_POOLED = 14  # RoIs pooled 14x14 from res4; res5 (first block strided) makes them 7x7
+C5_POOLED = {"box": 7, "mask": 14}  # from res5, the FPN recipe's sizes: 7x7 box features, 28x28 masks
 
 
-def _c4_builder(body: str):
-    """The paper's C4 variant (Fig. 4 left; Detectron2's Res5ROIHeads): an RPN on res4 alone,
-    RoIAlign 14x14 from res4, res5 as the head shared by the box branch (then average pooling and
-    the box predictor) and the mask branch (then a 2x deconvolution and per-class 14x14 masks)."""
+def _single_map_builder(body: str, stage: int):
+    """The builder of the paper's C4 variant (``stage`` 4; Fig. 4 left, Detectron2's Res5ROIHeads):
+    an RPN on res4 alone, RoIAlign 14x14 from res4, res5 as the head shared by the box branch (then
+    average pooling and the box predictor) and the mask branch (then a 2x deconvolution and per-class
+    14x14 masks).
+
+    ``stage`` 5 is its stride-32 variant, C5 (the large-stride rows of the paper's Table 2d): res5
+    moves from the head into the backbone, so the RPN runs on res5 and RoIs are pooled from res5
+    (7x7 for boxes, 14x14 for masks); the box branch is the same average pooling and predictor, the
+    mask branch the same deconvolution and per-class masks (28x28). The parameters are the C4 model's
+    plus a wider RPN conv: the same ResNet, each block used once.
+    """
 
     def build(*, num_classes, is_trained, weights_backbone, trainable_backbone_layers, **kwargs) -> MaskRCNN:
+        name = f"the C{stage} variant"
         if "returned_layers" in kwargs:
-            raise ValueError("returned_layers is for the FPN architectures; the C4 variant reads res4 only")
+            raise ValueError(f"returned_layers is for the FPN architectures; {name} reads res{stage} only")
         if kwargs.get("mask_head_type", "fcn") != "fcn":
-            raise ValueError("the C4 variant's mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
+            raise ValueError(f"{name}'s mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
-        backbone, res5 = resnet_c4_backbone(body, weights_backbone=weights_backbone,
-                                            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
-                                            trainable_layers=trainable)
+        norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
         sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
         if all(isinstance(s, int) for s in sizes):
             sizes = [list(sizes)]  # a flat list: all of them on the one map
         anchor_generator = AnchorGenerator(sizes, kwargs.pop("rpn_aspect_ratios", None))
         if len(anchor_generator.sizes) != 1:
-            raise ValueError(f"the C4 variant has one feature map: rpn_anchor_sizes should be one list of sizes, "
+            raise ValueError(f"{name} has one feature map: rpn_anchor_sizes should be one list of sizes, "
                              f"got {len(anchor_generator.sizes)} levels")
         pooler = kwargs.get("roi_pooler", "roi_align_legacy")
-        width = 2 * backbone.out_channels  # res5's output channels
+        if stage == 4:
+            backbone, res5 = resnet_c4_backbone(body, weights_backbone=weights_backbone, norm_layer=norm_layer,
+                                                trainable_layers=trainable)
+            width = 2 * backbone.out_channels  # res5's output channels
+            box_pooled = mask_pooled = C4_POOLED
+            # the same res5 module (one set of weights, listed under both heads in the state_dict);
+            # the mask branch runs it again on its own RoIs, as torchvision's RoIHeads pools them
+            box_body, mask_head = OrderedDict(res5=res5), nn.Sequential(OrderedDict(res5=res5))
+        else:
+            backbone = resnet_c5_backbone(body, weights_backbone=weights_backbone, norm_layer=norm_layer,
+                                          trainable_layers=trainable)
+            width = backbone.out_channels
+            box_pooled, mask_pooled = C5_POOLED["box"], C5_POOLED["mask"]
+            box_body, mask_head = OrderedDict(), nn.Identity()
         kwargs = {
             # Detectron's C4 proposal counts: the one level holds what the FPN spreads over five
             "rpn_pre_nms_top_n_train": 12000,
             "rpn_pre_nms_top_n_test": 6000,
             "rpn_anchor_generator": anchor_generator,
             "rpn_head": RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
-            "box_roi_pool": MultiScaleRoIAlign(["0"], output_size=C4_POOLED, sampling_ratio=2, pooler=pooler),
-            "box_head": nn.Sequential(OrderedDict(res5=res5, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
+            "box_roi_pool": MultiScaleRoIAlign(["0"], output_size=box_pooled, sampling_ratio=2, pooler=pooler),
+            "box_head": nn.Sequential(OrderedDict(**box_body, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
             "box_predictor": FastRCNNPredictor(width, num_classes),
-            "mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=C4_POOLED, sampling_ratio=2, pooler=pooler),
-            # the same res5 module (one set of weights, listed under both heads in the state_dict);
-            # the mask branch runs it again on its own RoIs, as torchvision's RoIHeads pools them
-            "mask_head": nn.Sequential(OrderedDict(res5=res5)),
+            "mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=mask_pooled, sampling_ratio=2, pooler=pooler),
+            "mask_head": mask_head,
             "mask_predictor": MaskRCNNPredictor(width, 256, num_classes),
             **kwargs,
         }
@@ -498,15 +518,28 @@ def _c4_builder(body: str):
     return build
 
 
-def _c4_keys(state_dict) -> Optional[str]:
-    """The ResNet body of a C4 Mask R-CNN state_dict; None for any other."""
-    if "roi_heads.box_head.res5.0.conv1.weight" not in state_dict or any(k.startswith("backbone.fpn.") for k in state_dict):
+def _single_map_keys(state_dict) -> Optional[tuple[str, int]]:
+    """(ResNet body, 4 or 5) of a C4 or C5 Mask R-CNN state_dict; None for any other."""
+    if MASK_LOGITS_KEY not in state_dict or any(k.startswith("backbone.fpn.") for k in state_dict):
         return None
-    if MASK_LOGITS_KEY not in state_dict:
+    if "roi_heads.box_head.res5.0.conv1.weight" in state_dict:
+        stage = 4
+    elif "backbone.body.layer4.0.conv1.weight" in state_dict:
+        stage = 5
+    else:
         return None
-    return "resnet101" if "backbone.body.layer3.6.conv1.weight" in state_dict else "resnet50"
+    if "backbone.body.layer1.0.conv3.weight" not in state_dict:
+        return "resnet18", stage  # BasicBlocks: two convs a block
+    return ("resnet101" if "backbone.body.layer3.6.conv1.weight" in state_dict else "resnet50"), stage
 
 
-register_model("maskrcnn_resnet50_c4", recognise=lambda sd: _c4_keys(sd) == "resnet50", features="single",
+register_model("maskrcnn_resnet50_c4", recognise=lambda sd: _single_map_keys(sd) == ("resnet50", 4), features="single",
                summary="Mask R-CNN ResNet-50-C4, the paper's C4 variant (Fig. 4 left): RPN and RoIAlign (14x14) on "
-                       "res4, res5 as the shared box and mask head, 14x14 per-class masks.")(_c4_builder("resnet50"))
+                       "res4, res5 as the shared box and mask head, 14x14 per-class masks.")(_single_map_builder("resnet50", 4))
+register_model("maskrcnn_resnet50_c5", recognise=lambda sd: _single_map_keys(sd) == ("resnet50", 5), features="single",
+               summary="Mask R-CNN ResNet-50-C5, the stride-32 variant of the C4 model (the paper's Table 2d): res5 in "
+                       "the backbone, RPN and RoIAlign on res5 (7x7 box, 14x14 mask RoIs), average pooling and the "
+                       "box predictor, a deconvolution to 28x28 per-class masks.")(_single_map_builder("resnet50", 5))
+register_model("maskrcnn_resnet18_c5", recognise=lambda sd: _single_map_keys(sd) == ("resnet18", 5), features="single",
+               summary="Mask R-CNN ResNet-18-C5 (ours): maskrcnn_resnet50_c5 on a ResNet-18 body (512-channel res5), "
+                       "small enough to train the paper's stride-32 ablation rows on CPUs.")(_single_map_builder("resnet18", 5))

@@ -12,7 +12,7 @@ from mrcnn.checkpoint import load_model, read_metadata, save_checkpoint
 SIZES = dict(min_size=64, max_size=96)
 EXPECTED = {"maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet101_fpn",
             "maskrcnn_resnext101_32x8d_fpn", "maskrcnn_resnet18_fpn_small", "maskrcnn_resnet50_c4",
-            "keypointrcnn_resnet50_fpn", "keypointrcnn_resnet18_fpn_small"}
+            "maskrcnn_resnet50_c5", "maskrcnn_resnet18_c5", "keypointrcnn_resnet50_fpn", "keypointrcnn_resnet18_fpn_small"}
 
 
 def _batch():
@@ -151,6 +151,37 @@ def test_the_c4_variant_is_the_papers():
         mrcnn.maskrcnn_resnet50_c4(num_classes=3, returned_layers=[1, 2, 3])
     with pytest.raises(ValueError, match="one feature map"):
         mrcnn.maskrcnn_resnet50_c4(num_classes=3, rpn_anchor_sizes=[[16], [32]])
+
+
+def test_the_c5_variant_is_the_c4_model_with_res5_in_the_backbone():
+    """Table 2d's large-stride features: the RPN and RoIAlign on res5 (stride 32), 7x7 box and 14x14
+    mask RoIs, average pooling before the box predictor, a 2x deconvolution to 28x28 masks; the
+    same ResNet and predictors as the C4 model, each block used once."""
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet50_c5(num_classes=3, **SIZES).eval()
+    rh = model.roi_heads
+    assert hasattr(model.backbone.body, "layer4") and model.backbone.out_channels == 2048
+    assert not any("res5" in name for name, _ in rh.named_modules())
+    assert rh.box_roi_pool.output_size == (7, 7) and rh.mask_roi_pool.output_size == (14, 14)
+    image = torch.rand(3, 64, 96)
+    features = model.backbone(model.transform([image])[0].tensors)
+    assert list(features) == ["0"] and features["0"].shape[-2:] == (2, 3)  # stride 32
+    assert rh.box_head(torch.rand(5, 2048, 7, 7)).shape == (5, 2048)
+    assert rh.mask_predictor(rh.mask_head(torch.rand(5, 2048, 14, 14))).shape == (5, 3, 28, 28)
+    c4 = mrcnn.maskrcnn_resnet50_c4(num_classes=3, **SIZES)
+
+    def without_rpn(m):
+        return sum(p.numel() for n, p in m.named_parameters() if not n.startswith("rpn."))
+
+    assert without_rpn(model) == without_rpn(c4)
+    # the ablation's switches reach its poolers; detection by keys tells it from C4 and ResNet-18
+    pooled = mrcnn.maskrcnn_resnet18_c5(num_classes=3, roi_pooler="roi_pool", **SIZES)
+    assert pooled.roi_heads.box_roi_pool.pooler == "roi_pool" and pooled.backbone.out_channels == 512
+    assert registry.detect_architecture(model.state_dict()) == "maskrcnn_resnet50_c5"
+    assert registry.detect_architecture(c4.state_dict()) == "maskrcnn_resnet50_c4"
+    assert registry.detect_architecture(pooled.state_dict()) == "maskrcnn_resnet18_c5"
+    with pytest.raises(ValueError, match="C5 variant reads res5 only"):
+        mrcnn.maskrcnn_resnet18_c5(num_classes=3, returned_layers=[1, 2, 3])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

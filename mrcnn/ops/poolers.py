@@ -94,7 +94,7 @@ def _infer_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]]) -
 
 @torch.fx.wrap
 def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], scales: List[float],
-                          output_size: List[int], sampling_ratio: int, canonical_scale: int,
+                          output_size: Tuple[int, int], sampling_ratio: int, canonical_scale: int,
                           canonical_level: int, pooler: str) -> Tensor:
     rois = boxes_to_rois(boxes)
     ph, pw = output_size[0], output_size[1]
@@ -138,7 +138,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.pooler = pooler
         self.featmap_names = featmap_names
         self.sampling_ratio = sampling_ratio
-        self.output_size = list(_pair(output_size))
+        self.output_size: Tuple[int, int] = tuple(_pair(output_size))
         self.scales: Optional[List[float]] = None
         self.map_levels: Optional[LevelMapper] = None
         self.canonical_scale = canonical_scale
@@ -159,4 +159,4 @@ class MultiScaleRoIAlign(nn.Module):
     def __repr__(self) -> str:
         pooler = "" if self.pooler == "roi_align_legacy" else f", pooler={self.pooler!r}"
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
-                f"output_size={tuple(self.output_size)}, sampling_ratio={self.sampling_ratio}{pooler})")
+                f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}{pooler})")
