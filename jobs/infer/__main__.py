@@ -20,6 +20,7 @@ import warnings
 
 from .commit import DEFAULT_SHARD_SIZE
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from .listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
 from .lock import LockedError
 from .pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
 from .storage import RetryPolicy
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(throttling, 5xx, timeouts, connection errors)")
     p.add_argument("--read-backoff", type=float, default=RetryPolicy.base_s,
                    help="seconds: retry i waits a random time up to min(%(default)s * 2**i, 30)")
+    p.add_argument("--list-tasks", type=int, default=DEFAULT_LIST_TASKS,
+                   help="list an S3 prefix split on its common prefixes into about this many parts, and an "
+                        "inventory's data files, in Ray tasks (the serial listing's objects and order); 0 lists "
+                        "on the driver")
     p.add_argument("--max-concurrent-reads", type=int, default=DEFAULT_MAX_CONCURRENT_READS,
                    help="decode tasks at once, cluster-wide: each reads one object at a time, so this caps the "
                         "GETs in flight (the default stays within S3's 5,500 GET/s of a partitioned prefix "
@@ -83,6 +88,8 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
                  "max_concurrent_reads"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.list_tasks < 0:
+        p.error("--list-tasks must be >= 0")
     if a.num_gpus_per_actor < 0 or a.num_cpus_per_actor <= 0:
         p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
     if a.read_backoff < 0:
@@ -93,7 +100,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
         batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
         images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,
         read_retry=RetryPolicy(attempts=a.read_attempts, base_s=a.read_backoff), passes=a.passes,
-        max_concurrent_reads=a.max_concurrent_reads,
+        max_concurrent_reads=a.max_concurrent_reads, list_tasks=a.list_tasks,
         score_thresh=a.score_thresh, max_instances=a.max_instances, precision=a.precision,
         decode=a.decode,
     )

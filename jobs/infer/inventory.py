@@ -189,11 +189,17 @@ def read_data_file(manifest: Manifest, f: DataFile, *, retry: RetryPolicy = Retr
     })
 
 
+def iter_data_file(manifest: Manifest, f: DataFile, *, retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
+    """The current objects one data file lists, "directory" marker objects left out."""
+    table = read_data_file(manifest, f, retry=retry)
+    for u, e, s in zip(*(table.column(c).to_pylist() for c in ("uri", "etag", "size"))):
+        if not u.endswith("/"):
+            yield SourceObject(u, e, s)
+
+
 def iter_inventory(uri: str, *, retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
-    """The current objects of an inventory report, one data file in memory at a time."""
+    """The current objects of an inventory report, one data file in memory at a time
+    (``listing.iter_inventory_parallel`` reads them in Ray tasks)."""
     manifest = read_manifest(uri, retry=retry)
     for f in manifest.files:
-        table = read_data_file(manifest, f, retry=retry)
-        for u, e, s in zip(*(table.column(c).to_pylist() for c in ("uri", "etag", "size"))):
-            if not u.endswith("/"):  # "directory" marker objects
-                yield SourceObject(u, e, s)
+        yield from iter_data_file(manifest, f, retry=retry)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from . import commit, schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from .listing import DEFAULT_TARGET_PARTS
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
 from .storage import RetryPolicy, SourceObject, describe_error, join, list_inputs, resolve
@@ -137,6 +138,7 @@ class JobConfig:
     run_id: str | None = None
     decode_cpus: float = 0.5
     max_concurrent_reads: int = DEFAULT_MAX_CONCURRENT_READS
+    list_tasks: int = DEFAULT_TARGET_PARTS  # listing parts for Ray tasks (listing.py); 0: on the driver
     score_thresh: float | None = None  # output settings; None: the checkpoint's own
     max_instances: int | None = None
     precision: str | None = None  # fp32, bf16, fp16 (GPU actors); None: bf16 on GPU, fp32 on CPU
@@ -430,7 +432,7 @@ def _items(table: pa.Table) -> tuple[SourceObject, ...]:
 def _listing(cfg: JobConfig) -> Iterator[SourceObject]:
     """The input listing; a listing that fails (after its retries) is an InfraError."""
     try:
-        yield from list_inputs(cfg.input, retry=cfg.read_retry)
+        yield from list_inputs(cfg.input, retry=cfg.read_retry, list_tasks=cfg.list_tasks)
     except FileNotFoundError as e:
         raise InfraError(f"input not found: {' '.join(str(e).split())}") from None
     except Exception as e:  # noqa: BLE001

@@ -413,7 +413,7 @@ def is_list_file(uri: str) -> bool:
 
 
 def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
-                retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
+                retry: RetryPolicy = RetryPolicy(), list_tasks: int = 0) -> Iterator[SourceObject]:
     """The job's inputs for ``--input``.
 
     * an S3 Inventory report's ``manifest.json`` (:mod:`inventory`): the current objects it
@@ -423,18 +423,24 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     * a directory / key prefix: the objects whose extension is in ``extensions``
       (case-insensitive); other files (sidecar JSON, READMEs) are not inputs.
 
-    ``retry`` applies to listing pages and stats.
+    ``retry`` applies to listing pages and stats. ``list_tasks`` > 0 lists an S3 prefix split
+    into about that many parts, and an inventory's data files, in Ray tasks when Ray is running
+    (:mod:`listing`; the same objects in the same order).
     """
     exts = frozenset(e.lower() for e in extensions)
-    from . import inventory  # it builds on this module
+    from . import inventory, listing  # they build on this module
 
+    parallel = list_tasks > 0 and listing.can_list_in_parallel(uri)
     if inventory.is_manifest(uri):
-        yield from (o for o in inventory.iter_inventory(uri, retry=retry) if has_extension(o.uri, exts))
-        return
-    if is_list_file(uri):
+        listed = (listing.iter_inventory_parallel(uri, retry=retry) if parallel
+                  else inventory.iter_inventory(uri, retry=retry))
+    elif is_list_file(uri):
         yield from stat_uris(iter_list_file(uri), retry=retry)
         return
-    for obj in list_prefix(uri, retry=retry):
+    else:
+        listed = (listing.list_prefix_parallel(uri, target_parts=list_tasks, retry=retry) if parallel
+                  else list_prefix(uri, retry=retry))
+    for obj in listed:
         if has_extension(obj.uri, exts):
             yield obj
 

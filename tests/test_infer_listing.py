@@ -1,0 +1,104 @@
+"""Listing in Ray tasks (jobs/infer/listing.py) on the moto S3 endpoint: a prefix split on its
+common prefixes, and an inventory's data files, give the serial listing's objects in its order."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jobs.infer import listing
+from jobs.infer.inventory import iter_inventory
+from jobs.infer.storage import list_inputs, list_prefix
+from test_infer_inventory import _listed, _rows, _s3, write_inventory
+
+# Keys chosen so that a common prefix sorts between objects of its own level ("a.jpg" < "a/" <
+# "a0.jpg", "a-b/" < "a.jpg"), with spaces, unicode, "directory" markers, empty and deep
+# prefixes; and neighbours of the root ("arch.jpg", "arch2/") that are not under it.
+TREE = ["a.jpg", "a/1.jpg", "a/2/x.png", "a/2/y.png", "a-b/c.jpg", "a0.jpg", "a b/ñandú.jpg", "b/", "b/c/d/e/f.jpg",
+        "b/c/d/g.jpg", "b/c/h.jpg", "b/i.jpg", "ü/x.jpg", "z.jpg", "zz/", "zz/0.jpg", "zz/1.jpg", "zz/2.jpg",
+        "zz/3/4.jpg"]
+OUTSIDE = ["arch.jpg", "arch2/x.jpg", "archive/y.jpg"]
+
+
+@pytest.fixture(scope="module")
+def ray_workers(moto_server):
+    import ray
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server}  # the tasks reach the moto server too
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+def _put(bucket, keys):
+    s3 = _s3()
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"" if key.endswith("/") else os.urandom(10 + i))
+
+
+def _flat(parts):
+    out = []
+    for p in parts:
+        out += list(p.objects) if p.prefix is None else list(list_prefix(p.prefix))
+    return out
+
+
+@pytest.mark.parametrize("target_parts,max_depth,prefix_parts", [(1, 1, 6), (6, 2, 6), (64, 3, 1), (1000, 9, 0)])
+def test_a_split_prefix_is_the_serial_listing_in_its_order(s3_bucket, monkeypatch, target_parts, max_depth,
+                                                           prefix_parts):
+    _put(s3_bucket, [f"arch/{k}" for k in TREE] + OUTSIDE)
+    monkeypatch.setattr(listing, "CHUNK", 3)  # several pages a level
+    serial = list(list_prefix(f"s3://{s3_bucket}/arch"))
+    assert len(serial) == 17 and not any(o.uri.endswith("/") or "arch2" in o.uri for o in serial)
+    parts = listing.split_prefix(f"s3://{s3_bucket}/arch/", target_parts=target_parts, max_depth=max_depth)
+    assert sum(p.prefix is not None for p in parts) == prefix_parts
+    assert _flat(parts) == serial  # the same objects, etags, sizes, in the same order
+
+
+def test_serial_without_ray(s3_bucket):
+    import ray
+
+    assert not ray.is_initialized()  # runs before this module starts its Ray
+    _put(s3_bucket, ["p/a/1.jpg", "p/b/2.jpg"])
+    assert not listing.can_list_in_parallel(f"s3://{s3_bucket}/p")
+    assert [o.uri for o in list_inputs(f"s3://{s3_bucket}/p", list_tasks=8)] == [
+        f"s3://{s3_bucket}/p/a/1.jpg", f"s3://{s3_bucket}/p/b/2.jpg"]
+
+
+def test_listing_in_tasks_gives_the_serial_listing(s3_bucket, ray_workers, monkeypatch):
+    _put(s3_bucket, [f"arch/{k}" for k in TREE] + OUTSIDE)
+    uri = f"s3://{s3_bucket}/arch"
+    serial = list(list_inputs(uri))
+    splits = []
+    real_split = listing.split_prefix
+    monkeypatch.setattr(listing, "split_prefix", lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1])
+    for list_tasks in (1, 4, 64):
+        assert list(list_inputs(uri, list_tasks=list_tasks)) == serial
+    assert len(serial) == 17
+    # split as asked, each prefix part listed by a task: one level (6 prefixes), then three
+    assert [sum(p.prefix is not None for p in parts) for parts in splits] == [6, 6, 1]
+    # tasks in flight bounded by one: the same order still
+    assert list(listing.list_prefix_parallel(uri, target_parts=64, max_in_flight=1)) == list(list_prefix(uri))
+
+
+def test_a_flat_prefix_is_listed_by_the_split_alone(s3_bucket, ray_workers, monkeypatch):
+    keys = [f"flat/{i:03d}.jpg" for i in range(25)]
+    _put(s3_bucket, keys)
+    monkeypatch.setattr(listing, "CHUNK", 4)
+    parts = listing.split_prefix(f"s3://{s3_bucket}/flat")
+    assert [p.prefix for p in parts] == [None] and len(parts[0].objects) == 25
+    assert list(list_inputs(f"s3://{s3_bucket}/flat", list_tasks=8)) == list(list_prefix(f"s3://{s3_bucket}/flat"))
+
+
+@pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
+def test_inventory_data_files_read_in_tasks_give_the_serial_read(s3_bucket, ray_workers, fmt):
+    _put(s3_bucket, [f"arch/{k}" for k in TREE])
+    dest = f"{s3_bucket}-inv"
+    _s3().create_bucket(Bucket=dest)
+    manifest = write_inventory(dest, s3_bucket, fmt, _rows(s3_bucket, _listed(s3_bucket)), n_files=3)
+    serial = list(iter_inventory(manifest))
+    assert len(serial) == 17
+    assert list(listing.iter_inventory_parallel(manifest, max_in_flight=1)) == serial
+    assert list(list_inputs(manifest, list_tasks=4)) == list(list_inputs(manifest))
