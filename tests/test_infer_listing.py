@@ -83,6 +83,17 @@ def test_listing_in_tasks_gives_the_serial_listing(s3_bucket, ray_workers, monke
     assert list(listing.list_prefix_parallel(uri, target_parts=64, max_in_flight=1)) == list(list_prefix(uri))
 
 
+def test_levels_too_flat_to_split_are_listed_whole(s3_bucket, monkeypatch):
+    _put(s3_bucket, [f"arch/{k}" for k in TREE])
+    uri = f"s3://{s3_bucket}/arch"
+    serial = list(list_prefix(uri))
+    monkeypatch.setattr(listing, "MAX_SPLIT_OBJECTS", 2)  # the root level holds 3 objects
+    assert listing.split_prefix(uri) == [listing.Part(prefix=f"s3://{s3_bucket}/arch/")]
+    monkeypatch.setattr(listing, "MAX_SPLIT_OBJECTS", 6)  # room for the root and some of level 2
+    parts = listing.split_prefix(uri, target_parts=64, max_depth=3)
+    assert sum(len(p.objects) for p in parts) <= 6 and _flat(parts) == serial
+
+
 def test_a_flat_prefix_is_listed_by_the_split_alone(s3_bucket, ray_workers, monkeypatch):
     keys = [f"flat/{i:03d}.jpg" for i in range(25)]
     _put(s3_bucket, keys)

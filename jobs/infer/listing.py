@@ -31,6 +31,10 @@ DEFAULT_TARGET_PARTS = 64  # prefixes to split into: a few per CPU of a small cl
 DEFAULT_MAX_DEPTH = 3  # delimiter levels split at most
 MAX_TASKS_IN_FLIGHT = 32  # tasks listing ahead of the part the driver is taking
 CHUNK = 1000  # objects per streamed chunk (one S3 page)
+# Objects the split may hold on the driver (those sitting directly at the levels it splits). A
+# level holding more is not split but listed whole by one task: a flat prefix of millions of
+# keys streams as it would serially, after a probe of at most this many keys.
+MAX_SPLIT_OBJECTS = 100_000
 TASK_RETRIES = 3  # a lost worker's listing task runs again (its chunks are not repeated)
 
 
@@ -46,16 +50,21 @@ def _is_s3(fs) -> bool:
     return "s3" in fs.protocol and hasattr(fs, "call_s3")
 
 
-def _level(fs, bucket: str, prefix: str, retry: RetryPolicy) -> list[Part]:
-    """One delimiter level under ``prefix``: its objects and common prefixes, in key order."""
+def _level(fs, bucket: str, prefix: str, retry: RetryPolicy, budget: int) -> Optional[list[Part]]:
+    """One delimiter level under ``prefix``: its objects and common prefixes, in key order; None
+    when it holds more than ``budget`` objects."""
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": CHUNK}
     entries: list[tuple[str, Any]] = []
+    objects = 0
     while True:
         page = call_with_retries(lambda: fs.call_s3("list_objects_v2", **kwargs), retry)
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):  # "directory" marker objects are not inputs
                 entries.append((obj["Key"], SourceObject(f"s3://{bucket}/{obj['Key']}",
                                                          normalize_etag(obj.get("ETag")), int(obj["Size"]))))
+                objects += 1
+        if objects > budget:
+            return None
         for common in page.get("CommonPrefixes", []):
             entries.append((common["Prefix"], f"s3://{bucket}/{common['Prefix']}"))
         if not page.get("IsTruncated"):
@@ -81,20 +90,29 @@ def _level(fs, bucket: str, prefix: str, retry: RetryPolicy) -> list[Part]:
 def split_prefix(uri: str, *, target_parts: int = DEFAULT_TARGET_PARTS, max_depth: int = DEFAULT_MAX_DEPTH,
                  retry: RetryPolicy = RetryPolicy()) -> list[Part]:
     """``uri`` (an S3 prefix) as parts in key order: a level is split while it holds fewer than
-    ``target_parts`` prefixes and fewer than ``max_depth`` levels were split."""
+    ``target_parts`` prefixes and fewer than ``max_depth`` levels were split, as long as the
+    objects found at split levels stay within ``MAX_SPLIT_OBJECTS``."""
     fs, path = resolve(uri)
     if not _is_s3(fs):
         raise ValueError(f"split_prefix lists S3 prefixes, got {uri}")
     bucket, _, key = path.partition("/")
     root = key.rstrip("/") + "/" if key.strip("/") else ""
-    parts = _level(fs, bucket, root, retry)
+    parts = _level(fs, bucket, root, retry, MAX_SPLIT_OBJECTS)
+    if parts is None:  # too flat to split: one part, listed whole
+        return [Part(prefix=f"s3://{bucket}/{root}")]
     for _ in range(1, max(1, max_depth)):
         prefixes = sum(p.prefix is not None for p in parts)
         if prefixes == 0 or prefixes >= target_parts:
             break
+        budget = MAX_SPLIT_OBJECTS - sum(len(p.objects) for p in parts)
         split: list[Part] = []
         for p in parts:
-            split.extend(_level(fs, bucket, p.prefix[len(f"s3://{bucket}/"):], retry) if p.prefix else [p])
+            level = None if p.prefix is None else _level(fs, bucket, p.prefix[len(f"s3://{bucket}/"):], retry, budget)
+            if level is None:
+                split.append(p)  # an object run, or a prefix too flat to split: listed whole
+            else:
+                split.extend(level)
+                budget -= sum(len(q.objects) for q in level)
         parts = split
     return parts
 
