@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs.infer.decode import decode_image  # noqa: E402
-from jobs.infer.storage import list_inputs, read_object  # noqa: E402
+from jobs.infer.listing import list_inputs  # noqa: E402
+from jobs.storage import read_object  # noqa: E402
 
 
 def make_inputs(d: str, n: int, h: int, w: int) -> list[str]:

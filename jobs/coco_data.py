@@ -36,11 +36,12 @@ import json
 import os
 import posixpath
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from jobs.storage import resolve
 
 
 # ------------------------------------------------------------------------- annotations
@@ -144,7 +145,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, root, *, images_root=None, transforms=None, class_names=None,
                  remove_images_without_annotations=True, storage_options=None):
         self._root, self._storage_options = root, dict(storage_options or {})
-        self._fs, path = fsspec.core.url_to_fs(root, **self._storage_options)
+        self._fs, path = resolve(root, self._storage_options)
         self._fs_pid = os.getpid()
         path = path.rstrip("/")
         ann_path = path if path.endswith(".json") else posixpath.join(path, "annotations.json")
@@ -158,7 +159,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if images_root is None:
             self.images_root = posixpath.dirname(ann_path)
         else:
-            self.images_root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))[1].rstrip("/")
+            self.images_root = resolve(images_root, storage_options)[1].rstrip("/")
         self.transforms = transforms
 
         cats = sorted(doc["categories"], key=lambda c: c["id"])
@@ -221,7 +222,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """The dataset's filesystem; a new instance in each process, as fsspec filesystems
         (s3fs in particular) must not be used across fork, e.g. in DataLoader workers."""
         if self._fs_pid != os.getpid():
-            self._fs = fsspec.core.url_to_fs(self._root, skip_instance_cache=True, **self._storage_options)[0]
+            self._fs = resolve(self._root, {"skip_instance_cache": True, **self._storage_options})[0]
             self._fs_pid = os.getpid()
         return self._fs
 

@@ -45,8 +45,9 @@ import io
 import json
 import posixpath
 
-import fsspec
 import numpy as np
+
+from jobs.storage import resolve, write_atomic
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
@@ -69,7 +70,8 @@ def coco_from_dict(doc):
 
 def load_gt(gt_json_uri, storage_options=None):
     """The ground-truth COCO object of a local or fsspec annotation file."""
-    with fsspec.open(gt_json_uri, "rb", **(storage_options or {})) as f:
+    fs, path = resolve(gt_json_uri, storage_options)
+    with fs.open(path, "rb") as f:
         doc = json.load(f)
     for key in ("images", "annotations", "categories"):
         if key not in doc:
@@ -247,7 +249,7 @@ def read_prediction_rows(pred_uri, storage_options=None):
     :func:`read_keypoint_names`)."""
     import pyarrow.dataset as pads
 
-    fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
+    fs, path = resolve(pred_uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"no predictions at {pred_uri}")
     dataset = pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
@@ -265,7 +267,7 @@ def read_keypoint_names(pred_uri, storage_options=None):
 
     from jobs.infer.schema import KEYPOINT_NAMES_KEY, keypoint_metadata
 
-    fs, path = fsspec.core.url_to_fs(pred_uri, **(storage_options or {}))
+    fs, path = resolve(pred_uri, storage_options)
     found = set()
     for f in pads.dataset(path.rstrip("/"), filesystem=fs, format="parquet").files:
         value = keypoint_metadata(fs, f).get(KEYPOINT_NAMES_KEY)
@@ -295,7 +297,7 @@ def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_
     from jobs.infer import schema
     from jobs.infer.decode import DecodeError, decode_for_model
 
-    fs, root = fsspec.core.url_to_fs(images_root, **(storage_options or {}))
+    fs, root = resolve(images_root, storage_options)
     images = gt_coco.dataset["images"]
     ids = dict(source_etag=None, source_size=None, model_name="", checkpoint_sha256="", run_id="")
     model_input = predictor.input_size
@@ -328,7 +330,7 @@ def evaluate_predictor(predictor, gt, *, images_root=None, batch_size=4, max_ima
         gt_coco = coco_from_dict({**doc, "images": [im for im in doc["images"] if im["id"] in keep],
                                   "annotations": [a for a in doc["annotations"] if a["image_id"] in keep]})
     if images_root is None:  # the GT file's folder, with its protocol
-        fs, gt_path = fsspec.core.url_to_fs(gt, **(storage_options or {}))
+        fs, gt_path = resolve(gt, storage_options)
         images_root = fs.unstrip_protocol(posixpath.dirname(gt_path))
     rows = predict_gt_images(predictor, gt_coco, images_root, batch_size=batch_size, storage_options=storage_options)
     return evaluate_predictions(gt_coco, rows, only_predicted=only_predicted,
@@ -374,8 +376,8 @@ def main(argv=None):
         result = evaluate_parquet(args.gt, args.pred, only_predicted=args.only_predicted)
     print(format_report(result))
     if args.out:
-        with fsspec.open(args.out, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "tables"}, f, indent=2)
+        fs, path = resolve(args.out)
+        write_atomic(fs, path, json.dumps({k: v for k, v in result.items() if k != "tables"}, indent=2).encode())
         print(f"metrics written to {args.out}")
 
 

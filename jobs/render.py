@@ -13,7 +13,7 @@ of the label index; tags are sized to the image and kept inside it.
 
 Rows are read with pyarrow.dataset from the committed files only (``run_id=*/part-*``;
 staging and run records are never read), on any fsspec filesystem; ``s3://`` honours
-``AWS_ENDPOINT_URL`` through ``jobs.infer.storage``. Error rows are not rendered; images
+``AWS_ENDPOINT_URL`` through ``jobs.storage``. Error rows are not rendered; images
 that cannot be rendered now (source gone, changed size, bad mask) are reported as
 failures with a one-line reason instead of stopping the others.
 """
@@ -38,7 +38,7 @@ from pycocotools import mask as mask_utils
 
 from jobs.infer import commit, schema
 from jobs.infer.decode import DecodeError, decode_image
-from jobs.infer.storage import ReadError, join, read_object, resolve
+from jobs.storage import ReadError, join, read_object, resolve
 
 FILL_ALPHA = 0.45  # weight of the label colour in a mask's fill
 DEFAULT_MIN_SCORE = 0.5  # what users threshold at (same as the report's class counts)

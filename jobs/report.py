@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from jobs import render
 from jobs.infer import commit
 from jobs.infer.schema import SCHEMA
-from jobs.infer.storage import join, resolve
+from jobs.storage import join, resolve, write_atomic
 from jobs.infer.summary import read_summary
 
 CLASS_SCORE_THRESHOLD = 0.5  # counts per class: instances with score > this (strict, as in the README)
@@ -274,7 +274,7 @@ def write_report(
     if out_uri is None:
         out_uri = join(results_uri, commit.RUNS_DIR, run_id, "report.html")
     fs, path = resolve(out_uri)
-    commit.write_atomic(fs, path, text.encode("utf-8"))
+    write_atomic(fs, path, text.encode("utf-8"))
     return out_uri
 
 

@@ -53,10 +53,11 @@ import json
 import math
 import posixpath
 
-import fsspec
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from jobs.storage import resolve
 
 CATEGORIES = [
     {"id": 1, "name": "circle", "supercategory": "shape"},
@@ -350,7 +351,7 @@ def generate(out_uri, n_images, seed=0, *, size="256/384", val_fraction=0.0, ima
     if min(wlo, hlo) < 32 or whi < wlo or hhi < hlo:
         raise ValueError(f"image sizes must be >= 32 px with MIN <= MAX, got {size!r}")
 
-    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    fs, root = resolve(out_uri, storage_options)
     root = root.rstrip("/")
     if fs.exists(posixpath.join(root, "annotations.json")) and not overwrite:
         raise FileExistsError(f"{out_uri} already holds annotations.json; pass overwrite=True (--overwrite) to replace it")

@@ -50,8 +50,8 @@ from typing import Optional
 
 import torch
 
-from jobs.infer import commit
-from jobs.infer.storage import join, resolve, storage_options
+from jobs import storage
+from jobs.storage import join, resolve, storage_options
 
 from mrcnn.registry import get_architecture, list_models
 
@@ -193,15 +193,15 @@ def read_json(uri) -> Optional[dict]:
     """The JSON file at ``uri``, or None when there is none."""
     fs, path = resolve(uri)
     try:
-        return commit.read_json(fs, path)
+        return storage.read_json(fs, path)
     except FileNotFoundError:
         return None
 
 
 def write_bytes(uri, data: bytes) -> None:
-    """Whole-file write: readers see the old content or all of the new (``commit.write_atomic``)."""
+    """Whole-file write: readers see the old content or all of the new (``storage.write_atomic``)."""
     fs, path = resolve(uri)
-    commit.write_atomic(fs, path, data)
+    storage.write_atomic(fs, path, data)
 
 
 class MetricsLog:

@@ -20,7 +20,8 @@ from pycocotools import mask as mask_utils
 from jobs.infer import commit, schema
 from jobs.infer.summary import RunSummary
 from jobs.infer.decode import DecodeError, decode_image
-from jobs.infer.storage import ReadError, list_inputs, read_object
+from jobs.infer.listing import list_inputs
+from jobs.storage import ReadError, read_object
 
 MODEL = "fake-maskrcnn"
 

@@ -68,7 +68,7 @@ def in_process_dataset(monkeypatch):
 
     from jobs.infer import pipeline
     from jobs.infer.model_stage import PredictorActor, decode_batch
-    from jobs.infer.storage import resolve
+    from jobs.storage import resolve
 
     actors = {}
 

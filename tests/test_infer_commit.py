@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from jobs.infer import commit, schema
-from jobs.infer.storage import SourceObject, list_inputs, resolve
+from jobs.infer.listing import list_inputs
+from jobs.storage import SourceObject, resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _infer_fake_job import run_job  # noqa: E402

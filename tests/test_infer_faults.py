@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from jobs.infer import commit, pipeline
-from jobs.infer.storage import RetryPolicy
+from jobs.storage import RetryPolicy
 from jobs.infer.summary import read_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

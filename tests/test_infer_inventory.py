@@ -19,7 +19,7 @@ import pytest
 
 from jobs.infer import commit, pipeline
 from jobs.infer.inventory import InventoryError, iter_inventory, read_manifest
-from jobs.infer.storage import list_inputs
+from jobs.infer.listing import list_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")

@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from jobs.infer import commit
 from jobs.infer.__main__ import main
 from jobs.infer.decode import decode_image
-from jobs.infer.storage import resolve
+from jobs.storage import resolve
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def _job(capsys, *args):
 def _direct(weights, uris):
     """The Predictor run directly, one image per call (as the job runs with --batch-size 1)."""
     from mrcnn.predictor import Predictor
-    from jobs.infer.storage import read_object
+    from jobs.storage import read_object
 
     pred = Predictor.from_checkpoint(weights, device="cpu")
     threads = torch.get_num_threads()

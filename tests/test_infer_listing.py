@@ -9,7 +9,8 @@ import pytest
 
 from jobs.infer import listing
 from jobs.infer.inventory import iter_inventory
-from jobs.infer.storage import list_inputs, list_prefix
+from jobs.infer.listing import list_inputs
+from jobs.storage import list_prefix
 from test_infer_inventory import _listed, _rows, _s3, write_inventory
 
 # Keys chosen so that a common prefix sorts between objects of its own level ("a.jpg" < "a/" <

@@ -1,4 +1,4 @@
-"""jobs.infer.storage on local files and on a moto S3 server reached through AWS_ENDPOINT_URL."""
+"""jobs.storage on local files and on a moto S3 server reached through AWS_ENDPOINT_URL."""
 
 import gzip
 import hashlib
@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from jobs.infer import storage
-from jobs.infer.storage import ReadError, SourceObject
+from jobs import storage
+from jobs.infer.listing import list_inputs
+from jobs.storage import ReadError, SourceObject
 
 
 def make_tree(root):
@@ -61,7 +62,7 @@ def test_local_etag_changes_when_file_is_rewritten(tmp_path):
 
 def test_list_inputs_filters_image_extensions_case_insensitively(tmp_path):
     make_tree(tmp_path)
-    names = sorted(o.uri.rsplit("/", 1)[1] for o in storage.list_inputs(str(tmp_path)))
+    names = sorted(o.uri.rsplit("/", 1)[1] for o in list_inputs(str(tmp_path)))
     assert names == ["B.PNG", "IMG_0001.HEIC", "a.jpg", "c.webp", "d.tiff", "f.bmp", "h.avif", "i.gif"]
 
 
@@ -109,7 +110,7 @@ def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
         uris = storage.iter_list_file(str(tmp_path / name))
         assert isinstance(uris, types.GeneratorType)
         assert list(uris) == [l for l in lines if l and not l.startswith("#")]
-        got = list(storage.list_inputs(str(tmp_path / name)))
+        got = list(list_inputs(str(tmp_path / name)))
         assert [o.uri for o in got] == [
             f"file://{tmp_path}/sub/c.webp",
             f"file://{tmp_path}/a.jpg",
@@ -198,7 +199,7 @@ def test_s3_list_file_and_read(s3_bucket):
     put_objects(s3_bucket, {"a/x.png": b"12345", "a/y.jpg": b"1", "a/empty.jpg": b""})
     listing = f"s3://{s3_bucket}/a/x.png\ns3://{s3_bucket}/a/gone.jpg\ns3a://{s3_bucket}/a/y.jpg\n"
     put_objects(s3_bucket, {"lists/in.txt": listing.encode()})
-    got = list(storage.list_inputs(f"s3://{s3_bucket}/lists/in.txt"))
+    got = list(list_inputs(f"s3://{s3_bucket}/lists/in.txt"))
     assert [o.uri for o in got] == [
         f"s3://{s3_bucket}/a/x.png",
         f"s3://{s3_bucket}/a/gone.jpg",
@@ -223,7 +224,7 @@ def test_other_fsspec_filesystems_use_walk(tmp_path):
     fs.pipe_file(f"{root}/a/x.jpg", b"12")
     fs.pipe_file(f"{root}/a/b/y.PNG", b"123")
     fs.pipe_file(f"{root}/a/readme.md", b"1")
-    got = list(storage.list_inputs(f"memory://{root}/a"))
+    got = list(list_inputs(f"memory://{root}/a"))
     assert sorted(o.uri for o in got) == [f"memory://{root}/a/b/y.PNG", f"memory://{root}/a/x.jpg"]
     assert sorted(o.size for o in got) == [2, 3]
     assert all(o.etag and o.etag.startswith("mtime-") for o in got)  # no ETag: creation time + size

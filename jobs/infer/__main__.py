@@ -23,7 +23,7 @@ from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
 from .lock import LockedError
 from .pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
-from .storage import RetryPolicy
+from ..storage import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:

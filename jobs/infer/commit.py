@@ -55,10 +55,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from . import schema
-from .storage import SourceObject, join, resolve
+from ..storage import SourceObject, create_exclusive, is_local, join, read_json, resolve, write_atomic
 
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
@@ -75,64 +74,6 @@ STEP_HOOK: Callable[[str, str], None] | None = None
 def _step(name: str, detail: str = "") -> None:
     if STEP_HOOK is not None:
         STEP_HOOK(name, detail)
-
-
-# ------------------------------------------------------------------ small fs helpers
-
-def _is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _local_temp(path: str, data: bytes) -> str:
-    """A durable (fsynced) temporary file beside ``path``, to be renamed or linked into place."""
-    os.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return tmp
-
-
-def write_atomic(fs, path: str, data: bytes) -> None:
-    """Write ``path`` so that readers see the old content or all of the new, never a part."""
-    if _is_local(fs):
-        os.replace(_local_temp(path, data), path)
-    else:
-        # One PUT (or a multipart upload completed at the end): atomic on object stores.
-        fs.pipe_file(path, data)
-
-
-def create_exclusive(fs, path: str, data: bytes) -> bool:
-    """Create ``path`` only if it does not exist; False if it already did."""
-    if _is_local(fs):
-        tmp = _local_temp(path, data)
-        try:
-            os.link(tmp, path)  # atomic and exclusive: fails if path exists
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-    try:
-        # s3fs sends If-None-Match: * (honoured by AWS S3 and moto).
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError, TypeError):
-        # Filesystems without exclusive create: check, then write (not race-free).
-        if fs.exists(path):
-            return False
-        fs.pipe_file(path, data)
-        return True
-
-
-def read_json(fs, path: str) -> Any:
-    """JSON of a file that another process may be replacing: one whole-object GET, never a mix of
-    two versions (``fs.open`` on S3 sends a HEAD then ranged GETs, which fail or tear in between)."""
-    return json.loads(fs.cat_file(path))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -468,7 +409,7 @@ class Run:
         """Publish a staged shard under ``run_id=<run_id>/``; idempotent. Returns the path."""
         fs = self._fs_root[0]
         staged, visible = self.staged_path(shard_id), self.visible_path(shard_id)
-        if _is_local(fs):
+        if is_local(fs):
             os.makedirs(posixpath.dirname(visible), exist_ok=True)
             try:
                 os.replace(staged, visible)  # atomic publish

@@ -25,7 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from .storage import RetryPolicy, SourceObject, _walk_s3, call_with_retries, normalize_etag, resolve
+from ..storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, _walk_s3, call_with_retries, has_extension,
+                       is_list_file, iter_list_file, list_prefix, normalize_etag, resolve, stat_uris)
 
 DEFAULT_TARGET_PARTS = 64  # prefixes to split into: a few per CPU of a small cluster
 DEFAULT_MAX_DEPTH = 3  # delimiter levels split at most
@@ -201,3 +202,36 @@ def can_list_in_parallel(uri: str) -> bool:
         return True
     fs, _ = resolve(uri)
     return _is_s3(fs)
+
+
+def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                retry: RetryPolicy = RetryPolicy(), list_tasks: int = 0) -> Iterator[SourceObject]:
+    """The job's inputs for ``--input``.
+
+    * an S3 Inventory report's ``manifest.json`` (:mod:`inventory`): the current objects it
+      lists whose extension is in ``extensions``;
+    * a list file (``.txt``/``.lst``/``.list``, optionally compressed): every line is an
+      input, whatever its extension (an explicit list means "process these");
+    * a directory / key prefix: the objects whose extension is in ``extensions``
+      (case-insensitive); other files (sidecar JSON, READMEs) are not inputs.
+
+    ``retry`` applies to listing pages and stats. ``list_tasks`` > 0 lists an S3 prefix split
+    into about that many parts, and an inventory's data files, in Ray tasks when Ray is running
+    (the same objects in the same order).
+    """
+    exts = frozenset(e.lower() for e in extensions)
+    from . import inventory  # it builds on this module's storage helpers
+
+    parallel = list_tasks > 0 and can_list_in_parallel(uri)
+    if inventory.is_manifest(uri):
+        listed = (iter_inventory_parallel(uri, retry=retry) if parallel
+                  else inventory.iter_inventory(uri, retry=retry))
+    elif is_list_file(uri):
+        yield from stat_uris(iter_list_file(uri), retry=retry)
+        return
+    else:
+        listed = (list_prefix_parallel(uri, target_parts=list_tasks, retry=retry) if parallel
+                  else list_prefix(uri, retry=retry))
+    for obj in listed:
+        if has_extension(obj.uri, exts):
+            yield obj

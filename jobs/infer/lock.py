@@ -26,8 +26,7 @@ import threading
 import time
 import uuid
 
-from . import commit
-from .storage import join, resolve
+from ..storage import create_exclusive, join, read_json, resolve, write_atomic
 
 LOCK_NAME = "_writer.json"
 HEARTBEAT_S = 20.0
@@ -82,7 +81,7 @@ class WriterLease:
     # ----------------------------------------------------------------- reading and writing
     def _read(self) -> dict | None:
         try:
-            return commit.read_json(self.fs, self.path)  # safe while the owner's heartbeat replaces it
+            return read_json(self.fs, self.path)  # safe while the owner's heartbeat replaces it
         except FileNotFoundError:
             return None
         except ValueError:
@@ -100,7 +99,7 @@ class WriterLease:
     # ------------------------------------------------------------------------ acquiring
     def acquire(self) -> "WriterLease":
         while True:
-            if commit.create_exclusive(self.fs, self.path, self._payload()):
+            if create_exclusive(self.fs, self.path, self._payload()):
                 break
             held = self._read()
             if held is None:
@@ -137,7 +136,7 @@ class WriterLease:
                 if not held or held.get("token") != self.token:
                     self.lost = f"the writer lease was taken over by {held.get('run') if held else 'nobody'}"
                     return
-                commit.write_atomic(self.fs, self.path, self._payload())
+                write_atomic(self.fs, self.path, self._payload())
                 last_ok = time.monotonic()
             except Exception as e:  # noqa: BLE001  (a storage hiccup: retry at the next beat)
                 if time.monotonic() - last_ok > self.stale_s / 2:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from . import schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model, inspect_jpeg
-from .storage import NO_RETRIES, ReadError, RetryPolicy, read_object
+from ..storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 SHARD_COLUMN = "shard_id"
 # Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.

@@ -41,10 +41,10 @@ import pyarrow.parquet as pq
 
 from . import commit, schema
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
-from .listing import DEFAULT_TARGET_PARTS
+from .listing import DEFAULT_TARGET_PARTS, list_inputs
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
-from .storage import RetryPolicy, SourceObject, describe_error, join, list_inputs, resolve
+from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve, write_atomic
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSum
         table = pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        commit.write_atomic(fs, path, sink.getvalue().to_pybytes())
+        write_atomic(fs, path, sink.getvalue().to_pybytes())
         files.append(path)
         for v in cols.values():
             v.clear()

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schema
-from .commit import PlanStats, RUNS_DIR, write_atomic
-from .storage import join, resolve
+from ..storage import join, resolve, write_atomic
+from .commit import PlanStats, RUNS_DIR
 
 TOP_ERRORS = 10
 

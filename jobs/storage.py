@@ -1,4 +1,5 @@
-"""Filesystem access for the batch job: resolve URIs, stream listings, read objects.
+"""Storage access for every job: resolve URIs, whole-file atomic writes and exclusive creates,
+JSON reads, streamed listings, bounded object reads, failure classification and retries.
 
 Everything goes through fsspec, so ``s3://``, ``gs://``, ``memory://`` and local paths
 work alike. Listings are generators of :class:`SourceObject` (uri, etag, size) that yield
@@ -41,10 +42,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import io
+import json
 import os
 import posixpath
 import random
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -228,11 +231,12 @@ def storage_options(uri: str) -> dict[str, Any]:
     return {}
 
 
-def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URI or local path, honouring AWS_ENDPOINT_URL for S3."""
+def resolve(uri: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URI or local path, honouring AWS_ENDPOINT_URL for S3; ``options``
+    (fsspec's, e.g. credentials) add to or override the environment's."""
     if not uri:
         raise ValueError("empty URI")
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    fs, path = fsspec.core.url_to_fs(uri, **{**storage_options(uri), **(options or {})})
     return fs, path
 
 
@@ -412,37 +416,62 @@ def is_list_file(uri: str) -> bool:
     return has_extension(stem, LIST_FILE_EXTENSIONS)
 
 
-def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
-                retry: RetryPolicy = RetryPolicy(), list_tasks: int = 0) -> Iterator[SourceObject]:
-    """The job's inputs for ``--input``.
+# ------------------------------------------------------------------ whole-file writes and reads
 
-    * an S3 Inventory report's ``manifest.json`` (:mod:`inventory`): the current objects it
-      lists whose extension is in ``extensions``;
-    * a list file (``.txt``/``.lst``/``.list``, optionally compressed): every line is an
-      input, whatever its extension (an explicit list means "process these");
-    * a directory / key prefix: the objects whose extension is in ``extensions``
-      (case-insensitive); other files (sidecar JSON, READMEs) are not inputs.
+def is_local(fs) -> bool:
+    return isinstance(fs, LocalFileSystem)
 
-    ``retry`` applies to listing pages and stats. ``list_tasks`` > 0 lists an S3 prefix split
-    into about that many parts, and an inventory's data files, in Ray tasks when Ray is running
-    (:mod:`listing`; the same objects in the same order).
-    """
-    exts = frozenset(e.lower() for e in extensions)
-    from . import inventory, listing  # they build on this module
 
-    parallel = list_tasks > 0 and listing.can_list_in_parallel(uri)
-    if inventory.is_manifest(uri):
-        listed = (listing.iter_inventory_parallel(uri, retry=retry) if parallel
-                  else inventory.iter_inventory(uri, retry=retry))
-    elif is_list_file(uri):
-        yield from stat_uris(iter_list_file(uri), retry=retry)
-        return
+def _local_temp(path: str, data: bytes) -> str:
+    """A durable (fsynced) temporary file beside ``path``, to be renamed or linked into place."""
+    os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or all of the new, never a part."""
+    if is_local(fs):
+        os.replace(_local_temp(path, data), path)
     else:
-        listed = (listing.list_prefix_parallel(uri, target_parts=list_tasks, retry=retry) if parallel
-                  else list_prefix(uri, retry=retry))
-    for obj in listed:
-        if has_extension(obj.uri, exts):
-            yield obj
+        # One PUT (or a multipart upload completed at the end): atomic on object stores.
+        fs.pipe_file(path, data)
+
+
+def create_exclusive(fs, path: str, data: bytes) -> bool:
+    """Create ``path`` only if it does not exist; False if it already did."""
+    if is_local(fs):
+        tmp = _local_temp(path, data)
+        try:
+            os.link(tmp, path)  # atomic and exclusive: fails if path exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    try:
+        # s3fs sends If-None-Match: * (honoured by AWS S3 and moto).
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError, TypeError):
+        # Filesystems without exclusive create: check, then write (not race-free).
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+def read_json(fs, path: str) -> Any:
+    """JSON of a file that another process may be replacing: one whole-object GET, never a mix of
+    two versions (``fs.open`` on S3 sends a HEAD then ranged GETs, which fail or tear in between)."""
+    return json.loads(fs.cat_file(path))
 
 
 # ------------------------------------------------------------------ reading
