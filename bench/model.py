@@ -8,6 +8,7 @@ outputs are compared (boxes, labels, scores, masks > 0.5).
     python bench/model.py                          # CPU
     python bench/model.py --device cuda --batch 8  # GPU: fp32 both, and ours bf16 + channels_last
     python bench/model.py --architectures          # every registered architecture: params, Predictor images/s
+    python bench/model.py --architectures maskrcnn_resnet50_c4 maskrcnn_resnet50_c5   # some of them
 
 ``--architectures`` times the Predictor (what the batch job runs: channels-last, fp32 on CPU)
 on every architecture of ``mrcnn.list_models()`` with seeded random weights (residual branches
@@ -106,13 +107,15 @@ def zero_init_residual(model) -> None:
                 (m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight.zero_()
 
 
-def architectures(device: str, batch: int, repeat: int) -> None:
-    """Parameters and Predictor images/s of every registered architecture (see the module doc)."""
+def architectures(device: str, batch: int, repeat: int, only=None) -> None:
+    """Parameters and Predictor images/s of every registered architecture, or of ``only`` (with
+    maskrcnn_resnet50_fpn first, the reference of the ratios; see the module doc)."""
     arrays = [(img.permute(1, 2, 0) * 255).round().byte().cpu().numpy() for img in images(batch, "cpu")]
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} CPU threads, device {device}; "
           f"batch of {batch} images {[a.shape[:2] for a in arrays]}, score threshold 0, fp32")
     rows, reference = [], None
-    for name in ["maskrcnn_resnet50_fpn"] + [n for n in mrcnn.list_models() if n != "maskrcnn_resnet50_fpn"]:
+    others = [n for n in (only or mrcnn.list_models()) if n != "maskrcnn_resnet50_fpn"]
+    for name in ["maskrcnn_resnet50_fpn"] + others:
         torch.manual_seed(0)
         model = mrcnn.get_model(name, box_score_thresh=0.0)
         zero_init_residual(model)
@@ -133,13 +136,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--arch", default="resnet50_fpn", choices=["resnet50_fpn", "resnet50_fpn_v2"])
-    p.add_argument("--architectures", action="store_true", help="every registered architecture (see above)")
+    p.add_argument("--architectures", nargs="*", default=None, choices=mrcnn.list_models(), metavar="NAME",
+                   help="every registered architecture, or the ones named (see above)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     dev = args.device
-    if args.architectures:
-        return architectures(dev, args.batch, args.repeat)
+    if args.architectures is not None:
+        return architectures(dev, args.batch, args.repeat, args.architectures)
     tv, ours = build(args.arch, dev)
     imgs = images(args.batch, dev)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.machine()}, "
