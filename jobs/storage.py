@@ -307,7 +307,8 @@ def _walk_local(root: str) -> Iterator[SourceObject]:
             stack.extend(reversed(subdirs))
 
 
-def _walk_s3(fs, path: str, page_size: int, retry: RetryPolicy) -> Iterator[SourceObject]:
+def walk_s3(fs, path: str, page_size: int, retry: RetryPolicy) -> Iterator[SourceObject]:
+    """Every object under the S3 prefix ``path`` (``bucket/key``), one ListObjectsV2 page at a time."""
     bucket, _, key = path.partition("/")
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
@@ -344,7 +345,7 @@ def list_prefix(uri: str, *, page_size: int = 1000, retry: RetryPolicy = RetryPo
             raise FileNotFoundError(f"input directory not found: {uri}")
         yield from _walk_local(path)
     elif "s3" in fs.protocol and hasattr(fs, "call_s3"):
-        yield from _walk_s3(fs, path, page_size, retry)
+        yield from walk_s3(fs, path, page_size, retry)
     else:
         yield from _walk_generic(fs, path)
 

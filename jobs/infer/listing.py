@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from ..storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, _walk_s3, call_with_retries, has_extension,
-                       is_list_file, iter_list_file, list_prefix, normalize_etag, resolve, stat_uris)
+from ..storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, call_with_retries, has_extension, is_list_file,
+                       iter_list_file, list_prefix, normalize_etag, resolve, stat_uris, walk_s3)
 
 DEFAULT_TARGET_PARTS = 64  # prefixes to split into: a few per CPU of a small cluster
 DEFAULT_MAX_DEPTH = 3  # delimiter levels split at most
@@ -132,7 +132,7 @@ def _chunks(objects: Iterable[SourceObject], size: int) -> Iterator[list[tuple]]
 def list_prefix_task(prefix: str, retry: RetryPolicy, page_size: int) -> Iterator[list[tuple]]:
     """Every object under ``prefix``, a page of (uri, etag, size) at a time (a Ray streaming task)."""
     fs, path = resolve(prefix)
-    yield from _chunks(_walk_s3(fs, path, page_size, retry), page_size)
+    yield from _chunks(walk_s3(fs, path, page_size, retry), page_size)
 
 
 def inventory_file_task(manifest, data_file, retry: RetryPolicy, chunk: int) -> Iterator[list[tuple]]:
