@@ -1,4 +1,4 @@
-"""Listing in parallel Ray tasks, in the serial listing's order.
+"""The batch job's inputs (:func:`list_inputs`), listed in parallel Ray tasks in the serial order.
 
 Two inputs grow with the archive. An S3 prefix is listed 1,000 keys a call, one page after
 the other (about an hour per 10 million keys); an S3 Inventory report is a set of data
