@@ -42,9 +42,9 @@ def test_decode_batch_and_actor_rows(tmp_path, weights):
     (tmp_path / "bad.jpg").write_bytes(b"")
     uris = good + [str(tmp_path / "bad.jpg"), str(tmp_path / "missing.jpg")]
     batch = {
-        "uri": np.array(uris, dtype=object),
-        "etag": np.array(["e0", None, "e2", None], dtype=object),
-        "size": np.array([10, -1, 0, -1]),
+        "image_uri": np.array(uris, dtype=object),
+        "source_etag": np.array(["e0", None, "e2", None], dtype=object),
+        "source_size": np.array([10, -1, 0, -1]),
         "error": np.array([None, None, None, "source not found: missing.jpg"], dtype=object),
         "error_kind": np.array([None, None, None, "not_found"], dtype=object),
         "shard_id": np.array(["s1", "s1", "s2", "s2"], dtype=object),
@@ -79,9 +79,9 @@ def test_decode_batch_reads_items_whose_stat_failed_in_storage(tmp_path):
     p = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
     batch = {
-        "uri": np.array([str(p), str(p)], dtype=object),
-        "etag": np.array([None, None], dtype=object),
-        "size": np.array([-1, -1]),
+        "image_uri": np.array([str(p), str(p)], dtype=object),
+        "source_etag": np.array([None, None], dtype=object),
+        "source_size": np.array([-1, -1]),
         "error": np.array(["cannot stat source: OSError: SlowDown", "not a file: x"], dtype=object),
         "error_kind": np.array(["unavailable", "not_found"], dtype=object),
         "shard_id": np.array(["s", "s"], dtype=object),
@@ -93,8 +93,8 @@ def test_decode_batch_reads_items_whose_stat_failed_in_storage(tmp_path):
 
 def _decoded(images):
     n = len(images)
-    return {"uri": np.array([f"mem://{i}" for i in range(n)], dtype=object),
-            "etag": np.array([None] * n, dtype=object), "size": np.array([-1] * n),
+    return {"image_uri": np.array([f"mem://{i}" for i in range(n)], dtype=object),
+            "source_etag": np.array([None] * n, dtype=object), "source_size": np.array([-1] * n),
             "shard_id": np.array(["s"] * n, dtype=object), "decode_error": np.array([""] * n),
             "error_kind": np.array([""] * n), "image": np.array(images + [None], dtype=object)[:n]}
 

@@ -4,8 +4,9 @@ Ray Data calls :func:`decode_batch` in a CPU task pool and :class:`PredictorActo
 actor pool (see ``pipeline.py``); both take and return column batches, so they run the
 same way without Ray (the GPU benchmark and tests call them directly).
 
-Input rows (the plan manifest): ``uri, etag, size, error, error_kind, shard_id``; ``size``
--1 and ``etag`` null mean unknown, ``error`` is set when the object could not be stat'ed.
+Input rows (the plan manifest): ``image_uri, source_etag, source_size, error, error_kind,
+shard_id``, the output's names for the same fields; ``source_size`` -1 and ``source_etag`` null
+mean unknown, ``error`` is set when the object could not be stat'ed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_
 from ..storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 SHARD_COLUMN = "shard_id"
+# an image in the plan and the batches, under its output columns' names (source_size -1: unknown)
+PLAN_ITEM_COLUMNS = ("image_uri", "source_etag", "source_size")
 # Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 
@@ -42,7 +45,7 @@ def plan_batch(uris: list[str], shard_id: str = "s") -> dict[str, np.ndarray]:
     input :func:`decode_batch` takes, for callers without a plan (benchmarks, tests)."""
     n = len(uris)
     none = np.array([None] * n, dtype=object)
-    return {"uri": np.array(uris, dtype=object), "etag": none, "size": np.full(n, -1), "error": none.copy(),
+    return {"image_uri": np.array(uris, dtype=object), "source_etag": none, "source_size": np.full(n, -1), "error": none.copy(),
             "error_kind": none.copy(), SHARD_COLUMN: np.array([shard_id] * n, dtype=object)}
 
 
@@ -69,7 +72,7 @@ def decode_batch(
     store is struggling: the job's next pass retries them instead of this task waiting out
     a backoff per image).
     """
-    n = len(batch["uri"])
+    n = len(batch["image_uri"])
     images = np.empty(n, dtype=object)
     errors = np.empty(n, dtype=object)
     kinds = np.empty(n, dtype=object)
@@ -82,7 +85,7 @@ def decode_batch(
             if stat_error and stat_kind not in schema.RETRYABLE_ERROR_KINDS:
                 raise ReadError(stat_error, stat_kind or "read")
             # a stat that failed in the store (not a missing object) is worth a read of its own
-            data = read_object(str(batch["uri"][i]), retry=retry)
+            data = read_object(str(batch["image_uri"][i]), retry=retry)
             size = inspect_jpeg(data, max_pixels=max_pixels, max_aspect=max_aspect) if jpeg_on_device else None
             if size is not None:
                 images[i], sizes[i], jpegs[i] = _NO_IMAGE, size, data
@@ -95,7 +98,7 @@ def decode_batch(
             kinds[i] = e.kind
             if e.kind == "unavailable":
                 retry = NO_RETRIES
-    out = {k: batch[k] for k in ("uri", "etag", "size", SHARD_COLUMN)}
+    out = {k: batch[k] for k in (*PLAN_ITEM_COLUMNS, SHARD_COLUMN)}
     out["decode_error"] = errors.astype(str)
     out["error_kind"] = kinds.astype(str)
     out["image"] = images
@@ -197,7 +200,7 @@ class PredictorActor:
         return out
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> pa.Table:
-        n = len(batch["uri"])
+        n = len(batch["image_uri"])
         now = _dt.datetime.now(_dt.timezone.utc)
         rows: list[dict] = [None] * n  # type: ignore[list-item]
         todo = [i for i in range(n) if not batch["decode_error"][i]]
@@ -234,9 +237,9 @@ class PredictorActor:
 
     def _ids(self, batch, i: int) -> dict:
         return dict(
-            image_uri=str(batch["uri"][i]),
-            source_etag=_opt_str(batch["etag"][i]),
-            source_size=_opt_size(batch["size"][i]),
+            image_uri=str(batch["image_uri"][i]),
+            source_etag=_opt_str(batch["source_etag"][i]),
+            source_size=_opt_size(batch["source_size"][i]),
             **self.meta,
         )
 

@@ -6,9 +6,9 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
    stream the listing through ``plan_work`` and ``make_shards``.
 2. Shards already staged by a killed attempt are committed at once. The others' items
    are written, in chunks of ``PLAN_CHUNK_ROWS`` rows, to a plan manifest
-   ``_staging/<run_id>/plan-<uuid>/plan-NNNNN.parquet`` (uri, etag, size, error,
-   shard_id): the driver never holds the listing in one Python list, only a
-   shard_id -> row count map and one chunk.
+   ``_staging/<run_id>/plan-<uuid>/plan-NNNNN.parquet`` (image_uri, source_etag,
+   source_size, error, error_kind, shard_id: the output's column names): the driver never
+   holds the listing in one Python list, only a shard_id -> row count map and one chunk.
 3. ``read_parquet(plan)`` -> ``map_batches(decode_batch)`` (CPU tasks; ``num_cpus``
    differs from the model stage so Ray does not fuse decoding into the actor) ->
    ``map_batches(PredictorActor, compute=ActorPoolStrategy(size=n))``.
@@ -72,7 +72,7 @@ ACTOR_TASK_RETRIES = -1
 # 2,500-5,000 GET/s, within one partition's rate before any decoding time is counted.
 DEFAULT_MAX_CONCURRENT_READS = 512
 PLAN_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()), ("error", pa.string()),
+    [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
      ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
 )
 
@@ -241,7 +241,7 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSum
     cols: dict[str, list] = {k: [] for k in PLAN_SCHEMA.names}
 
     def flush() -> None:
-        if not cols["uri"]:
+        if not cols["image_uri"]:
             return
         path = join(plan_dir, f"plan-{len(files):05d}.parquet")
         table = pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
@@ -259,13 +259,13 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSum
             continue
         expected[shard.shard_id] = len(shard.items)
         for o in shard.items:
-            cols["uri"].append(o.uri)
-            cols["etag"].append(o.etag)
-            cols["size"].append(-1 if o.size is None else o.size)
+            cols["image_uri"].append(o.uri)
+            cols["source_etag"].append(o.etag)
+            cols["source_size"].append(-1 if o.size is None else o.size)
             cols["error"].append(o.error)
             cols["error_kind"].append(o.error_kind)
             cols[SHARD_COLUMN].append(shard.shard_id)
-        if len(cols["uri"]) >= PLAN_CHUNK_ROWS:
+        if len(cols["image_uri"]) >= PLAN_CHUNK_ROWS:
             flush()
     flush()
     return files, expected
