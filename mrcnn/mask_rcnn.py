@@ -474,7 +474,8 @@ def _single_map_builder(body: str, stage: int):
         if "returned_layers" in kwargs:
             raise ValueError(f"returned_layers is for the FPN architectures; {name} reads res{stage} only")
         if kwargs.get("mask_head_type", "fcn") != "fcn":
-            raise ValueError(f"{name}'s mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
+            head = "res5 and a deconvolution" if stage == 4 else "a deconvolution on res5's features"
+            raise ValueError(f"{name}'s mask head is {head}: mask_head_type must be 'fcn'")
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
         norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
         sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
