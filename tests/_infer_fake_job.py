@@ -52,7 +52,7 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
     items = commit.plan_work(list_inputs(input_uri), state, ckpt, full, run_id=run.run_id, stats=stats)
     for shard in commit.make_shards(items, checkpoint_sha256=ckpt, target_size=shard_size):
         if run.is_staged(shard):
-            summary.add_shard(run.read_staged(shard.shard_id), reused=True)
+            summary.add_shard(run.staged_counts(shard.shard_id), reused=True)
         else:
             rows = []
             for obj in shard.items:
@@ -69,7 +69,7 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
                     rows.append(schema.error_row(reason=e.reason, kind=e.kind, **meta))
             table = schema.rows_to_table(rows)
             run.stage(shard, table)
-            summary.add_shard(table)
+            summary.add_shard(schema.shard_counts(table))
         run.commit(shard.shard_id)
     summary.add_plan(stats)
     summary.finish().write(output_uri)

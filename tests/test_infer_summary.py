@@ -80,3 +80,45 @@ def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
     assert s["shards_reused"] == 1 and s["shards_computed"] >= 1
     assert s["processed"] == 12 == manifest["rows"]
     assert len(calls) < 12  # the reused shard's images were not decoded again
+
+
+def test_a_reused_shard_is_counted_from_its_footer_alone(tmp_path, monkeypatch):
+    """Resuming reads a staged shard's counts from its Parquet footer, not its rows; a file staged
+    before the counts were recorded is read whole."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from jobs.infer import schema
+
+    inp = tmp_path / "in"
+    for rel, data in input_files().items():
+        _local_write(inp, rel, data)
+    out = str(tmp_path / "out")
+    staged = []
+
+    def crash_once_staged(name, detail):
+        if name == "staged":
+            staged.append(detail)
+            raise Crash()
+
+    monkeypatch.setattr(commit, "STEP_HOOK", crash_once_staged)
+    with pytest.raises(Crash):
+        run_job(str(inp), out, CKPT)
+    monkeypatch.setattr(commit, "STEP_HOOK", None)
+    run = commit.list_runs(out)[0]
+    path = commit.Run(out, run.run_id).staged_path(staged[0])
+    table = pq.read_table(path)
+    want = schema.shard_counts(table)
+    assert want["rows"] == table.num_rows > 0 and want["ok"] + sum(want["error_kinds"].values()) == want["rows"]
+    assert json.loads(pq.read_metadata(path).metadata[schema.COUNTS_KEY]) == want
+
+    def no_rows(*a, **k):
+        raise AssertionError("the staged rows were read")
+
+    monkeypatch.setattr(pq, "read_table", no_rows)
+    assert commit.Run(out, run.run_id).staged_counts(staged[0]) == want
+    monkeypatch.undo()
+    older = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != schema.COUNTS_KEY})
+    pq.write_table(older, path)
+    assert commit.Run(out, run.run_id).staged_counts(staged[0]) == want

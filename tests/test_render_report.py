@@ -142,7 +142,7 @@ def dataset(tmp_path, s3_bucket):
                    **schema.PARQUET_WRITE_OPTIONS)
 
     summary = RunSummary("r1")
-    summary.add_shard(table)
+    summary.add_shard(schema.shard_counts(table))
     summary.listed, summary.planned, summary.skipped_unchanged = 7, 6, 1
     summary.wall_s = 2.0
     summary.write(str(out))

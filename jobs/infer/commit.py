@@ -374,10 +374,16 @@ class Run:
         kv = md.metadata or {}
         return md.num_rows == len(shard.items) and kv.get(b"mrcnn.shard_id") == shard.shard_id.encode()
 
-    def read_staged(self, shard_id: str) -> pa.Table:
+    def staged_counts(self, shard_id: str) -> dict:
+        """:func:`schema.shard_counts` of a staged shard, from its footer (files staged before the
+        counts were recorded there are read whole)."""
         fs = self._fs_root[0]
         with fs.open(self.staged_path(shard_id), "rb") as f:
-            return pq.read_table(f)
+            counts = (pq.read_metadata(f).metadata or {}).get(schema.COUNTS_KEY)
+            if counts is not None:
+                return json.loads(counts)
+            f.seek(0)
+            return schema.shard_counts(pq.read_table(f))
 
     def stage(self, shard: Shard, table: pa.Table) -> str:
         """Write the shard's rows to its staged file (atomically); return the path."""
@@ -395,7 +401,7 @@ class Run:
             raise ValueError(f"shard rows carry run_id {sorted(run_ids)}, expected {self.run_id}")
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), **self.file_metadata, b"mrcnn.shard_id": shard.shard_id.encode(),
-             b"mrcnn.run_id": self.run_id.encode()}
+             b"mrcnn.run_id": self.run_id.encode(), schema.COUNTS_KEY: json.dumps(schema.shard_counts(table)).encode()}
         )
         sink = pa.BufferOutputStream()  # serialise fully before touching storage
         pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)

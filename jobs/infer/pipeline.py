@@ -254,7 +254,7 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSum
 
     for shard in shards:
         if reuse_staged and run.is_staged(shard):
-            summary.add_shard(run.read_staged(shard.shard_id), reused=True)
+            summary.add_shard(run.staged_counts(shard.shard_id), reused=True)
             run.commit(shard.shard_id)
             continue
         expected[shard.shard_id] = len(shard.items)
@@ -416,7 +416,7 @@ def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary:
             run.stage(shard, table)
             may_commit()
             run.commit(sid)
-            summary.add_shard(table)
+            summary.add_shard(schema.shard_counts(table))
             if progress is not None:
                 progress(table.num_rows)
     if expected:

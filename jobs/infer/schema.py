@@ -306,6 +306,32 @@ def error_row(
     }
 
 
+COUNTS_KEY = b"mrcnn.counts"  # key-value metadata of every staged (and so committed) file: shard_counts
+
+
+def reason_start(reason: str) -> str:
+    """The start of an error reason, what summaries count: "corrupt or truncated JPEG data: OSError:
+    ..." -> "corrupt or truncated JPEG data"."""
+    return reason.split(":", 1)[0][:80]
+
+
+def shard_counts(table: pa.Table) -> dict:
+    """What a run summary counts of a table of output rows: rows, ok rows, instances, error rows
+    by ``error_kind`` and by :func:`reason_start`."""
+    import pyarrow.compute as pc
+
+    ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
+    reasons: dict[str, int] = {}
+    for reason in table.column("error").drop_null().to_pylist():
+        reasons[reason_start(reason)] = reasons.get(reason_start(reason), 0) + 1
+    kinds: dict[str, int] = {}
+    for kind in table.column("error_kind").drop_null().to_pylist():
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"rows": table.num_rows, "ok": ok,
+            "instances": pc.sum(pc.list_value_length(table.column("instances"))).as_py() or 0,
+            "error_kinds": kinds, "error_reasons": reasons}
+
+
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Rows (from ok_row / error_row) as a table with exactly :data:`SCHEMA`."""
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)

@@ -1,7 +1,7 @@
 """The end-of-run summary: counts, throughput, wall time; printed and saved as JSON.
 
 The job fills a :class:`RunSummary` as it goes (``add_plan`` once the listing is
-planned, ``add_shard`` for every shard table it stages or finds already staged), then
+planned, ``add_shard`` with the counts of every shard it stages or finds already staged), then
 calls ``finish()`` and ``write(output_uri)`` before :meth:`commit.Run.finish`, so the
 summary sits at ``_runs/<run_id>/summary.json`` next to the run's manifest.
 
@@ -20,19 +20,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from . import schema
 from ..storage import join, resolve, write_atomic
 from .commit import PlanStats, RUNS_DIR
 
 TOP_ERRORS = 10
-
-
-def _reason_start(reason: str) -> str:
-    # "corrupt or truncated JPEG data: OSError: ..." -> "corrupt or truncated JPEG data"
-    return reason.split(":", 1)[0][:80]
 
 
 @dataclass
@@ -66,21 +57,14 @@ class RunSummary:
         self.planned = stats.planned
         self.planned_retry = stats.retry
 
-    def add_shard(self, table: pa.Table, *, reused: bool = False) -> None:
-        """Count a shard's rows (a table with the output schema)."""
-        status = table.column("status")
-        ok = pc.sum(pc.equal(status, schema.STATUS_OK)).as_py() or 0
-        self.ok += ok
-        self.error += table.num_rows - ok
-        lengths = pc.list_value_length(table.column("instances"))
-        self.instances += pc.sum(lengths).as_py() or 0
-        reasons = Counter(self.error_reasons)
-        for reason in table.column("error").drop_null().to_pylist():
-            reasons[_reason_start(reason)] += 1
-        self.error_reasons = dict(reasons)
-        kinds = Counter(self.error_kinds)
-        kinds.update(table.column("error_kind").drop_null().to_pylist())
-        self.error_kinds = dict(kinds)
+    def add_shard(self, counts: dict, *, reused: bool = False) -> None:
+        """Count a shard's rows: ``counts`` as :func:`schema.shard_counts` gives them, of its table
+        or read back from its staged file (:meth:`commit.Run.staged_counts`)."""
+        self.ok += counts["ok"]
+        self.error += counts["rows"] - counts["ok"]
+        self.instances += counts["instances"]
+        self.error_reasons = dict(Counter(self.error_reasons) + Counter(counts["error_reasons"]))
+        self.error_kinds = dict(Counter(self.error_kinds) + Counter(counts["error_kinds"]))
         if reused:
             self.shards_reused += 1
         else:
