@@ -61,22 +61,24 @@ def faulty_s3(s3_bucket, moto_server, monkeypatch):
 
 @pytest.fixture
 def in_process_dataset(monkeypatch):
-    """pipeline.build_dataset replaced by its stages run in this process, one batch at a time:
-    ``pipeline.run_job`` then runs its real driver loop (plan, passes, commits) without Ray."""
+    """pipeline.build_dataset replaced by its stages run in this process, one batch at a time
+    (decode, model, part files): ``pipeline.run_job`` then runs its real driver loop (plan,
+    passes, shard assembly, commits) without Ray."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from jobs.infer import pipeline
     from jobs.infer.model_stage import PredictorActor, decode_batch
+    from jobs.infer.parts import write_parts
     from jobs.storage import resolve
 
     actors = {}
 
-    def build(cfg, plan_files, *, run_id, ckpt):
-        key = (run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.decode)
+    def build(cfg, plan_files, *, run, ckpt, pass_no=1):
+        key = (run.run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.decode)
         if key not in actors:
             actors[key] = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256,
-                                         run_id=run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
+                                         run_id=run.run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
                                          max_instances=cfg.max_instances, precision=cfg.precision,
                                          decode=cfg.decode)
         actor = actors[key]
@@ -90,7 +92,8 @@ def in_process_dataset(monkeypatch):
                     for start in range(0, plan.num_rows, cfg.batch_size):
                         chunk = plan.slice(start, cfg.batch_size)
                         batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
-                        yield actor(decode_batch(batch, **pipeline.decode_kwargs(cfg, ckpt)))
+                        rows = actor(decode_batch(batch, **pipeline.decode_kwargs(cfg, ckpt)))
+                        yield write_parts(rows, run=run, pass_no=pass_no)
 
         return Dataset()
 

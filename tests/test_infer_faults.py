@@ -151,14 +151,14 @@ def test_a_listing_outage_is_an_infrastructure_error(faulty_s3, tmp_path, in_pro
 
 def test_storage_health_trips_on_a_majority_of_storage_failures_only():
     h = pipeline.StorageHealth(window=20, fraction=0.5, min_failures=5)
-    h.observe(["decode"] * 15 + [None] * 5, ["bad"] * 20)  # bad images are not an outage
+    h.observe(20, 0)  # bad images (decode errors) are not an outage
     h.check()
-    h.observe(["unavailable"] * 4, ["slow"] * 4)
+    h.observe(4, 4, "unavailable: slow")
     h.check()  # 4 failures < min_failures
-    h.observe(["unavailable"] * 6, ["slow"] * 6)
-    with pytest.raises(pipeline.StorageOutage, match="10 of the last 20 images"):
+    h.observe(6, 6, "unavailable: slow")
+    with pytest.raises(pipeline.StorageOutage, match=r"10 of the last 20 images could not be read \(unavailable: slow\)"):
         h.check()
-    h.observe([None] * 20, [None] * 20)  # the window forgets
+    h.observe(20, 0)  # the window forgets
     h.check()
 
 

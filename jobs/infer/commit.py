@@ -356,6 +356,14 @@ class Run:
     def visible_path(self, shard_id: str) -> str:
         return join(self._fs_root[1], f"{PARTITION_KEY}={self.run_id}", f"part-{shard_id}.parquet")
 
+    def part_path(self, shard_id: str, name: str) -> str:
+        """A part file of a shard's rows, written by a worker (``parts.py``)."""
+        return join(self._fs_root[1], STAGING_DIR, self.run_id, "parts", shard_id, f"{name}.parquet")
+
+    @property
+    def fs(self):
+        return self._fs_root[0]
+
     def run_path(self, name: str) -> str:
         return join(self._fs_root[1], RUNS_DIR, self.run_id, name)
 

@@ -11,16 +11,18 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
    holds the listing in one Python list, only a shard_id -> row count map and one chunk.
 3. ``read_parquet(plan)`` -> ``map_batches(decode_batch)`` (CPU tasks; ``num_cpus``
    differs from the model stage so Ray does not fuse decoding into the actor) ->
-   ``map_batches(PredictorActor, compute=ActorPoolStrategy(size=n))``.
-4. The driver streams the result rows (``iter_batches``), collects them per shard and,
-   when a shard is complete, stages and commits it (``commit.Run``). A kill at any point
-   leaves only whole committed shards; the rerun resumes the run and plans them out.
-   A shard holding storage failures (``schema.RETRYABLE_ERROR_KINDS``, after the reads'
-   own retries) is not committed in the first pass: once the stream ends its images go
-   through the pipeline again (``JobConfig.passes``), and only the last pass commits
-   what still fails, as rows the next run plans again. :class:`StorageHealth` watches
-   the rows as they arrive and stops the run (:class:`StorageOutage`, exit 2) when most
-   reads fail, before any of theirs is committed.
+   ``map_batches(PredictorActor, compute=ActorPoolStrategy(size=n))`` ->
+   ``map_batches(parts.write_parts)`` (tasks writing the rows, by shard, to part files).
+4. The driver streams the part rows (``iter_batches``: shard, part file, rows, storage
+   failures; never a result row) and, when a shard's parts hold all its images, has a Ray
+   task assemble and stage it (``parts.finalize_shard``), then commits it (``commit.Run``).
+   A kill at any point leaves only whole committed shards; the rerun resumes the run and
+   plans them out. A shard holding storage failures (``schema.RETRYABLE_ERROR_KINDS``, after
+   the reads' own retries) is not committed in the first pass: its good rows are kept in a
+   part file, and once the stream ends its failed images go through the pipeline again
+   (``JobConfig.passes``); only the last pass commits what still fails, as rows the next run
+   plans again. :class:`StorageHealth` watches the parts as they are written and stops the
+   run (:class:`StorageOutage`, exit 2) when most reads fail, before any of theirs is committed.
 5. Summary (printed, ``_runs/<run_id>/summary.json``), manifest and ``_SUCCESS``.
 """
 
@@ -36,7 +38,6 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import commit, schema
@@ -44,6 +45,7 @@ from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from .listing import DEFAULT_TARGET_PARTS, list_inputs
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
+from .parts import finalize_shard, remote_finalize, write_parts
 from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve, write_atomic
 from .summary import RunSummary
 
@@ -71,6 +73,10 @@ ACTOR_TASK_RETRIES = -1
 # prefix, and at its typical 100-200 ms per small-object GET, 512 readers stay at about
 # 2,500-5,000 GET/s, within one partition's rate before any decoding time is counted.
 DEFAULT_MAX_CONCURRENT_READS = 512
+# Result rows a part file holds at most (a part holds one shard's rows of one batch), and the
+# write tasks at once: parts of a few hundred rows keep the PUTs few and the shard merges cheap.
+WRITE_BATCH_ROWS = 256
+WRITE_TASKS = 4
 PLAN_SCHEMA = pa.schema(
     [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
      ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
@@ -98,15 +104,16 @@ class StorageHealth:
         self.fraction, self.min_failures = fraction, min_failures
         self.failures, self.example = 0, ""
 
-    def observe(self, kinds: Iterable[str | None], reasons: Iterable[str | None]) -> None:
-        for kind, reason in zip(kinds, reasons):
-            failed = kind in schema.RETRYABLE_ERROR_KINDS
+    def observe(self, images: int, failures: int, example: str | None = None) -> None:
+        """``images`` more results, ``failures`` of them failed in storage (``example``: one of those)."""
+        for i in range(images):
+            failed = i < failures
             if len(self.recent) == self.recent.maxlen:
                 self.failures -= self.recent[0]
             self.recent.append(failed)
             self.failures += failed
-            if failed:
-                self.example = f"{kind}: {reason}"
+        if failures and example:
+            self.example = example
 
     def check(self) -> None:
         n = len(self.recent)
@@ -306,8 +313,9 @@ def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
             "jpeg_on_device": cfg.decode == "device"}
 
 
-def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: CheckpointInfo):
-    """plan rows -> decoded images -> output rows (+ shard_id), as a lazy Ray Dataset."""
+def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: commit.Run, ckpt: CheckpointInfo, pass_no: int = 1):
+    """plan rows -> decoded images -> output rows (+ shard_id) -> part files written by the
+    workers: a lazy Ray Dataset of :data:`parts.PART_SCHEMA` rows."""
     import ray
 
     ds = ray.data.read_parquet(plan_files, filesystem=_pyarrow_fs(cfg.output))
@@ -329,7 +337,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: C
         fn_constructor_kwargs={
             "model_name": ckpt.model_name,
             "checkpoint_sha256": ckpt.sha256,
-            "run_id": run_id,
+            "run_id": run.run_id,
             "device": "cuda" if use_gpu else "cpu",
             "micro_batch": cfg.batch_size,
             "num_threads": None if use_gpu else max(1, int(cfg.num_cpus_per_actor)),
@@ -345,88 +353,87 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run_id: str, ckpt: C
         num_cpus=cfg.num_cpus_per_actor,
         max_restarts=ACTOR_RESTARTS,
         max_task_retries=ACTOR_TASK_RETRIES,
+    ).map_batches(
+        write_parts,
+        fn_kwargs={"run": run, "pass_no": pass_no},
+        batch_size=WRITE_BATCH_ROWS,
+        batch_format="pyarrow",
+        # serialising and one PUT a part: I/O bound, and never waiting for a CPU the actors hold
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=WRITE_TASKS),
+        max_retries=DECODE_TASK_RETRIES,
+        retry_exceptions=False,
     )
 
 
 @dataclass
 class Deferred:
     """A complete shard held back from commit because some of its reads failed in storage:
-    ``kept`` are its final rows, ``retry`` the items the next pass reads again."""
+    ``kept`` are the part files of its final rows (``kept_rows`` of them), ``retry`` the items
+    the next pass reads again."""
 
-    shard: commit.Shard
-    kept: pa.Table
+    kept: list[str]
+    kept_rows: int
     retry: tuple[SourceObject, ...]
 
 
-_RETRYABLE = pa.array(sorted(schema.RETRYABLE_ERROR_KINDS))
-
-
-def _commit_results(run: commit.Run, batches, expected: dict[str, int], summary: RunSummary, *,
-                    final: bool = True, health: StorageHealth | None = None,
-                    held: dict[str, Deferred] | None = None,
+def _commit_results(run: commit.Run, parts, expected: dict[str, int], summary: RunSummary, *,
+                    final: bool = True, pass_no: int = 1, health: StorageHealth | None = None,
+                    held: dict[str, Deferred] | None = None, finalize=finalize_shard,
                     may_commit=lambda: None, progress=None) -> dict[str, Deferred]:
-    """Group streamed result rows by shard; stage + commit each shard once it is complete.
+    """Follow the part files the workers write (batches of :data:`parts.PART_SCHEMA` rows); once a
+    shard's parts hold all its images, have it assembled and staged (``finalize``) and commit it.
 
-    ``expected``: shard_id -> rows to come in this pass; ``held``: the shards deferred by the
-    previous pass, whose kept rows complete the ones this pass computes again. Unless
-    ``final``, a complete shard with storage failures is not committed but returned, by
-    shard_id, for another pass. ``health`` sees every row as it arrives and stops the run on
-    an outage. ``may_commit()`` runs before each commit and raises when this run must stop
-    committing; ``progress(images)`` after each commit.
+    ``expected``: shard_id -> images to come in this pass; ``held``: the shards deferred by the
+    previous pass, whose kept rows complete the ones this pass computes again. Unless ``final``,
+    a complete shard with storage failures is not committed but returned, by shard_id, for
+    another pass. ``health`` sees every part as it is written and stops the run on an outage.
+    ``may_commit()`` runs before each commit and raises when this run must stop committing;
+    ``progress(images)`` after each commit. The driver sees part rows only, never result rows
+    (``summary.part_rows`` counts them).
     """
     held = held or {}
-    pending: dict[str, list[pa.Table]] = {}
+    parts_of: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     done: set[str] = set()
     deferred: dict[str, Deferred] = {}
-    for batch in batches:
-        if health is not None:
-            health.observe(batch.column("error_kind").to_pylist(), batch.column("error").to_pylist())
-            health.check()
-        sids = batch.column(SHARD_COLUMN)
-        for sid in set(sids.to_pylist()):
-            if sid in done:
-                continue  # a re-executed block repeating rows of a shard already handled
+    for batch in parts:
+        summary.part_rows += batch.num_rows
+        for part in batch.to_pylist():
+            sid = part[SHARD_COLUMN]
+            if sid in done or part["part"] in parts_of.get(sid, ()):
+                continue  # a re-executed task writing a part again
             if sid not in expected:
-                raise RuntimeError(f"result row for unknown shard {sid}")
-            part = batch.filter(pc.equal(sids, sid)).drop_columns([SHARD_COLUMN])
-            pending.setdefault(sid, []).append(part)
-            counts[sid] = counts.get(sid, 0) + part.num_rows
+                raise RuntimeError(f"result part for unknown shard {sid}")
+            if health is not None:
+                health.observe(part["rows"], part["storage_failures"], part["failure"])
+                health.check()
+            parts_of.setdefault(sid, []).append(part["part"])
+            counts[sid] = counts.get(sid, 0) + part["rows"]
             if counts[sid] < expected[sid]:
                 continue
-            table = pa.concat_tables(pending.pop(sid))
-            if table.num_rows > expected[sid]:
-                # A retried task must not give an image two rows: keep the first.
-                seen: set[str] = set()
-                keep = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
-                table = table.filter(pa.array(keep))
-            expected.pop(sid)
-            del counts[sid]
-            done.add(sid)
-            if sid in held:
-                shard, table = held[sid].shard, pa.concat_tables([held[sid].kept, table])
-            else:
-                shard = commit.Shard(sid, _items(table))
-            failed = pc.fill_null(pc.is_in(table.column("error_kind"), _RETRYABLE), False)
-            if not final and pc.any(failed).as_py():
-                retry = table.filter(failed)
-                deferred[sid] = Deferred(shard, table.filter(pc.invert(failed)), _items(retry))
-                summary.deferred += retry.num_rows
+            h = held.get(sid)
+            kept_rows = h.kept_rows if h else 0
+            result = finalize(run, sid, parts_of[sid], expected[sid] + kept_rows, final=final, pass_no=pass_no,
+                              kept=h.kept if h else ())
+            if "missing" in result:  # parts of a re-executed task overlap: more are to come
+                counts[sid] = expected[sid] - result["missing"]
                 continue
-            run.stage(shard, table)
+            expected.pop(sid)
+            del counts[sid], parts_of[sid]
+            done.add(sid)
+            if "deferred" in result:
+                deferred[sid] = Deferred(result["deferred"], result["kept_rows"], result["retry"])
+                summary.deferred += len(result["retry"])
+                continue
             may_commit()
             run.commit(sid)
-            summary.add_shard(schema.shard_counts(table))
+            summary.add_shard(result["counts"])
             if progress is not None:
-                progress(table.num_rows)
+                progress(result["counts"]["rows"])
     if expected:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
     return deferred
-
-
-def _items(table: pa.Table) -> tuple[SourceObject, ...]:
-    cols = (table.column(c).to_pylist() for c in ("image_uri", "source_etag", "source_size"))
-    return tuple(SourceObject(u, e, s) for u, e, s in zip(*cols))
 
 
 def _listing(cfg: JobConfig) -> Iterator[SourceObject]:
@@ -506,15 +513,16 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
     if progress is not None:
         progress(0, total)
     health = StorageHealth(cfg.outage_window, cfg.outage_fraction, cfg.outage_min_failures)
+    finalize = remote_finalize() or finalize_shard  # in a Ray task when Ray runs: rows stay off the driver
     held: dict[str, Deferred] = {}
     for pass_no in range(1, max(1, cfg.passes) + 1):
         if not plan_files:
             break
         summary.passes = pass_no
-        ds = build_dataset(cfg, plan_files, run_id=run.run_id, ckpt=ckpt)
+        ds = build_dataset(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no)
         held = _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary,
-                               final=pass_no >= cfg.passes, health=health, held=held, may_commit=lease.check,
-                               progress=committed_more)
+                               final=pass_no >= cfg.passes, pass_no=pass_no, health=health, held=held,
+                               finalize=finalize, may_commit=lease.check, progress=committed_more)
         # the next pass reads only the failed items, under their shard's id
         retry_shards = (commit.Shard(sid, d.retry) for sid, d in held.items())
         plan_files, expected = _write_plan(run, retry_shards, summary, reuse_staged=False) if held else ([], {})

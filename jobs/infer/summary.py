@@ -43,6 +43,7 @@ class RunSummary:
     shards_reused: int = 0
     passes: int = 1
     deferred: int = 0
+    part_rows: int = 0  # rows the driver received from the workers: one per part file, no result rows
     wall_s: float = 0.0
     started_at: float = field(default_factory=time.time)
     error_kinds: dict[str, int] = field(default_factory=dict)

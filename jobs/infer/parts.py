@@ -1,0 +1,117 @@
+"""Result rows written by the workers: staged part files, and a shard assembled from its parts.
+
+The model actors' rows never travel to the driver. A write stage after the model
+(:func:`write_parts`, a Ray Data task) writes each block's rows, by shard, to part files under
+``_staging/<run_id>/parts/<shard_id>/`` and returns one small row per part: shard, path, rows,
+storage failures (with one example). A part's name is a hash of the pass and of the image URIs
+it holds, so a retried or re-executed task writes the same file again instead of adding one.
+
+Once a shard's parts hold all its images, :func:`finalize_shard` (a Ray task) reads them,
+keeps one row per image, and either stages the shard's file (``Run.stage``, the commit
+protocol's staged file, which the driver then publishes) or, in a pass that is not the last,
+defers a shard with storage failures: its good rows go to a ``kept`` part and its failed images
+back to the driver, for the next pass to read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import commit, schema
+from .model_stage import SHARD_COLUMN
+from ..storage import SourceObject, write_atomic
+
+PART_SCHEMA = pa.schema([
+    (SHARD_COLUMN, pa.string()), ("part", pa.string()), ("rows", pa.int64()),
+    ("storage_failures", pa.int64()), ("failure", pa.string()),
+])
+_RETRYABLE = pa.array(sorted(schema.RETRYABLE_ERROR_KINDS))
+
+
+def storage_failed(table: pa.Table) -> pa.ChunkedArray:
+    """Rows whose image could not be read from the store (worth another read)."""
+    return pc.fill_null(pc.is_in(table.column("error_kind"), _RETRYABLE), False)
+
+
+def _write(run: commit.Run, path: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()  # serialised fully before touching storage
+    pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
+    write_atomic(run.fs, path, sink.getvalue().to_pybytes())
+
+
+def write_parts(batch: pa.Table, *, run: commit.Run, pass_no: int) -> pa.Table:
+    """Write ``batch`` (result rows with ``shard_id``) as one part file per shard; return a
+    :data:`PART_SCHEMA` row for each."""
+    out = []
+    sids = batch.column(SHARD_COLUMN)
+    for sid in sorted(set(sids.to_pylist())):
+        rows = batch.filter(pc.equal(sids, sid)).drop_columns([SHARD_COLUMN])
+        digest = hashlib.sha256("\n".join(sorted(rows.column("image_uri").to_pylist())).encode()).hexdigest()
+        path = run.part_path(sid, f"p{pass_no}-{digest[:24]}")
+        _write(run, path, rows)
+        commit._step("part written", path)
+        failed = rows.filter(storage_failed(rows))
+        example = None
+        if failed.num_rows:
+            example = f"{failed.column('error_kind')[0].as_py()}: {failed.column('error')[0].as_py()}"
+        out.append({SHARD_COLUMN: sid, "part": path, "rows": rows.num_rows, "storage_failures": failed.num_rows,
+                    "failure": example})
+    return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+
+
+def _items(table: pa.Table) -> tuple[SourceObject, ...]:
+    cols = (table.column(c).to_pylist() for c in ("image_uri", "source_etag", "source_size"))
+    return tuple(SourceObject(u, e, s) for u, e, s in zip(*cols))
+
+
+def finalize_shard(run: commit.Run, shard_id: str, parts: Sequence[str], images: int, *, final: bool,
+                   pass_no: int, kept: Sequence[str] = ()) -> dict:
+    """Assemble a shard of ``images`` images from its ``kept`` and ``parts`` files.
+
+    Returns one of:
+    * ``{"missing": n}``: the parts hold fewer distinct images (a re-executed task split its
+      rows differently); more parts are to come;
+    * ``{"deferred": kept_parts, "retry": items}``: not ``final`` and some images failed in
+      storage: the others are kept in a part file, the failed ones go to the next pass;
+    * ``{"counts": schema.shard_counts(...)}``: the shard's file is staged (``Run.stage``).
+    """
+    fs = run.fs
+    tables = []
+    for path in [*kept, *parts]:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, schema=schema.SCHEMA))
+    table = pa.concat_tables(tables)
+    seen: set[str] = set()
+    first = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
+    table = table.filter(pa.array(first))  # a retried task must not give an image two rows
+    if table.num_rows < images:
+        return {"missing": images - table.num_rows}
+    if table.num_rows > images:
+        raise RuntimeError(f"shard {shard_id}: {table.num_rows} images in its parts, {images} planned")
+    failed = storage_failed(table)
+    if not final and pc.any(failed).as_py():
+        good = table.filter(pc.invert(failed))
+        kept_parts: list[str] = []
+        if good.num_rows:
+            kept_parts.append(run.part_path(shard_id, f"kept-p{pass_no}"))
+            _write(run, kept_parts[0], good)
+        return {"deferred": kept_parts, "kept_rows": good.num_rows, "retry": _items(table.filter(failed))}
+    run.stage(commit.Shard(shard_id, _items(table)), table)
+    return {"counts": schema.shard_counts(table)}
+
+
+def remote_finalize() -> Optional[object]:
+    """:func:`finalize_shard` as a call that runs it in a Ray task (None without Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    task = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)
+    return lambda *args, **kwargs: ray.get(task.remote(*args, **kwargs))
