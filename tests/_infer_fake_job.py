@@ -1,7 +1,7 @@
 """A model-free driver of the batch job's pipeline, for the commit-protocol tests.
 
-It wires the real pieces (storage listing, planning, content-defined shards, decode,
-schema rows, staging, commit, finish) exactly as the Ray job does, with a fake predictor
+It wires the real pieces (state fold, listing and planning by bucket, content-defined shards,
+decode, schema rows, staging, commit, finish) exactly as the Ray job does, with a fake predictor
 in place of Mask R-CNN. Run as a script it does one run and can kill itself with SIGKILL
 at a chosen protocol step: ``python tests/_infer_fake_job.py IN OUT CKPT [--full]`` with
 ``CRASH_AT=step:n`` (the n-th time ``step`` is reached, counting from 0).
@@ -17,11 +17,10 @@ import time
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from jobs.infer import commit, schema
+from jobs.infer import commit, plan, schema, state
 from jobs.infer.summary import RunSummary
 from jobs.infer.decode import DecodeError, decode_image
-from jobs.infer.listing import list_inputs
-from jobs.storage import ReadError, read_object
+from jobs.storage import ReadError, SourceObject, read_object, resolve
 
 MODEL = "fake-maskrcnn"
 
@@ -47,34 +46,48 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
     params = {"input": input_uri, "checkpoint_sha256": ckpt, "model": MODEL, "full": full}
     run = commit.begin_run(output_uri, params)
     summary = RunSummary(run.run_id, resumed=run.resumed)
-    stats = stats if stats is not None else commit.PlanStats()
-    state = commit.committed_state(output_uri, run_id=run.run_id)
-    items = commit.plan_work(list_inputs(input_uri), state, ckpt, full, run_id=run.run_id, stats=stats)
-    for shard in commit.make_shards(items, checkpoint_sha256=ckpt, target_size=shard_size):
-        if run.is_staged(shard):
-            summary.add_shard(run.staged_counts(shard.shard_id), reused=True)
-        else:
-            rows = []
-            for obj in shard.items:
-                if calls is not None:
-                    calls.append(obj.uri)
-                meta = dict(image_uri=obj.uri, source_etag=obj.etag, source_size=obj.size,
-                            model_name=MODEL, checkpoint_sha256=ckpt, run_id=run.run_id)
-                try:
-                    if obj.error:
-                        raise ReadError(obj.error, obj.error_kind or "read")
-                    img = decode_image(read_object(obj.uri), max_pixels=10_000_000, max_aspect=20)
-                    rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
-                except (ReadError, DecodeError) as e:
-                    rows.append(schema.error_row(reason=e.reason, kind=e.kind, **meta))
-            table = schema.rows_to_table(rows)
-            run.stage(shard, table)
-            summary.add_shard(schema.shard_counts(table))
+    version = state.fold(output_uri, check_run=run.run_id)
+    work = plan.make_plan(run, input_uri, version, checkpoint_sha256=ckpt, full=full, target_size=shard_size,
+                          list_tasks=0)
+    if stats is not None:
+        stats.add(work.stats)
+    for shard_id, counts in work.staged.items():
+        summary.add_shard(counts, reused=True)
+        run.commit(shard_id)
+    for shard in _plan_shards(output_uri, work.files):
+        rows = []
+        for obj in shard.items:
+            if calls is not None:
+                calls.append(obj.uri)
+            meta = dict(image_uri=obj.uri, source_etag=obj.etag, source_size=obj.size,
+                        model_name=MODEL, checkpoint_sha256=ckpt, run_id=run.run_id)
+            try:
+                if obj.error:
+                    raise ReadError(obj.error, obj.error_kind or "read")
+                img = decode_image(read_object(obj.uri), max_pixels=10_000_000, max_aspect=20)
+                rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
+            except (ReadError, DecodeError) as e:
+                rows.append(schema.error_row(reason=e.reason, kind=e.kind, **meta))
+        table = schema.rows_to_table(rows)
+        run.stage(shard, table)
+        summary.add_shard(schema.shard_counts(table))
         run.commit(shard.shard_id)
-    summary.add_plan(stats)
+    summary.add_plan(work.stats)
     summary.finish().write(output_uri)
     print(summary.format())
-    return run, run.finish()
+    return run, state.finish_run(run)
+
+
+def _plan_shards(output_uri, files):
+    """The shards of plan files, in their order (as the pipeline reads them, without Ray)."""
+    fs, _ = resolve(output_uri)
+    for path in files:
+        table = state.read_table(fs, path)
+        items: dict[str, list] = {}
+        for uri, etag, size, error, kind, shard_id in zip(*(table.column(c).to_pylist() for c in plan.PLAN_SCHEMA.names)):
+            items.setdefault(shard_id, []).append(SourceObject(uri, etag, None if size == -1 else size, error, kind))
+        for shard_id, objs in items.items():
+            yield commit.Shard(shard_id, tuple(objs))
 
 
 def _install_crash_hook(spec: str, delay: float) -> None:

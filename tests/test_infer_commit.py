@@ -14,12 +14,13 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.infer import commit, schema
+from jobs.infer import commit, plan, schema, state
 from jobs.infer.listing import list_inputs
 from jobs.storage import SourceObject, resolve
 
@@ -112,6 +113,14 @@ def done_images(out, run_id):
         with fs.open(p, "rb") as f:
             uris |= set(pq.read_table(f, columns=["image_uri"]).column("image_uri").to_pylist())
     return uris
+
+
+def collapse_state(out):
+    """The state table's rows, latest per image (what incremental planning compares with)."""
+    version = state.fold(out)
+    fs, _ = resolve(out)
+    rows = [state.read_table(fs, version.bucket_path(b)) for b in range(version.buckets)]
+    return state.collapse(pa.concat_tables(rows), [])
 
 
 def assert_one_row_per_image(rows, duck, expected_uris):
@@ -312,7 +321,7 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     run1, _ = run_job(str(inp), out, CKPT)
 
     # Nothing changed: a new run that plans nothing.
-    calls, stats = [], commit.PlanStats()
+    calls, stats = [], plan.PlanStats()
     run2, m2 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
     assert calls == [] and m2["rows"] == 0 and run2.run_id != run1.run_id
     assert stats.listed == 12 and stats.unchanged == 12 and stats.planned == 0
@@ -321,7 +330,7 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     (inp / "img0.png").write_bytes(png(40, 30, 99))
     os.utime(inp / "img0.png", ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
     (inp / "new.png").write_bytes(png(10, 10, 7))
-    calls, stats = [], commit.PlanStats()
+    calls, stats = [], plan.PlanStats()
     run3, m3 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
     assert sorted(calls) == [f"file://{inp}/img0.png", f"file://{inp}/new.png"]
     assert (stats.new, stats.changed, stats.unchanged) == (1, 1, 11)
@@ -341,97 +350,8 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     calls = []
     run_job(str(inp), out, "c" * 64, calls=calls, full=True)
     assert len(calls) == 13
-    state = commit.committed_state(out)
-    assert len(state) == 13 and all(e.checkpoint_sha256 == "c" * 64 for e in state.values())
-
-
-def test_plan_work_rules():
-    state = commit.CommittedState(
-        {
-            "s3://b/same": commit.StateEntry("e", 1, CKPT, "ok", "r0", None),
-            "s3://b/etag": commit.StateEntry("old", 1, CKPT, "ok", "r0", None),
-            "s3://b/size": commit.StateEntry("e", 1, CKPT, "ok", "r0", None),
-            "s3://b/ckpt": commit.StateEntry("e", 1, "old", "ok", "r0", None),
-            "s3://b/err": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "decode"),
-            "s3://b/slow": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "unavailable"),
-            "s3://b/deny": commit.StateEntry("e", 1, CKPT, "error", "r0", None, "access"),
-            "s3://b/mine": commit.StateEntry("e", 1, CKPT, "ok", "r1", None),
-        },
-        in_run={"s3://b/mine"},
-        run_id="r1",
-    )
-    listing = [
-        SourceObject("s3://b/same", "e", 1),
-        SourceObject("s3://b/etag", "e", 1),
-        SourceObject("s3://b/size", "e", 2),
-        SourceObject("s3://b/ckpt", "e", 1),
-        SourceObject("s3://b/err", "e", 1),
-        SourceObject("s3://b/slow", "e", 1),
-        SourceObject("s3://b/deny", "e", 1),
-        SourceObject("s3://b/mine", "changed-since", 1),
-        SourceObject("s3://b/new", "e", 1),
-        SourceObject("s3://b/new", "e", 1),
-    ]
-
-    def plan(**kw):
-        stats = commit.PlanStats()
-        got = [o.uri.rsplit("/", 1)[1] for o in commit.plan_work(listing, state, CKPT, stats=stats, **kw)]
-        return got, stats
-
-    # storage errors (the image was never read) are planned again; the image's own are not
-    got, st = plan(full=False, run_id="r1")
-    assert got == ["etag", "size", "ckpt", "slow", "deny", "new"]
-    assert (st.listed, st.duplicates, st.done_in_run, st.unchanged, st.new, st.changed, st.retry) == (10, 1, 1, 2, 1, 3, 2)
-    got, st = plan(full=False, run_id="r1", retry_errors=True)
-    assert got == ["etag", "size", "ckpt", "err", "slow", "deny", "new"] and st.retry == 3
-    assert plan(full=True, run_id="r1")[0] == ["same", "etag", "size", "ckpt", "err", "slow", "deny", "new"]
-    assert plan(full=True)[0] == ["same", "etag", "size", "ckpt", "err", "slow", "deny", "mine", "new"]
-    with pytest.raises(ValueError, match="state was read for run 'r1'"):
-        plan(full=True, run_id="r9")
-    # A plain dict of (etag, size, checkpoint) tuples works as state too.
-    plain = {"s3://b/same": ("e", 1, CKPT)}
-    assert [o.uri for o in commit.plan_work(listing[:1], plain, CKPT, False)] == []
-
-
-def test_committed_state_reads_error_kinds_and_derives_them_for_older_files(tmp_path):
-    """Files written before the error_kind column read it as null; their storage failures
-    ("read failed", "cannot stat source") count as retryable, other errors as decode."""
-    out = tmp_path / "out"
-    rows = [
-        schema.error_row(image_uri=f"s3://b/{name}", source_etag="e", source_size=1, reason=reason, kind=kind,
-                         model_name="m", checkpoint_sha256=CKPT, run_id="r0")
-        for name, reason, kind in [("new-slow", "read failed after 6 attempts: OSError: SlowDown", "unavailable"),
-                                   ("new-bad", "not a recognised image", "decode")]
-    ]
-    legacy = [
-        {**rows[0], "image_uri": f"s3://b/{name}", "error": reason}
-        for name, reason in [("old-slow", "read failed: OSError: Please reduce your request rate"),
-                             ("old-stat", "cannot stat source: ConnectionError: reset"),
-                             ("old-bad", "corrupt or truncated JPEG data"),
-                             ("old-gone", "source not found: s3://b/old-gone")]
-    ]
-    (out / "run_id=r0").mkdir(parents=True)
-    pq.write_table(schema.rows_to_table(rows), out / "run_id=r0" / "part-a.parquet")
-    old = schema.rows_to_table(legacy).drop_columns(["error_kind"])  # the schema before the column
-    pq.write_table(old, out / "run_id=r0" / "part-b.parquet")
-    state = commit.committed_state(str(out))
-    kinds = {u.rsplit("/", 1)[1]: e.error_kind for u, e in state.items()}
-    assert kinds == {"new-slow": "unavailable", "new-bad": "decode", "old-slow": "read", "old-stat": "read",
-                     "old-bad": "decode", "old-gone": "not_found"}
-    listing = [SourceObject(f"s3://b/{n}", "e", 1) for n in kinds]
-    assert sorted(o.uri.rsplit("/", 1)[1] for o in commit.plan_work(listing, state, CKPT, False)) == [
-        "new-slow", "old-slow", "old-stat"]
-
-
-def test_plan_work_streams():
-    def endless():
-        i = 0
-        while True:
-            yield SourceObject(f"s3://b/{i}", "e", 1)
-            i += 1
-
-    gen = commit.plan_work(endless(), {}, CKPT, False)
-    assert [next(gen).uri for _ in range(3)] == ["s3://b/0", "s3://b/1", "s3://b/2"]
+    latest = collapse_state(out)
+    assert latest.num_rows == 13 and set(latest.column("checkpoint_sha256").to_pylist()) == {"c" * 64}
 
 
 def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):
@@ -441,7 +361,7 @@ def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):
     assert commit.begin_run(out, {"input": "x", "full": False}).run_id == a.run_id
     b = commit.begin_run(out, {"input": "x", "full": True})
     assert b.run_id != a.run_id
-    a.finish()
+    a.finish([])
     c = commit.begin_run(out, {"input": "x", "full": False})
     assert c.run_id != a.run_id and not c.resumed
     with pytest.raises(ValueError, match="different parameters"):
@@ -489,8 +409,10 @@ def test_finish_refuses_an_image_committed_twice(tmp_path):
         shard = commit.Shard(commit.shard_id_for(group, CKPT), tuple(group))
         run.stage(shard, _rows(run, group))
         run.commit(shard.shard_id)
-    with pytest.raises(RuntimeError, match="4 committed rows but 3 distinct"):
-        run.finish()
+    with pytest.raises(RuntimeError, match="1 images have more than one committed row"):
+        state.finish_run(run)
+    with pytest.raises(RuntimeError, match="not the committed files"):
+        run.finish([])
     assert not (tmp_path / "out" / "_runs" / run.run_id / "_SUCCESS").exists()
 
 
@@ -502,10 +424,12 @@ def test_staged_files_are_invisible_to_readers(tmp_path):
     run.stage(shard, _rows(run, objs))
     assert Path(run.staged_path(shard.shard_id)).exists()
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 0
-    assert commit.committed_state(out) == {}
+    assert state.fold(out).rows == 0
     run.commit(shard.shard_id)
     run.commit(shard.shard_id)  # idempotent
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 3
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/{commit.VISIBLE_GLOB}')").fetchall() == [(3,)]
-    state = commit.committed_state(out, run_id=run.run_id)
-    assert len(state) == 3 and state.in_run == {o.uri for o in objs}
+    version = state.fold(out)
+    assert version.rows == 3 and version.files_of(run.run_id) == [
+        {"path": f"run_id={run.run_id}/part-{shard.shard_id}.parquet", "rows": 3,
+         "bytes": Path(run.visible_path(shard.shard_id)).stat().st_size}]

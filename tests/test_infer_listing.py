@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import listing
+from jobs.infer import commit, listing, plan, state
 from jobs.infer.inventory import iter_inventory
 from jobs.infer.listing import list_inputs
-from jobs.storage import list_prefix
+from jobs.storage import IMAGE_EXTENSIONS, RetryPolicy, list_prefix
 from test_infer_inventory import _listed, _rows, _s3, write_inventory
 
 # Keys chosen so that a common prefix sorts between objects of its own level ("a.jpg" < "a/" <
@@ -19,6 +21,7 @@ from test_infer_inventory import _listed, _rows, _s3, write_inventory
 TREE = ["a.jpg", "a/1.jpg", "a/2/x.png", "a/2/y.png", "a-b/c.jpg", "a0.jpg", "a b/ñandú.jpg", "b/", "b/c/d/e/f.jpg",
         "b/c/d/g.jpg", "b/c/h.jpg", "b/i.jpg", "ü/x.jpg", "z.jpg", "zz/", "zz/0.jpg", "zz/1.jpg", "zz/2.jpg",
         "zz/3/4.jpg"]
+EXTS = frozenset(IMAGE_EXTENSIONS)
 OUTSIDE = ["arch.jpg", "arch2/x.jpg", "archive/y.jpg"]
 
 
@@ -81,7 +84,7 @@ def test_listing_in_tasks_gives_the_serial_listing(s3_bucket, ray_workers, monke
     # split as asked, each prefix part listed by a task: one level (6 prefixes), then three
     assert [sum(p.prefix is not None for p in parts) for parts in splits] == [6, 6, 1]
     # tasks in flight bounded by one: the same order still
-    assert list(listing.list_prefix_parallel(uri, target_parts=64, max_in_flight=1)) == list(list_prefix(uri))
+    assert list(listing._ordered(listing.input_parts(uri, list_tasks=64), EXTS, RetryPolicy(), max_in_flight=1)) == serial
 
 
 def test_levels_too_flat_to_split_are_listed_whole(s3_bucket, monkeypatch):
@@ -112,5 +115,27 @@ def test_inventory_data_files_read_in_tasks_give_the_serial_read(s3_bucket, ray_
     manifest = write_inventory(dest, s3_bucket, fmt, _rows(s3_bucket, _listed(s3_bucket)), n_files=3)
     serial = list(iter_inventory(manifest))
     assert len(serial) == 17
-    assert list(listing.iter_inventory_parallel(manifest, max_in_flight=1)) == serial
+    parts = listing.input_parts(manifest, list_tasks=4)
+    assert [p.inventory[1].uri for p in parts] == [f.uri for f in parts[0].inventory[0].files] and len(parts) == 3
+    assert list(listing._ordered(parts, EXTS, RetryPolicy(), max_in_flight=1)) == serial
     assert list(list_inputs(manifest, list_tasks=4)) == list(list_inputs(manifest))
+
+
+def test_planning_in_tasks_gives_the_same_shards_whatever_the_listing(s3_bucket, ray_workers, tmp_path):
+    """make_plan lists in tasks (a split prefix, an inventory's data files, or one serial part) and
+    plans by bucket in tasks: the same shards and counts from every way of listing the same objects."""
+    _put(s3_bucket, [f"arch/{k}" for k in TREE])
+    dest = f"{s3_bucket}-inv"
+    _s3().create_bucket(Bucket=dest)
+    manifest = write_inventory(dest, s3_bucket, "Parquet", _rows(s3_bucket, _listed(s3_bucket)), n_files=3)
+    out = str(tmp_path / "out")
+    run = commit.begin_run(out, {})
+    plans = [plan.make_plan(run, uri, state.current(out), checkpoint_sha256="c" * 64, full=False, target_size=3,
+                            list_tasks=tasks)
+             for uri, tasks in [(f"s3://{s3_bucket}/arch", 4), (f"s3://{s3_bucket}/arch", 0), (manifest, 4)]]
+    assert sum(plans[0].expected.values()) == plans[0].stats.planned == plans[0].stats.new == 17
+    assert len(plans[0].expected) >= 3 and len(plans[0].files) >= 1
+    for p in plans[1:]:
+        assert p.expected == plans[0].expected and p.stats == plans[0].stats
+    rows = pa.concat_tables([pq.read_table(f) for f in plans[0].files])
+    assert sorted(rows.column("image_uri").to_pylist()) == sorted(o.uri for o in list_prefix(f"s3://{s3_bucket}/arch"))

@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds: retry i waits a random time up to min(%(default)s * 2**i, 30)")
     p.add_argument("--list-tasks", type=int, default=DEFAULT_LIST_TASKS,
                    help="list an S3 prefix split on its common prefixes into about this many parts, and an "
-                        "inventory's data files, in Ray tasks (the serial listing's objects and order); 0 lists "
-                        "on the driver")
+                        "inventory's data files one per part, in Ray tasks; 0 lists the whole input in one task")
     p.add_argument("--max-concurrent-reads", type=int, default=DEFAULT_MAX_CONCURRENT_READS,
                    help="decode tasks at once, cluster-wide: each reads one object at a time, so this caps the "
                         "GETs in flight (the default stays within S3's 5,500 GET/s of a partitioned prefix "

@@ -20,8 +20,9 @@ Exactly one row per image per run, across kills and reruns:
 
 * a rerun of the same command resumes the newest unfinished run with the same parameters
   (same run_id), instead of starting a new one;
-* :func:`plan_work` drops images that already have a committed row in that run, so no
-  image is written twice in a run, whatever was listed again;
+* planning (``plan.py``, against the state table of ``state.py``) drops images that already
+  have a committed row in that run, so no image is written twice in a run, whatever was
+  listed again;
 * shards are cut by content (:func:`make_shards`): the cut after an item depends only on
   that item's URI and its position inside its shard, so removing whole committed shards
   from the plan leaves every other shard exactly as before (same shard_id: a shard staged
@@ -29,11 +30,11 @@ Exactly one row per image per run, across kills and reruns:
   appear in the listing between the kill and the rerun change only the shards around
   them (fixed-size chunks would all shift);
 * :meth:`Run.stage` refuses a table that does not hold exactly one row per shard item,
-  and :meth:`Run.finish` refuses to write _SUCCESS if the run's files hold an image twice.
+  and ``state.finish_run`` refuses to write _SUCCESS if the run's files hold an image twice.
 
 Across runs an image has one row per run that processed it; "the latest result per
 image" is the row with the greatest (processed_at, run_id), see DESIGN.md for the DuckDB
-and Spark queries. :func:`committed_state` reads that same latest row per image for
+and Spark queries. The state table (``state.py``) keeps that same latest row per image for
 incremental planning.
 
 One writer per output root at a time: ``pipeline.run_job`` holds the output's writer
@@ -50,10 +51,9 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from . import schema
@@ -138,61 +138,7 @@ def make_shards(
         yield Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
 
 
-# ------------------------------------------------------------------ committed state
-
-class StateEntry(NamedTuple):
-    """The latest committed row of an image (first three fields: the change key)."""
-
-    etag: str | None
-    size: int | None
-    checkpoint_sha256: str | None
-    status: str
-    run_id: str
-    processed_at: _dt.datetime
-    error_kind: str | None = None
-    settings: str | None = None
-
-
-class CommittedState(Mapping[str, StateEntry]):
-    """image_uri -> StateEntry of its latest committed row, plus the images of one run.
-
-    ``in_run`` holds the images with a committed row in the run given to
-    :func:`committed_state` (the run being resumed), whichever row is the latest.
-    Memory: one dict entry per image ever committed (about 200 bytes each).
-    """
-
-    def __init__(self, latest: dict[str, StateEntry], in_run: set[str], run_id: str | None = None):
-        self._latest = latest
-        self.in_run = in_run
-        self.run_id = run_id
-
-    def __getitem__(self, key: str) -> StateEntry:
-        return self._latest[key]
-
-    def __iter__(self):
-        return iter(self._latest)
-
-    def __len__(self) -> int:
-        return len(self._latest)
-
-
-_STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "status", "run_id", "processed_at",
-                  "error_kind", "error", "settings"]
-# Read with this schema so that files written before a column existed give nulls for it.
-_STATE_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in _STATE_COLUMNS])
-
-
-def legacy_error_kind(reason: str | None) -> str:
-    """The error kind of an error row written before ``error_kind`` existed, from its reason:
-    its storage failures (``read failed: ...``, ``cannot stat source: ...``) count as ``read``,
-    so they are planned again; everything else as ``decode``."""
-    reason = reason or ""
-    if reason.startswith("source not found") or reason.startswith("not a file"):
-        return "not_found"
-    if reason.startswith(("read failed", "cannot stat source")):
-        return "read"
-    return "decode"
-
+# ------------------------------------------------------------------ committed files
 
 def committed_files(output_uri: str) -> list[str]:
     """Paths of every committed (visible) Parquet file under the output root."""
@@ -201,100 +147,6 @@ def committed_files(output_uri: str) -> list[str]:
     if not fs.exists(root):
         return []
     return sorted(fs.glob(join(root, VISIBLE_GLOB)))
-
-
-def committed_state(output_uri: str, *, run_id: str | None = None) -> CommittedState:
-    """Latest committed row per image, read from the committed files (state columns only)."""
-    fs, _ = resolve(output_uri)
-    files = committed_files(output_uri)
-    if not files:
-        return CommittedState({}, set(), run_id)
-    table = pads.dataset(files, filesystem=fs, format="parquet", schema=_STATE_SCHEMA).to_table(columns=_STATE_COLUMNS)
-    table = table.sort_by(
-        [("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")]
-    )
-    latest: dict[str, StateEntry] = {}
-    in_run: set[str] = set()
-    cols = [table.column(c).to_pylist() for c in _STATE_COLUMNS]
-    for uri, etag, size, ckpt, status, rid, ts, kind, reason, settings in zip(*cols):
-        if uri not in latest:
-            if status == schema.STATUS_ERROR and kind is None:
-                kind = legacy_error_kind(reason)
-            latest[uri] = StateEntry(etag, size, ckpt, status, rid, ts, kind, settings)
-        if run_id is not None and rid == run_id:
-            in_run.add(uri)
-    return CommittedState(latest, in_run, run_id)
-
-
-# ------------------------------------------------------------------ planning
-
-@dataclass
-class PlanStats:
-    listed: int = 0
-    duplicates: int = 0  # same URI listed twice (list files)
-    done_in_run: int = 0  # already committed by the run being resumed
-    unchanged: int = 0  # incremental: same etag, size and checkpoint as the latest row
-    retry: int = 0  # incremental: unchanged, but the latest row is a storage (retryable) error
-    new: int = 0
-    changed: int = 0
-    planned: int = 0
-
-
-def plan_work(
-    listing: Iterable[SourceObject],
-    state: Mapping[str, Any],
-    checkpoint_sha256: str,
-    full: bool,
-    *,
-    run_id: str | None = None,
-    retry_errors: bool = False,
-    stats: PlanStats | None = None,
-    settings: str | None = None,
-) -> Iterator[SourceObject]:
-    """The listed objects that this run must process, streamed in listing order.
-
-    Dropped: repeats of a URI; images already committed in ``run_id`` (``state.in_run``);
-    unless ``full``, images whose latest committed row has the same etag, size, checkpoint
-    and ``settings`` (the run's output settings, ``schema.settings_key``) and is not a storage error (``schema.RETRYABLE_ERROR_KINDS``: the image was
-    never read); with ``retry_errors``, only images whose latest row is ok. Keeps a set of
-    the URIs seen to drop repeats, so memory grows with the listing's distinct URIs, not
-    its pages.
-    """
-    stats = stats if stats is not None else PlanStats()
-    in_run: set[str] = set()
-    if run_id is not None and hasattr(state, "in_run"):
-        if state.run_id != run_id:
-            raise ValueError(f"state was read for run {state.run_id!r}, planning run {run_id!r}")
-        in_run = state.in_run
-    seen: set[str] = set()
-    for obj in listing:
-        stats.listed += 1
-        if obj.uri in seen:
-            stats.duplicates += 1
-            continue
-        seen.add(obj.uri)
-        if obj.uri in in_run:
-            stats.done_in_run += 1
-            continue
-        entry = state.get(obj.uri)
-        retry = False
-        if not full and entry is not None:
-            same = ((entry[0], entry[1], entry[2]) == (obj.etag, obj.size, checkpoint_sha256)
-                    and getattr(entry, "settings", None) == settings)
-            failed = getattr(entry, "status", schema.STATUS_OK) == schema.STATUS_ERROR
-            retry = failed and (retry_errors or getattr(entry, "error_kind", None) in schema.RETRYABLE_ERROR_KINDS)
-            if same and not retry:
-                stats.unchanged += 1
-                continue
-            retry = same
-        if entry is None:
-            stats.new += 1
-        elif retry:
-            stats.retry += 1
-        else:
-            stats.changed += 1
-        stats.planned += 1
-        yield obj
 
 
 # ------------------------------------------------------------------ runs
@@ -370,7 +222,7 @@ class Run:
     # shards
     def is_staged(self, shard: Shard) -> bool:
         """True if a complete staged file for exactly this shard exists (footer checked)."""
-        fs = self._fs_root[0]
+        fs = self.fs
         path = self.staged_path(shard.shard_id)
         try:
             with fs.open(path, "rb") as f:
@@ -385,7 +237,7 @@ class Run:
     def staged_counts(self, shard_id: str) -> dict:
         """:func:`schema.shard_counts` of a staged shard, from its footer (files staged before the
         counts were recorded there are read whole)."""
-        fs = self._fs_root[0]
+        fs = self.fs
         with fs.open(self.staged_path(shard_id), "rb") as f:
             counts = (pq.read_metadata(f).metadata or {}).get(schema.COUNTS_KEY)
             if counts is not None:
@@ -413,7 +265,7 @@ class Run:
         )
         sink = pa.BufferOutputStream()  # serialise fully before touching storage
         pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
-        fs = self._fs_root[0]
+        fs = self.fs
         path = self.staged_path(shard.shard_id)
         write_atomic(fs, path, sink.getvalue().to_pybytes())
         _step("staged", shard.shard_id)
@@ -421,7 +273,7 @@ class Run:
 
     def commit(self, shard_id: str) -> str:
         """Publish a staged shard under ``run_id=<run_id>/``; idempotent. Returns the path."""
-        fs = self._fs_root[0]
+        fs = self.fs
         staged, visible = self.staged_path(shard_id), self.visible_path(shard_id)
         if is_local(fs):
             os.makedirs(posixpath.dirname(visible), exist_ok=True)
@@ -450,28 +302,21 @@ class Run:
             return []
         return sorted(fs.glob(join(d, "part-*.parquet")))
 
-    def finish(self, extra: Mapping[str, Any] | None = None) -> dict:
+    def finish(self, files: list[dict], extra: Mapping[str, Any] | None = None) -> dict:
         """Write manifest.json, then _SUCCESS (exclusive create), then drop the staging dir.
 
-        Refuses (RuntimeError) if the run's committed files hold an image twice.
-        Returns the manifest.
+        ``files``: the run's committed files (path relative to the output root, rows, bytes), as
+        ``state.fold`` gives them once it has checked that no image has two rows in the run
+        (``state.finish_run`` does both). Returns the manifest.
         """
         fs, root = self._fs_root
-        files = self.committed_files()
-        entries, total = [], 0
-        for path in files:
-            with fs.open(path, "rb") as f:
-                md = pq.read_metadata(f)
-            entries.append({"path": posixpath.relpath(path, root), "rows": md.num_rows,
-                            "bytes": int(fs.size(path))})
-            total += md.num_rows
-        if files:
-            uris = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["image_uri"])
-            distinct = len(set(uris.column("image_uri").to_pylist()))
-            if distinct != uris.num_rows:
-                raise RuntimeError(
-                    f"run {self.run_id}: {uris.num_rows} committed rows but {distinct} distinct images"
-                )
+        listed = {posixpath.relpath(p, root) for p in self.committed_files()}
+        given = {f["path"] for f in files}
+        if given != listed:
+            raise RuntimeError(f"run {self.run_id}: the manifest's files are not the committed files "
+                               f"({len(given)} given, {len(listed)} committed)")
+        entries = [{"path": f["path"], "rows": int(f["rows"]), "bytes": int(f["bytes"])} for f in files]
+        total = sum(e["rows"] for e in entries)
         manifest = {
             "run_id": self.run_id,
             "params": self.params,

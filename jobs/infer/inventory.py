@@ -199,7 +199,7 @@ def iter_data_file(manifest: Manifest, f: DataFile, *, retry: RetryPolicy = Retr
 
 def iter_inventory(uri: str, *, retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """The current objects of an inventory report, one data file in memory at a time
-    (``listing.iter_inventory_parallel`` reads them in Ray tasks)."""
+    (``listing.input_parts`` gives them to Ray tasks, one data file each)."""
     manifest = read_manifest(uri, retry=retry)
     for f in manifest.files:
         yield from iter_data_file(manifest, f, retry=retry)

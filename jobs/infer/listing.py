@@ -41,10 +41,14 @@ TASK_RETRIES = 3  # a lost worker's listing task runs again (its chunks are not 
 
 @dataclass(frozen=True)
 class Part:
-    """One piece of a split listing: objects already listed, or a prefix (``s3://b/p/``) to list."""
+    """One piece of the input listing: objects already listed (by a prefix split), a prefix
+    (``s3://b/p/``) to list whole, an inventory data file (``(manifest, data file)``), or the
+    whole input (``serial``: its URI) listed serially."""
 
     objects: tuple[SourceObject, ...] = ()
     prefix: Optional[str] = None
+    inventory: Optional[tuple] = None
+    serial: Optional[str] = None
 
 
 def _is_s3(fs) -> bool:
@@ -118,74 +122,73 @@ def split_prefix(uri: str, *, target_parts: int = DEFAULT_TARGET_PARTS, max_dept
     return parts
 
 
-def _chunks(objects: Iterable[SourceObject], size: int) -> Iterator[list[tuple]]:
-    chunk: list[tuple] = []
-    for o in objects:
-        chunk.append((o.uri, o.etag, o.size))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def input_parts(uri: str, *, list_tasks: int = DEFAULT_TARGET_PARTS, retry: RetryPolicy = RetryPolicy()) -> list[Part]:
+    """``--input`` as parts that tasks list independently (their objects together are the input's):
+    an inventory's data files, an S3 prefix split on its common prefixes (``list_tasks`` > 0),
+    or else one part, the whole input listed serially."""
+    from . import inventory  # it builds on this module's storage helpers
+
+    if list_tasks > 0 and inventory.is_manifest(uri):
+        manifest = inventory.read_manifest(uri, retry=retry)
+        return [Part(inventory=(manifest, f)) for f in manifest.files]
+    if list_tasks > 0 and not is_list_file(uri) and _is_s3(resolve(uri)[0]):
+        return split_prefix(uri, target_parts=list_tasks, retry=retry)
+    return [Part(serial=uri)]
 
 
-def list_prefix_task(prefix: str, retry: RetryPolicy, page_size: int) -> Iterator[list[tuple]]:
-    """Every object under ``prefix``, a page of (uri, etag, size) at a time (a Ray streaming task)."""
-    fs, path = resolve(prefix)
-    yield from _chunks(walk_s3(fs, path, page_size, retry), page_size)
+def part_objects(part: Part, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                 retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
+    """The inputs of one part, in listing order (a serial part: :func:`list_inputs`' serial listing)."""
+    if part.serial is not None:
+        yield from list_inputs(part.serial, extensions=extensions, retry=retry)
+        return
+    exts = frozenset(e.lower() for e in extensions)
+    if part.inventory is not None:
+        from .inventory import iter_data_file
+
+        listed: Iterable[SourceObject] = iter_data_file(*part.inventory, retry=retry)
+    elif part.prefix is not None:
+        fs, path = resolve(part.prefix)
+        listed = walk_s3(fs, path, CHUNK, retry)
+    else:
+        listed = part.objects
+    for obj in listed:
+        if has_extension(obj.uri, exts):
+            yield obj
 
 
-def inventory_file_task(manifest, data_file, retry: RetryPolicy, chunk: int) -> Iterator[list[tuple]]:
-    """The current objects of one inventory data file, in chunks (a Ray streaming task)."""
-    from .inventory import iter_data_file
+def part_task(part: Part, extensions: frozenset, retry: RetryPolicy, chunk: int) -> Iterator[list[SourceObject]]:
+    """The inputs of one part, ``chunk`` at a time (a Ray streaming task)."""
+    batch: list[SourceObject] = []
+    for obj in part_objects(part, extensions=extensions, retry=retry):
+        batch.append(obj)
+        if len(batch) == chunk:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    yield from _chunks(iter_data_file(manifest, data_file, retry=retry), chunk)
 
-
-def _ordered(jobs: list[tuple[tuple[SourceObject, ...], Optional[tuple]]], remote,
-             max_in_flight: int) -> Iterator[SourceObject]:
-    """The objects of ``jobs`` in order. A job is (objects, None), objects already listed, or
-    ((), args): a streaming task ``remote.remote(*args)``, started at most ``max_in_flight``
-    jobs before the driver reaches it."""
+def _ordered(parts: list[Part], extensions: frozenset, retry: RetryPolicy,
+             max_in_flight: int = MAX_TASKS_IN_FLIGHT) -> Iterator[SourceObject]:
+    """The inputs of ``parts`` in order; a part with objects of its own is taken here, the others
+    are listed by streaming tasks started at most ``max_in_flight`` parts before the driver
+    reaches them."""
     import ray
 
-    running: dict[int, Any] = {}  # job index -> the streaming generator of its task
+    remote = ray.remote(num_returns="streaming", max_retries=TASK_RETRIES)(part_task)
+    running: dict[int, Any] = {}  # part index -> the streaming generator of its task
     next_start = 0
-    for i, (objects, args) in enumerate(jobs):
-        while next_start < len(jobs) and next_start <= i + max_in_flight:
-            if jobs[next_start][1] is not None:
-                running[next_start] = remote.remote(*jobs[next_start][1])
+    for i, part in enumerate(parts):
+        while next_start < len(parts) and next_start <= i + max_in_flight:
+            if not parts[next_start].objects:
+                running[next_start] = remote.remote(parts[next_start], extensions, retry, CHUNK)
             next_start += 1
-        if args is None:
-            yield from objects
+        if part.objects:
+            yield from part_objects(part, extensions=extensions, retry=retry)
             continue
         for ref in running.pop(i):
-            for uri, etag, size in ray.get(ref):
-                yield SourceObject(uri, etag, size)
-
-
-def list_prefix_parallel(uri: str, *, target_parts: int = DEFAULT_TARGET_PARTS, max_depth: int = DEFAULT_MAX_DEPTH,
-                         retry: RetryPolicy = RetryPolicy(), max_in_flight: int = MAX_TASKS_IN_FLIGHT
-                         ) -> Iterator[SourceObject]:
-    """Every object under the S3 prefix ``uri``, in serial listing order, listed by Ray tasks."""
-    import ray
-
-    remote = ray.remote(num_returns="streaming", max_retries=TASK_RETRIES)(list_prefix_task)
-    jobs = [(p.objects, None) if p.prefix is None else ((), (p.prefix, retry, CHUNK))
-            for p in split_prefix(uri, target_parts=target_parts, max_depth=max_depth, retry=retry)]
-    yield from _ordered(jobs, remote, max_in_flight)
-
-
-def iter_inventory_parallel(uri: str, *, retry: RetryPolicy = RetryPolicy(),
-                            max_in_flight: int = MAX_TASKS_IN_FLIGHT) -> Iterator[SourceObject]:
-    """The current objects of an inventory report, in manifest order, one data file per Ray task."""
-    import ray
-
-    from .inventory import read_manifest
-
-    manifest = read_manifest(uri, retry=retry)
-    remote = ray.remote(num_returns="streaming", max_retries=TASK_RETRIES)(inventory_file_task)
-    yield from _ordered([((), (manifest, f, retry, CHUNK)) for f in manifest.files], remote, max_in_flight)
+            yield from ray.get(ref)
 
 
 def can_list_in_parallel(uri: str) -> bool:
@@ -222,16 +225,16 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     exts = frozenset(e.lower() for e in extensions)
     from . import inventory  # it builds on this module's storage helpers
 
-    parallel = list_tasks > 0 and can_list_in_parallel(uri)
+    if list_tasks > 0 and can_list_in_parallel(uri):
+        yield from _ordered(input_parts(uri, list_tasks=list_tasks, retry=retry), exts, retry)
+        return
     if inventory.is_manifest(uri):
-        listed = (iter_inventory_parallel(uri, retry=retry) if parallel
-                  else inventory.iter_inventory(uri, retry=retry))
+        listed: Iterable[SourceObject] = inventory.iter_inventory(uri, retry=retry)
     elif is_list_file(uri):
         yield from stat_uris(iter_list_file(uri), retry=retry)
         return
     else:
-        listed = (list_prefix_parallel(uri, target_parts=list_tasks, retry=retry) if parallel
-                  else list_prefix(uri, retry=retry))
+        listed = list_prefix(uri, retry=retry)
     for obj in listed:
         if has_extension(obj.uri, exts):
             yield obj

@@ -2,13 +2,12 @@
 
 Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 
-1. ``begin_run`` (resumes the same command's unfinished run), read the committed state,
-   stream the listing through ``plan_work`` and ``make_shards``.
-2. Shards already staged by a killed attempt are committed at once. The others' items
-   are written, in chunks of ``PLAN_CHUNK_ROWS`` rows, to a plan manifest
-   ``_staging/<run_id>/plan-<uuid>/plan-NNNNN.parquet`` (image_uri, source_etag,
-   source_size, error, error_kind, shard_id: the output's column names): the driver never
-   holds the listing in one Python list, only a shard_id -> row count map and one chunk.
+1. ``begin_run`` (resumes the same command's unfinished run), fold a killed attempt's commits
+   into the state table (``state.fold``), and plan by hash bucket in Ray tasks
+   (``plan.make_plan``): the listing and the state meet bucket by bucket, and the plan is
+   written as Parquet files of items with their shard (``plan.PLAN_SCHEMA``). The driver
+   holds paths and a shard_id -> item count map, never an object or a state row.
+2. Shards already staged by a killed attempt are committed at once.
 3. ``read_parquet(plan)`` -> ``map_batches(decode_batch)`` (CPU tasks; ``num_cpus``
    differs from the model stage so Ray does not fuse decoding into the actor) ->
    ``map_batches(PredictorActor, compute=ActorPoolStrategy(size=n))`` ->
@@ -23,7 +22,9 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
    (``JobConfig.passes``); only the last pass commits what still fails, as rows the next run
    plans again. :class:`StorageHealth` watches the parts as they are written and stops the
    run (:class:`StorageOutage`, exit 2) when most reads fail, before any of theirs is committed.
-5. Summary (printed, ``_runs/<run_id>/summary.json``), manifest and ``_SUCCESS``.
+5. Summary (printed, ``_runs/<run_id>/summary.json``), the state folded again (``state.finish_run``:
+   it also checks the run holds no image twice and gives the manifest its files), manifest and
+   ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -35,23 +36,23 @@ import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import commit, schema
+from . import commit, schema, state
 from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
-from .listing import DEFAULT_TARGET_PARTS, list_inputs
+from .listing import DEFAULT_TARGET_PARTS
 from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
 from .parts import finalize_shard, remote_finalize, write_parts
-from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve, write_atomic
+from .plan import PLAN_SCHEMA, ListingError, make_plan
+from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve
+from .state import write_table
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
-PLAN_CHUNK_ROWS = 50_000
 # Rows per block between the plan and the model: a plan file reads as one block, which would
 # make one decode task feed every actor; blocks of a few batches spread the work over the
 # decode tasks and the actor pool, and stay cheap to schedule.
@@ -77,10 +78,7 @@ DEFAULT_MAX_CONCURRENT_READS = 512
 # write tasks at once: parts of a few hundred rows keep the PUTs few and the shard merges cheap.
 WRITE_BATCH_ROWS = 256
 WRITE_TASKS = 4
-PLAN_SCHEMA = pa.schema(
-    [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
-     ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
-)
+
 
 
 class InfraError(RuntimeError):
@@ -235,47 +233,24 @@ def _check_input(uri: str) -> None:
         raise InfraError(f"cannot reach input {uri}: {describe_error(e)}") from None
 
 
-def _write_plan(run: commit.Run, shards: Iterable[commit.Shard], summary: RunSummary, *,
-                reuse_staged: bool = True) -> tuple[list[str], dict[str, int]]:
-    """Commit already-staged shards (``reuse_staged``); write the others' items to plan files.
+def _write_plan(run: commit.Run, shards: Iterable[commit.Shard]) -> tuple[list[str], dict[str, int]]:
+    """The items of ``shards`` (a pass over deferred shards: few) as a plan file.
 
-    Returns (plan file paths, shard_id -> item count of the shards to compute).
-    """
+    Returns (plan file paths, shard_id -> item count)."""
     fs, root = resolve(run.output_uri)
-    plan_dir = join(root, commit.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}")
-    files: list[str] = []
-    expected: dict[str, int] = {}
     cols: dict[str, list] = {k: [] for k in PLAN_SCHEMA.names}
-
-    def flush() -> None:
-        if not cols["image_uri"]:
-            return
-        path = join(plan_dir, f"plan-{len(files):05d}.parquet")
-        table = pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        write_atomic(fs, path, sink.getvalue().to_pybytes())
-        files.append(path)
-        for v in cols.values():
-            v.clear()
-
+    expected: dict[str, int] = {}
     for shard in shards:
-        if reuse_staged and run.is_staged(shard):
-            summary.add_shard(run.staged_counts(shard.shard_id), reused=True)
-            run.commit(shard.shard_id)
-            continue
         expected[shard.shard_id] = len(shard.items)
         for o in shard.items:
-            cols["image_uri"].append(o.uri)
-            cols["source_etag"].append(o.etag)
-            cols["source_size"].append(-1 if o.size is None else o.size)
-            cols["error"].append(o.error)
-            cols["error_kind"].append(o.error_kind)
-            cols[SHARD_COLUMN].append(shard.shard_id)
-        if len(cols["image_uri"]) >= PLAN_CHUNK_ROWS:
-            flush()
-    flush()
-    return files, expected
+            for name, value in zip(PLAN_SCHEMA.names, (o.uri, o.etag, -1 if o.size is None else o.size, o.error,
+                                                        o.error_kind, shard.shard_id)):
+                cols[name].append(value)
+    if not expected:
+        return [], {}
+    path = join(root, commit.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}", "plan-retry.parquet")
+    write_table(fs, path, pa.Table.from_pydict(cols, schema=PLAN_SCHEMA))
+    return [path], expected
 
 
 def pool_size(cfg: JobConfig, resources: dict[str, float]) -> int:
@@ -436,16 +411,6 @@ def _commit_results(run: commit.Run, parts, expected: dict[str, int], summary: R
     return deferred
 
 
-def _listing(cfg: JobConfig) -> Iterator[SourceObject]:
-    """The input listing; a listing that fails (after its retries) is an InfraError."""
-    try:
-        yield from list_inputs(cfg.input, retry=cfg.read_retry, list_tasks=cfg.list_tasks)
-    except FileNotFoundError as e:
-        raise InfraError(f"input not found: {' '.join(str(e).split())}") from None
-    except Exception as e:  # noqa: BLE001
-        raise InfraError(f"cannot list input {cfg.input}: {describe_error(e)}") from None
-
-
 def _output_error(output: str, e: Exception) -> InfraError:
     return InfraError(f"cannot write to output {output}: {describe_error(e)}")
 
@@ -495,13 +460,23 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
     run = dataclasses.replace(run, file_metadata=ckpt.file_metadata())
     lease.info["run"] = run.run_id
     summary = RunSummary(run.run_id, resumed=run.resumed)
-    stats = commit.PlanStats()
-    state = commit.committed_state(cfg.output, run_id=run.run_id)
-    items = commit.plan_work(_listing(cfg), state, ckpt.sha256, cfg.full, run_id=run.run_id, stats=stats,
-                             settings=settings_of(cfg))
-    shards = commit.make_shards(items, checkpoint_sha256=ckpt.sha256, target_size=cfg.images_per_shard)
-    plan_files, expected = _write_plan(run, shards, summary)
-    summary.add_plan(stats)
+    try:
+        version = state.fold(cfg.output, check_run=run.run_id)  # a killed attempt's commits, if any
+    except RuntimeError:
+        raise  # an image committed twice in this run: the message says so
+    except Exception as e:  # noqa: BLE001
+        raise _output_error(cfg.output, e) from None
+    try:
+        plan = make_plan(run, cfg.input, version, checkpoint_sha256=ckpt.sha256, full=cfg.full,
+                         settings=settings_of(cfg), target_size=cfg.images_per_shard, list_tasks=cfg.list_tasks,
+                         retry=cfg.read_retry)
+    except ListingError as e:
+        raise InfraError(f"input not found: {e}" if e.missing else f"cannot list input {cfg.input}: {e}") from None
+    for sid, counts in plan.staged.items():  # staged by a killed attempt: committed as they are
+        summary.add_shard(counts, reused=True)
+        run.commit(sid)
+    plan_files, expected = plan.files, plan.expected
+    summary.add_plan(plan.stats)
     total, committed = sum(expected.values()), 0
 
     def committed_more(n: int) -> None:
@@ -525,10 +500,10 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
                                finalize=finalize, may_commit=lease.check, progress=committed_more)
         # the next pass reads only the failed items, under their shard's id
         retry_shards = (commit.Shard(sid, d.retry) for sid, d in held.items())
-        plan_files, expected = _write_plan(run, retry_shards, summary, reuse_staged=False) if held else ([], {})
+        plan_files, expected = _write_plan(run, retry_shards)
     lease.check()
     summary.finish().write(cfg.output)
     keypoints = {"keypoint_names": list(ckpt.keypoint_names),
                  "keypoint_skeleton": [list(p) for p in ckpt.keypoint_skeleton or ()]} if ckpt.keypoint_names else None
-    manifest = run.finish(keypoints)
+    manifest = state.finish_run(run, keypoints)
     return summary, manifest

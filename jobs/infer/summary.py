@@ -21,7 +21,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..storage import join, resolve, write_atomic
-from .commit import PlanStats, RUNS_DIR
+from .commit import RUNS_DIR
+from .plan import PlanStats
 
 TOP_ERRORS = 10
 

@@ -1,0 +1,309 @@
+"""The committed state as a table: the latest committed row of every image, by hash bucket of its URI.
+
+Incremental planning needs, for every image ever committed, its latest row's change key
+(etag, size, checkpoint, settings) and status. Read from every committed file into one dict
+on the driver, that grows with the archive (1.8 s per 100k images, ~200 bytes each); here it
+is a table kept next to the output, brought up to date by a *fold* and read bucket by bucket
+by the planning tasks (``plan.py``)::
+
+    OUT/_state/current.json                        {"generation": ..., "buckets": B, "rows": N}
+    OUT/_state/<generation>/bucket-NNNN.parquet    the state rows of one bucket, sorted by image_uri
+    OUT/_state/<generation>/covered.parquet        the committed files folded in (path, run_id, rows, bytes)
+
+A fold reads the committed files the current generation does not cover yet (state columns
+only) in map tasks that split their rows by bucket (``bucket_ids``: a keyed BLAKE2b of the URI
+modulo B), then one reduce task per bucket merges the old bucket file with its new rows and
+keeps, per image, the latest row (greatest ``processed_at``, then ``run_id``), and also every
+row of an unfinished run (a resumed run must know each image it already committed, even where
+another run's row is newer). The new generation becomes current by one atomic write of
+``current.json``; a fold killed before that leaves an unreferenced folder, removed by the next
+fold. Committed files never change once visible, so "covered" is a list of paths.
+
+The job folds before planning (bringing in the files of a killed run) and before finishing a
+run (so the state is current after every finished run, and the run's manifest takes its file
+list and row counts from the fold). Every fold checks that the run it is given holds no image
+twice, over all its rows, and refuses (RuntimeError) before switching generations.
+Readers (pyarrow, Spark, DuckDB) skip ``_state`` like every ``_`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from . import commit, schema
+from .tasks import run_tasks
+from ..storage import join, read_json, resolve, write_atomic
+
+STATE_DIR = "_state"
+CURRENT_NAME = "current.json"
+COVERED_NAME = "covered.parquet"
+DEFAULT_BUCKETS = 64  # fixed when the state is first written; a bucket holds ~1/64 of the archive
+MAP_TASKS = 64  # groups of committed files read per fold, at most
+_HASH_KEY = b"mrcnn-state"
+
+STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status", "error_kind",
+                 "run_id", "processed_at"]
+STATE_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in STATE_COLUMNS])
+# read from committed files with this schema, so files written before a column existed give nulls
+_READ_COLUMNS = STATE_COLUMNS + ["error"]
+_READ_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in _READ_COLUMNS])
+COVERED_SCHEMA = pa.schema([("path", pa.string()), ("run_id", pa.string()), ("rows", pa.int64()),
+                            ("bytes", pa.int64())])
+
+
+def bucket_ids(uris: Iterable[str], buckets: int) -> np.ndarray:
+    """The state bucket of each URI (stable across runs, machines and Python versions)."""
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8, key=_HASH_KEY).digest(), "big") % buckets
+         for u in uris), dtype=np.int32)
+
+
+def split_by_bucket(table: pa.Table, buckets: int) -> Iterable[tuple[int, pa.Table]]:
+    """(bucket, rows of that bucket) for every bucket ``table``'s ``image_uri`` values fall in."""
+    if table.num_rows == 0:
+        return
+    ids = bucket_ids(table.column("image_uri").to_pylist(), buckets)
+    order = np.argsort(ids, kind="stable")
+    table = table.take(pa.array(order))
+    ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    for s, e in zip(starts, ends):
+        yield int(ids[s]), table.slice(int(s), int(e - s))
+
+
+def write_table(fs, path: str, table: pa.Table) -> None:
+    """One Parquet file, serialised in memory and written atomically."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def read_table(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def legacy_error_kind(reason: Optional[str]) -> str:
+    """The error kind of an error row written before ``error_kind`` existed, from its reason:
+    its storage failures (``read failed: ...``, ``cannot stat source: ...``) count as ``read``,
+    so they are planned again; everything else as ``decode``."""
+    reason = reason or ""
+    if reason.startswith("source not found") or reason.startswith("not a file"):
+        return "not_found"
+    if reason.startswith(("read failed", "cannot stat source")):
+        return "read"
+    return "decode"
+
+
+def state_rows(table: pa.Table) -> pa.Table:
+    """The state columns of committed rows (``_READ_COLUMNS``), error kinds of older rows derived."""
+    kinds = table.column("error_kind")
+    missing = pc.and_(pc.equal(table.column("status"), schema.STATUS_ERROR), pc.is_null(kinds))
+    if pc.any(missing).as_py():
+        reasons = table.column("error").to_pylist()
+        filled = [legacy_error_kind(r) if m else k
+                  for k, r, m in zip(kinds.to_pylist(), reasons, missing.to_pylist())]
+        table = table.set_column(table.schema.get_field_index("error_kind"), "error_kind",
+                                 pa.array(filled, pa.string()))
+    return table.select(STATE_COLUMNS).cast(STATE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class StateVersion:
+    """One generation of the state table (``current.json``)."""
+
+    output_uri: str
+    generation: Optional[str]  # None: nothing committed yet
+    buckets: int
+    rows: int = 0
+
+    def _dir(self) -> str:
+        return join(resolve(self.output_uri)[1], STATE_DIR, self.generation or "")
+
+    def bucket_path(self, bucket: int) -> Optional[str]:
+        return None if self.generation is None else join(self._dir(), f"bucket-{bucket:04d}.parquet")
+
+    def covered(self) -> pa.Table:
+        """The committed files this generation holds (``COVERED_SCHEMA``)."""
+        if self.generation is None:
+            return COVERED_SCHEMA.empty_table()
+        fs, _ = resolve(self.output_uri)
+        return read_table(fs, join(self._dir(), COVERED_NAME))
+
+    def files_of(self, run_id: str) -> list[dict]:
+        """The committed files of one run with their row counts and sizes, for its manifest."""
+        t = self.covered()
+        t = t.filter(pc.equal(t.column("run_id"), run_id)).sort_by("path")
+        return [{"path": p, "rows": r, "bytes": b}
+                for p, r, b in zip(*(t.column(c).to_pylist() for c in ("path", "rows", "bytes")))]
+
+
+def current(output_uri: str) -> StateVersion:
+    """The current generation (an empty version when the state was never written)."""
+    fs, root = resolve(output_uri)
+    path = join(root, STATE_DIR, CURRENT_NAME)
+    try:
+        meta = read_json(fs, path)
+    except FileNotFoundError:
+        return StateVersion(output_uri, None, DEFAULT_BUCKETS)
+    return StateVersion(output_uri, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)))
+
+
+def _run_of(relpath: str) -> str:
+    head = relpath.split("/", 1)[0]
+    return head.split("=", 1)[1] if head.startswith(commit.PARTITION_KEY + "=") else ""
+
+
+def fold_map(output_uri: str, paths: list[str], buckets: int, spill_dir: str, name: str) -> dict:
+    """Read committed files (state columns) and write their rows split by bucket, one spill file
+    per bucket. Returns the files' (path, run_id, rows, bytes) and the spills by bucket."""
+    fs, root = resolve(output_uri)
+    tables, files = [], []
+    for path in paths:
+        t = pads.dataset([path], filesystem=fs, format="parquet", schema=_READ_SCHEMA).to_table(columns=_READ_COLUMNS)
+        rel = posixpath.relpath(path, root)
+        files.append((rel, _run_of(rel), t.num_rows, int(fs.size(path))))
+        tables.append(state_rows(t))
+    spills = {}
+    for b, rows in split_by_bucket(pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table(), buckets):
+        spills[b] = join(spill_dir, f"b{b:04d}-{name}.parquet")
+        write_table(fs, spills[b], rows)
+    return {"files": files, "spills": spills}
+
+
+def collapse(table: pa.Table, keep_runs: Iterable[str]) -> pa.Table:
+    """Per image the latest row (greatest processed_at, then run_id), plus the rows of ``keep_runs``;
+    sorted by image_uri."""
+    table = table.sort_by([("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
+    uris = table.column("image_uri")
+    n = table.num_rows
+    if n == 0:
+        return table
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    keep_runs = list(keep_runs)
+    if keep_runs:
+        first |= pc.is_in(table.column("run_id"), pa.array(keep_runs, pa.string())).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(first))
+
+
+def repeated_images(table: pa.Table, run_id: str) -> tuple[int, Optional[str]]:
+    """(images with more than one row of ``run_id``, one of them)."""
+    mine = table.filter(pc.equal(table.column("run_id"), run_id)).column("image_uri")
+    counts = pc.value_counts(mine)
+    twice = counts.filter(pc.greater(counts.field("counts"), 1))
+    return len(twice), (twice.field("values")[0].as_py() if len(twice) else None)
+
+
+def fold_reduce(output_uri: str, base: Optional[str], spills: list[str], out: str, keep_runs: list[str],
+                check_run: Optional[str]) -> dict:
+    """One bucket's new state: its old rows and new rows collapsed (:func:`collapse`) and written to
+    ``out``. Returns its row count and the images ``check_run`` holds twice."""
+    fs, _ = resolve(output_uri)
+    tables = [read_table(fs, p).cast(STATE_SCHEMA) for p in ([base] if base else []) + spills]
+    table = pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table()
+    repeated, example = repeated_images(table, check_run) if check_run else (0, None)
+    table = collapse(table, keep_runs)
+    write_table(fs, out, table)
+    return {"rows": table.num_rows, "repeated": repeated, "example": example}
+
+
+def check_bucket(output_uri: str, path: str, run_id: str) -> dict:
+    """The images of one state bucket that ``run_id`` holds twice (a task)."""
+    fs, _ = resolve(output_uri)
+    repeated, example = repeated_images(read_table(fs, path, ["image_uri", "run_id"]), run_id)
+    return {"repeated": repeated, "example": example}
+
+
+def _refuse_repeats(run_id: Optional[str], results: list[dict]) -> None:
+    repeated = sum(r["repeated"] for r in results)
+    if repeated:
+        example = next(r["example"] for r in results if r["repeated"])
+        raise RuntimeError(f"run {run_id}: {repeated} images have more than one committed row (e.g. {example})")
+
+
+def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEFAULT_BUCKETS) -> StateVersion:
+    """Bring the state table up to date with every committed file; return the current version.
+
+    A no-op when every committed file is covered. ``check_run``: refuse (RuntimeError, the state
+    left as it was) if that run's rows hold an image twice. ``buckets`` applies only when the
+    state is first written.
+    """
+    fs, root = resolve(output_uri)
+    cur = current(output_uri)
+    covered = cur.covered()
+    done = set(covered.column("path").to_pylist())
+    new = [p for p in commit.committed_files(output_uri) if posixpath.relpath(p, root) not in done]
+    if not new and cur.generation is None:
+        return cur  # nothing committed yet: no state to write
+    if not new:
+        if check_run:  # the folds that brought the run's rows in may not have checked them
+            _refuse_repeats(check_run, run_tasks(check_bucket, [(output_uri, cur.bucket_path(b), check_run)
+                                                                for b in range(cur.buckets)]))
+        return cur
+    buckets = cur.buckets if cur.generation is not None else buckets
+    generation = f"g-{commit.new_run_id()}"
+    gen_dir = join(root, STATE_DIR, generation)
+    spill_dir = join(gen_dir, "spill")
+    n_groups = min(len(new), MAP_TASKS)
+    groups = [new[i * len(new) // n_groups:(i + 1) * len(new) // n_groups] for i in range(n_groups)]
+    mapped = run_tasks(fold_map, [(output_uri, g, buckets, spill_dir, f"{i:04d}") for i, g in enumerate(groups)])
+    spills: dict[int, list[str]] = {}
+    for m in mapped:
+        for b, path in m["spills"].items():
+            spills.setdefault(b, []).append(path)
+    keep_runs = [r.run_id for r in commit.list_runs(output_uri) if not r.finished]
+    version = StateVersion(output_uri, generation, buckets)
+    reduced = run_tasks(fold_reduce, [(output_uri, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
+                                       keep_runs, check_run) for b in range(buckets)])
+    _refuse_repeats(check_run, reduced)
+    files = [f for m in mapped for f in m["files"]]
+    new_files = pa.Table.from_pydict({n: [f[i] for f in files] for i, n in enumerate(COVERED_SCHEMA.names)},
+                                     schema=COVERED_SCHEMA)
+    write_table(fs, join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))
+    rows = sum(r["rows"] for r in reduced)
+    write_atomic(fs, join(root, STATE_DIR, CURRENT_NAME),
+                 (json.dumps({"generation": generation, "buckets": buckets, "rows": rows}, indent=1) + "\n").encode())
+    commit._step("state", generation)
+    _remove_others(fs, join(root, STATE_DIR), generation)
+    return StateVersion(output_uri, generation, buckets, rows)
+
+
+def _remove_others(fs, state_dir: str, generation: str) -> None:
+    """Delete older generations, stray folders of killed folds and this fold's spills (best effort:
+    what is left is removed by the next fold)."""
+    try:
+        entries = fs.ls(state_dir, detail=False)
+    except FileNotFoundError:
+        return
+    for path in entries:
+        name = posixpath.basename(path.rstrip("/"))
+        if name.startswith("g-") and name != generation:
+            try:
+                fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+    try:
+        fs.rm(join(state_dir, generation, "spill"), recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def finish_run(run: commit.Run, extra: Optional[dict] = None) -> dict:
+    """Fold the run's last commits into the state (checking it holds no image twice), then write its
+    manifest and ``_SUCCESS`` (``Run.finish``). Returns the manifest."""
+    version = fold(run.output_uri, check_run=run.run_id)
+    return run.finish(version.files_of(run.run_id), extra)
