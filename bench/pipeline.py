@@ -50,7 +50,7 @@ def make_inputs(d: str, n: int, h: int, w: int) -> list[str]:
         # smooth noise: compresses like a photo, not like white noise
         small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((w, h), Image.BILINEAR).save(os.path.join(d, f"im{i:05d}.jpg"), quality=90)
-    return sorted(o.uri for o in list_inputs(d))
+    return sorted(o.image_uri for o in list_inputs(d))
 
 
 def make_weights(path: str) -> str:

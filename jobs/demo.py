@@ -217,10 +217,10 @@ def main(argv=None) -> int:
 
     steps.start("local S3 endpoint (moto) and Ray cluster")
     with LocalServices(args.num_cpus, logs) as svc:
-        import fsspec
+        from jobs.storage import resolve
 
         steps.done(f"{svc.endpoint}, Ray dashboard {svc.address}")
-        s3 = fsspec.filesystem("s3", client_kwargs={"endpoint_url": svc.endpoint})
+        s3, _ = resolve(f"s3://{BUCKET}", {"endpoint_url": svc.endpoint})
         s3.mkdir(BUCKET)
 
         steps.start("synthetic archive")

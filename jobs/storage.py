@@ -2,7 +2,7 @@
 JSON reads, streamed listings, bounded object reads, failure classification and retries.
 
 Everything goes through fsspec, so ``s3://``, ``gs://``, ``memory://`` and local paths
-work alike. Listings are generators of :class:`SourceObject` (uri, etag, size) that yield
+work alike. Listings are generators of :class:`SourceObject` (image_uri, source_etag, source_size) that yield
 as the store answers; nothing here builds the whole listing as a list:
 
 * S3: one ``ListObjectsV2`` page (1000 keys) at a time through s3fs's client, so a
@@ -67,16 +67,17 @@ DEFAULT_MAX_BYTES = 256 * 2**20  # a single image file larger than this is an er
 
 @dataclass(frozen=True, slots=True)
 class SourceObject:
-    """One input: canonical URI, change token and size (None when unknown).
+    """One input: canonical URI, change token and size (None when unknown), under the names of
+    the output's columns for them (the plan files and the result rows use the same).
 
     ``error`` is set when the object could not even be stat'ed (e.g. a list-file entry
     that does not exist), with its error kind in ``error_kind``; the job turns such items
     into error rows (or, for a storage kind, tries to read them anyway).
     """
 
-    uri: str
-    etag: str | None
-    size: int | None
+    image_uri: str
+    source_etag: str | None
+    source_size: int | None
     error: str | None = None
     error_kind: str | None = None
 

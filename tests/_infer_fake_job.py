@@ -58,13 +58,13 @@ def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None
         rows = []
         for obj in shard.items:
             if calls is not None:
-                calls.append(obj.uri)
-            meta = dict(image_uri=obj.uri, source_etag=obj.etag, source_size=obj.size,
+                calls.append(obj.image_uri)
+            meta = dict(image_uri=obj.image_uri, source_etag=obj.source_etag, source_size=obj.source_size,
                         model_name=MODEL, checkpoint_sha256=ckpt, run_id=run.run_id)
             try:
                 if obj.error:
                     raise ReadError(obj.error, obj.error_kind or "read")
-                img = decode_image(read_object(obj.uri), max_pixels=10_000_000, max_aspect=20)
+                img = decode_image(read_object(obj.image_uri), max_pixels=10_000_000, max_aspect=20)
                 rows.append(schema.ok_row(fake_predict(img), width=img.shape[1], height=img.shape[0], **meta))
             except (ReadError, DecodeError) as e:
                 rows.append(schema.error_row(reason=e.reason, kind=e.kind, **meta))

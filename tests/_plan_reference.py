@@ -110,17 +110,17 @@ def plan_work(
     seen: set[str] = set()
     for obj in listing:
         stats.listed += 1
-        if obj.uri in seen:
+        if obj.image_uri in seen:
             stats.duplicates += 1
             continue
-        seen.add(obj.uri)
-        if obj.uri in in_run:
+        seen.add(obj.image_uri)
+        if obj.image_uri in in_run:
             stats.done_in_run += 1
             continue
-        entry = state.get(obj.uri)
+        entry = state.get(obj.image_uri)
         retry = False
         if not full and entry is not None:
-            same = ((entry[0], entry[1], entry[2]) == (obj.etag, obj.size, checkpoint_sha256)
+            same = ((entry[0], entry[1], entry[2]) == (obj.source_etag, obj.source_size, checkpoint_sha256)
                     and getattr(entry, "settings", None) == settings)
             failed = getattr(entry, "status", schema.STATUS_OK) == schema.STATUS_ERROR
             retry = failed and (retry_errors or getattr(entry, "error_kind", None) in schema.RETRYABLE_ERROR_KINDS)

@@ -86,7 +86,7 @@ def backend(request, tmp_path):
 
 
 def all_input_uris(inp):
-    return sorted(o.uri for o in list_inputs(inp))
+    return sorted(o.image_uri for o in list_inputs(inp))
 
 
 def visible(out):
@@ -164,7 +164,7 @@ def test_shard_id_depends_on_content_and_checkpoint_not_order():
     a = items(5)
     assert commit.shard_id_for(a, CKPT) == commit.shard_id_for(a[::-1], CKPT)
     assert commit.shard_id_for(a, CKPT) != commit.shard_id_for(a, "b" * 64)
-    changed = a[:4] + [SourceObject(a[4].uri, "other-etag", a[4].size)]
+    changed = a[:4] + [SourceObject(a[4].image_uri, "other-etag", a[4].source_size)]
     assert commit.shard_id_for(a, CKPT) != commit.shard_id_for(changed, CKPT)
 
 
@@ -376,7 +376,7 @@ def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):
 
 def _rows(run, objs):
     return schema.rows_to_table([
-        schema.error_row(image_uri=o.uri, source_etag=o.etag, source_size=o.size, reason="x", kind="decode",
+        schema.error_row(image_uri=o.image_uri, source_etag=o.source_etag, source_size=o.source_size, reason="x", kind="decode",
                          model_name="m", checkpoint_sha256=CKPT, run_id=run.run_id)
         for o in objs
     ])

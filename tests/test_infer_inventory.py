@@ -29,7 +29,7 @@ CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, LastModifi
 
 
 def _sorted(objs):
-    return sorted(((o.uri, o.etag, o.size) for o in objs))
+    return sorted(((o.image_uri, o.source_etag, o.source_size) for o in objs))
 
 
 def _s3():
@@ -128,8 +128,8 @@ def test_only_current_versions_that_are_not_delete_markers(source, fmt):
             "size": None, "e_tag": None}
     manifest = write_inventory(dest, bucket, fmt, _rows(bucket, objs, [old, gone]), n_files=1)
     got = list(iter_inventory(manifest))
-    assert sorted(o.uri for o in got) == [f"s3://{bucket}/a.jpg", f"s3://{bucket}/deep/x/y/z.webp"]
-    assert {o.size for o in got} == {int(o["Size"]) for o in objs}
+    assert sorted(o.image_uri for o in got) == [f"s3://{bucket}/a.jpg", f"s3://{bucket}/deep/x/y/z.webp"]
+    assert {o.source_size for o in got} == {int(o["Size"]) for o in objs}
 
 
 def test_broken_reports_are_refused_with_a_reason(source):

@@ -55,7 +55,7 @@ def test_a_split_prefix_is_the_serial_listing_in_its_order(s3_bucket, monkeypatc
     _put(s3_bucket, [f"arch/{k}" for k in TREE] + OUTSIDE)
     monkeypatch.setattr(listing, "CHUNK", 3)  # several pages a level
     serial = list(list_prefix(f"s3://{s3_bucket}/arch"))
-    assert len(serial) == 17 and not any(o.uri.endswith("/") or "arch2" in o.uri for o in serial)
+    assert len(serial) == 17 and not any(o.image_uri.endswith("/") or "arch2" in o.image_uri for o in serial)
     parts = listing.split_prefix(f"s3://{s3_bucket}/arch/", target_parts=target_parts, max_depth=max_depth)
     assert sum(p.prefix is not None for p in parts) == prefix_parts
     assert _flat(parts) == serial  # the same objects, etags, sizes, in the same order
@@ -67,7 +67,7 @@ def test_serial_without_ray(s3_bucket):
     assert not ray.is_initialized()  # runs before this module starts its Ray
     _put(s3_bucket, ["p/a/1.jpg", "p/b/2.jpg"])
     assert not listing.can_list_in_parallel(f"s3://{s3_bucket}/p")
-    assert [o.uri for o in list_inputs(f"s3://{s3_bucket}/p", list_tasks=8)] == [
+    assert [o.image_uri for o in list_inputs(f"s3://{s3_bucket}/p", list_tasks=8)] == [
         f"s3://{s3_bucket}/p/a/1.jpg", f"s3://{s3_bucket}/p/b/2.jpg"]
 
 
@@ -138,4 +138,4 @@ def test_planning_in_tasks_gives_the_same_shards_whatever_the_listing(s3_bucket,
     for p in plans[1:]:
         assert p.expected == plans[0].expected and p.stats == plans[0].stats
     rows = pa.concat_tables([pq.read_table(f) for f in plans[0].files])
-    assert sorted(rows.column("image_uri").to_pylist()) == sorted(o.uri for o in list_prefix(f"s3://{s3_bucket}/arch"))
+    assert sorted(rows.column("image_uri").to_pylist()) == sorted(o.image_uri for o in list_prefix(f"s3://{s3_bucket}/arch"))

@@ -6,6 +6,7 @@ committed-state dict and the per-object loop) on the same committed outputs and 
 
 import datetime as dt
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _bucketed(listing, out, *, run_id=None, **kw):
 def _reference(listing, out, *, run_id=None, **kw):
     stats = PlanStats()
     got = plan_work(listing, committed_state(out, run_id=run_id), CKPT, run_id=run_id, stats=stats, **kw)
-    return sorted(o.uri for o in got), stats
+    return sorted(o.image_uri for o in got), stats
 
 
 # ------------------------------------------------------------------ the rules
@@ -219,6 +220,10 @@ def test_fold_is_incremental_and_replaces_its_generation_atomically(tmp_path, mo
     with pytest.raises(RuntimeError, match="5 images have more than one committed row"):
         state.finish_run(run)  # nothing new to fold: the run's rows are checked all the same
     assert state.current(out) == v2 and not (tmp_path / "out" / "_runs" / "r0" / "_SUCCESS").exists()
+    # the state is derived data: removed, it is rebuilt from the committed files
+    shutil.rmtree(tmp_path / "out" / "_state")
+    v3 = state.fold(out, buckets=4)
+    assert v3.rows == 20 and sorted(f["rows"] for f in v3.files_of("r0")) == [10, 10]
 
 
 def test_group_buckets_makes_shards_of_a_small_plan():

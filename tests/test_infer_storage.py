@@ -39,13 +39,13 @@ def test_local_listing_uris_sizes_etags(tmp_path):
     files = make_tree(tmp_path)
     got = list(storage.list_prefix(str(tmp_path)))
     assert len(got) == len(files)
-    by_uri = {o.uri: o for o in got}
+    by_uri = {o.image_uri: o for o in got}
     for rel, data in files.items():
         uri = f"file://{tmp_path}/{rel}"
         o = by_uri[uri]
         st = os.stat(tmp_path / rel)
-        assert o.size == len(data)
-        assert o.etag == f"{st.st_mtime_ns}-{st.st_size}"
+        assert o.source_size == len(data)
+        assert o.source_etag == f"{st.st_mtime_ns}-{st.st_size}"
         assert o.error is None
 
 
@@ -56,13 +56,13 @@ def test_local_etag_changes_when_file_is_rewritten(tmp_path):
     os.utime(p, ns=(1_000_000_000, 1_000_000_000))
     p.write_bytes(b"5678")  # same size, new mtime
     after = next(storage.list_prefix(str(tmp_path)))
-    assert before.uri == after.uri and before.size == after.size == 4
-    assert before.etag != after.etag
+    assert before.image_uri == after.image_uri and before.source_size == after.source_size == 4
+    assert before.source_etag != after.source_etag
 
 
 def test_list_inputs_filters_image_extensions_case_insensitively(tmp_path):
     make_tree(tmp_path)
-    names = sorted(o.uri.rsplit("/", 1)[1] for o in list_inputs(str(tmp_path)))
+    names = sorted(o.image_uri.rsplit("/", 1)[1] for o in list_inputs(str(tmp_path)))
     assert names == ["B.PNG", "IMG_0001.HEIC", "a.jpg", "c.webp", "d.tiff", "f.bmp", "h.avif", "i.gif"]
 
 
@@ -82,7 +82,7 @@ def test_local_listing_is_lazy(tmp_path, monkeypatch):
     assert isinstance(gen, types.GeneratorType)
     assert calls == []  # nothing listed before the first item is asked for
     first = next(gen)
-    assert first.uri.endswith("/x.jpg")
+    assert first.image_uri.endswith("/x.jpg")
     assert len(calls) == 2  # the root and one subdirectory, not all 41 directories
     assert len(list(gen)) == 39
     assert len(calls) == 41
@@ -111,14 +111,14 @@ def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
         assert isinstance(uris, types.GeneratorType)
         assert list(uris) == [l for l in lines if l and not l.startswith("#")]
         got = list(list_inputs(str(tmp_path / name)))
-        assert [o.uri for o in got] == [
+        assert [o.image_uri for o in got] == [
             f"file://{tmp_path}/sub/c.webp",
             f"file://{tmp_path}/a.jpg",
             f"file://{tmp_path}/missing.jpg",
             f"file://{tmp_path}/notes.json",
             f"file://{tmp_path}/sub",
         ]
-        assert [o.size for o in got] == [12, 10, None, 2, None]
+        assert [o.source_size for o in got] == [12, 10, None, 2, None]
         assert got[0].error is None and got[1].error is None and got[3].error is None
         assert got[2].error.startswith("source not found")
         assert got[4].error.startswith("not a file")
@@ -129,7 +129,7 @@ def test_stat_uris_is_lazy_over_an_endless_input(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"x")
     endless = (str(tmp_path / "x.jpg") for _ in itertools.count())
     first = list(itertools.islice(storage.stat_uris(endless, concurrency=4), 5))
-    assert [o.size for o in first] == [1] * 5
+    assert [o.source_size for o in first] == [1] * 5
 
 
 def test_read_object_limits_and_errors(tmp_path):
@@ -200,19 +200,19 @@ def test_s3_list_file_and_read(s3_bucket):
     listing = f"s3://{s3_bucket}/a/x.png\ns3://{s3_bucket}/a/gone.jpg\ns3a://{s3_bucket}/a/y.jpg\n"
     put_objects(s3_bucket, {"lists/in.txt": listing.encode()})
     got = list(list_inputs(f"s3://{s3_bucket}/lists/in.txt"))
-    assert [o.uri for o in got] == [
+    assert [o.image_uri for o in got] == [
         f"s3://{s3_bucket}/a/x.png",
         f"s3://{s3_bucket}/a/gone.jpg",
         f"s3://{s3_bucket}/a/y.jpg",  # s3a:// spelled canonically
     ]
-    assert got[0].etag == hashlib.md5(b"12345").hexdigest() and got[0].size == 5
+    assert got[0].source_etag == hashlib.md5(b"12345").hexdigest() and got[0].source_size == 5
     assert got[1].error.startswith("source not found")
-    assert storage.read_object(got[0].uri) == b"12345"
+    assert storage.read_object(got[0].image_uri) == b"12345"
     assert storage.read_object(f"s3://{s3_bucket}/a/empty.jpg") == b""  # S3 gives 416 for its range
     with pytest.raises(ReadError, match="file too large"):
-        storage.read_object(got[0].uri, max_bytes=4)
+        storage.read_object(got[0].image_uri, max_bytes=4)
     with pytest.raises(ReadError, match="source not found") as e:
-        storage.read_object(got[1].uri)
+        storage.read_object(got[1].image_uri)
     assert e.value.kind == "not_found" and got[1].error_kind == "not_found"
 
 
@@ -225,9 +225,9 @@ def test_other_fsspec_filesystems_use_walk(tmp_path):
     fs.pipe_file(f"{root}/a/b/y.PNG", b"123")
     fs.pipe_file(f"{root}/a/readme.md", b"1")
     got = list(list_inputs(f"memory://{root}/a"))
-    assert sorted(o.uri for o in got) == [f"memory://{root}/a/b/y.PNG", f"memory://{root}/a/x.jpg"]
-    assert sorted(o.size for o in got) == [2, 3]
-    assert all(o.etag and o.etag.startswith("mtime-") for o in got)  # no ETag: creation time + size
+    assert sorted(o.image_uri for o in got) == [f"memory://{root}/a/b/y.PNG", f"memory://{root}/a/x.jpg"]
+    assert sorted(o.source_size for o in got) == [2, 3]
+    assert all(o.source_etag and o.source_etag.startswith("mtime-") for o in got)  # no ETag: creation time + size
     assert storage.read_object(f"memory://{root}/a/x.jpg") == b"12"
 
 
@@ -331,4 +331,4 @@ def test_read_object_rides_out_throttling_through_a_faulty_proxy(faulty_s3):
         list(storage.list_prefix(f"s3://{bucket}/a", retry=storage.RetryPolicy(attempts=2, base_s=0.01)))
     assert storage.classify_storage_error(e.value) == "unavailable"
     proxy.reset()
-    assert [o.uri for o in storage.list_prefix(f"s3://{bucket}/a")] == [uri]
+    assert [o.image_uri for o in storage.list_prefix(f"s3://{bucket}/a")] == [uri]

@@ -101,7 +101,7 @@ class Shard:
 def shard_id_for(items: Iterable[SourceObject], checkpoint_sha256: str) -> str:
     """Hash of the shard's sorted (uri, etag, size) and the checkpoint: same work, same name."""
     h = hashlib.sha256(checkpoint_sha256.encode() + b"\n")
-    for uri, etag, size in sorted((o.uri, o.etag or "", -1 if o.size is None else o.size) for o in items):
+    for uri, etag, size in sorted((o.image_uri, o.source_etag or "", -1 if o.source_size is None else o.source_size) for o in items):
         h.update(f"{uri}\t{etag}\t{size}\n".encode())
     return h.hexdigest()[:32]
 
@@ -131,7 +131,7 @@ def make_shards(
     for obj in items:
         cur.append(obj)
         n = len(cur)
-        if n >= max_size or (n >= min_size and _is_cut(obj.uri, modulus)):
+        if n >= max_size or (n >= min_size and _is_cut(obj.image_uri, modulus)):
             yield Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
             cur = []
     if cur:
@@ -250,7 +250,7 @@ class Run:
         if not table.schema.equals(schema.SCHEMA, check_metadata=False):
             raise ValueError(f"shard table does not have the output schema:\n{table.schema}")
         uris = table.column("image_uri").to_pylist()
-        expected = [o.uri for o in shard.items]
+        expected = [o.image_uri for o in shard.items]
         if len(uris) != len(expected) or set(uris) != set(expected):
             raise ValueError(
                 f"shard {shard.shard_id}: table must hold one row per shard item "

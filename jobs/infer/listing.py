@@ -153,7 +153,7 @@ def part_objects(part: Part, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     else:
         listed = part.objects
     for obj in listed:
-        if has_extension(obj.uri, exts):
+        if has_extension(obj.image_uri, exts):
             yield obj
 
 
@@ -236,5 +236,5 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     else:
         listed = list_prefix(uri, retry=retry)
     for obj in listed:
-        if has_extension(obj.uri, exts):
+        if has_extension(obj.image_uri, exts):
             yield obj

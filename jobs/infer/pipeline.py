@@ -243,7 +243,7 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard]) -> tuple[list[s
     for shard in shards:
         expected[shard.shard_id] = len(shard.items)
         for o in shard.items:
-            for name, value in zip(PLAN_SCHEMA.names, (o.uri, o.etag, -1 if o.size is None else o.size, o.error,
+            for name, value in zip(PLAN_SCHEMA.names, (o.image_uri, o.source_etag, -1 if o.source_size is None else o.source_size, o.error,
                                                         o.error_kind, shard.shard_id)):
                 cols[name].append(value)
     if not expected:

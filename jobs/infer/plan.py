@@ -98,9 +98,9 @@ class ListingError(RuntimeError):
 
 def listed_table(objects: list[SourceObject], first_order: int) -> pa.Table:
     return pa.Table.from_pydict({
-        "image_uri": [o.uri for o in objects],
-        "source_etag": [o.etag for o in objects],
-        "source_size": [o.size for o in objects],
+        "image_uri": [o.image_uri for o in objects],
+        "source_etag": [o.source_etag for o in objects],
+        "source_size": [o.source_size for o in objects],
         "error": [o.error for o in objects],
         "error_kind": [o.error_kind for o in objects],
         "listing_order": np.arange(first_order, first_order + len(objects), dtype=np.int64),
