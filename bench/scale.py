@@ -12,6 +12,9 @@ For each N, on local disk:
   shards, plan files), in Ray tasks on this machine's CPUs.
 * ``fold``: the committed run of N rows folded into the state table, its manifest and _SUCCESS
   (``state.finish_run``: what finishing a run of N images costs).
+* ``reference`` (up to ``--reference-max`` objects): the next night's plan by the former
+  driver-side planner (``tests/_plan_reference.py``: the committed state read into a dict, the
+  listing planned one object at a time on the driver), for the ratio of time and memory.
 * ``nightly``: the next night's run: fold (nothing new), planning against the state (1% planned),
   then the real commit loop of ``jobs.infer.pipeline`` over the planned images with a stand-in
   model stage that emits rows of 20 instances each (RLE strings of realistic length): part
@@ -206,6 +209,23 @@ class StandIn:
         return table.append_column(SHARD_COLUMN, pa.array([str(s) for s in batch[SHARD_COLUMN]], pa.string()))
 
 
+def phase_reference(p: dict, n: int) -> dict:
+    """The next night's plan by the former driver-side planner (the committed state read into a
+    dict, the listing planned object by object on the driver; ``tests/_plan_reference.py``)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _plan_reference import committed_state, plan_work
+
+    from jobs.infer.listing import list_inputs
+
+    base = rss_mb()
+    t0 = time.perf_counter()
+    planned = sum(1 for _ in plan_work(list_inputs(_manifest(p["inv2"])), committed_state(p["out"]), "c" * 64, False))
+    wall = time.perf_counter() - t0
+    assert planned == len(range(0, n, CHANGED_EVERY))
+    return {"plan_s": round(wall, 2), "objects_per_s": round(n / wall), "rss_mb": round(rss_mb()),
+            "baseline_rss_mb": round(base)}
+
+
 def phase_nightly(p: dict, n: int) -> dict:
     import ray
 
@@ -250,13 +270,16 @@ def phase_nightly(p: dict, n: int) -> dict:
             "baseline_rss_mb": round(base)}
 
 
-PHASES = {"setup": phase_setup, "first": phase_first, "fold": phase_fold, "nightly": phase_nightly}
+PHASES = {"setup": phase_setup, "first": phase_first, "fold": phase_fold, "reference": phase_reference,
+          "nightly": phase_nightly}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--workdir", default="/tmp/scale")
+    ap.add_argument("--reference-max", type=int, default=1_000_000,
+                    help="run the former driver-side planner up to this many objects (it holds them all)")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)  # one phase, in this process
     a = ap.parse_args()
     if a.phase:
@@ -268,7 +291,8 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(_paths(a.workdir, n)["dir"], ignore_errors=True)
-        for phase in ("setup", "first", "fold", "nightly"):
+        phases = ["setup", "first", "fold"] + (["reference"] if n <= a.reference_max else []) + ["nightly"]
+        for phase in phases:
             proc = subprocess.run([sys.executable, __file__, "--phase", phase, "--objects", str(n), "--workdir",
                                    a.workdir], capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -277,13 +301,16 @@ def main() -> None:
             results[(n, phase)] = json.loads(line[len("RESULT "):])
             print(json.dumps({"objects": n, "phase": phase, **results[(n, phase)]}), flush=True)
         shutil.rmtree(_paths(a.workdir, n)["dir"], ignore_errors=True)
-    print(f"\n| objects | first plan s (obj/s) | fold s | nightly plan s (obj/s) | commit s (rows) | driver B/row | "
-          f"peak RSS MB first/fold/nightly (baseline) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| objects | first plan s (obj/s) | fold s | nightly plan s (obj/s) | former planner, nightly: s, "
+          f"peak RSS MB | commit s (rows) | driver B/row | peak RSS MB first/fold/nightly (baseline) |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in a.objects:
         f, d, g = results[(n, "first")], results[(n, "fold")], results[(n, "nightly")]
+        r = results.get((n, "reference"))
+        ref = "not run" if r is None else (f"{r['plan_s']} s, {r['rss_mb']} MB "
+                                           f"(former / ours: time {r['plan_s'] / g['plan_s']:.2f}x, RSS {r['rss_mb'] / g['plan_rss_mb']:.2f}x)")
         print(f"| {n:,} | {f['plan_s']} ({f['objects_per_s']:,}) | {d['fold_s']} | {g['plan_s']} ({g['objects_per_s']:,}) "
-              f"| {g['commit_s']} ({g['planned']:,}) | {g['driver_bytes_per_row']} | "
+              f"| {ref} | {g['commit_s']} ({g['planned']:,}) | {g['driver_bytes_per_row']} | "
               f"{f['rss_mb']}/{d['rss_mb']}/{g['rss_mb']} ({f['baseline_rss_mb']}) |")
 
 

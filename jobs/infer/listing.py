@@ -157,16 +157,21 @@ def part_objects(part: Part, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
             yield obj
 
 
+def chunks(objects: Iterable[SourceObject], size: int) -> Iterator[list[SourceObject]]:
+    """``objects`` in lists of ``size`` (the last one shorter)."""
+    chunk: list[SourceObject] = []
+    for o in objects:
+        chunk.append(o)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def part_task(part: Part, extensions: frozenset, retry: RetryPolicy, chunk: int) -> Iterator[list[SourceObject]]:
     """The inputs of one part, ``chunk`` at a time (a Ray streaming task)."""
-    batch: list[SourceObject] = []
-    for obj in part_objects(part, extensions=extensions, retry=retry):
-        batch.append(obj)
-        if len(batch) == chunk:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    yield from chunks(part_objects(part, extensions=extensions, retry=retry), chunk)
 
 
 def _ordered(parts: list[Part], extensions: frozenset, retry: RetryPolicy,

@@ -40,9 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import commit, schema
-from .listing import DEFAULT_TARGET_PARTS, Part, input_parts, part_objects
+from .listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
 from .model_stage import SHARD_COLUMN
-from .state import STATE_SCHEMA, StateVersion, read_table, split_by_bucket, write_table
+from .state import STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket, write_table
 from .tasks import run_tasks
 from ..storage import IMAGE_EXTENSIONS, RetryPolicy, SourceObject, describe_error, join, resolve
 
@@ -107,17 +107,6 @@ def listed_table(objects: list[SourceObject], first_order: int) -> pa.Table:
     }, schema=LISTED_SCHEMA)
 
 
-def _chunks(objects: Iterable[SourceObject], size: int) -> Iterator[list[SourceObject]]:
-    chunk: list[SourceObject] = []
-    for o in objects:
-        chunk.append(o)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def scatter_part(output_uri: str, part: Part, index: int, extensions: frozenset, retry: RetryPolicy, buckets: int,
                  listed_dir: str) -> dict:
     """List one part and write its objects by bucket. Returns the files by bucket and the count, or
@@ -126,7 +115,7 @@ def scatter_part(output_uri: str, part: Part, index: int, extensions: frozenset,
     spills: dict[int, list[str]] = {}
     n = 0
     try:
-        for c, chunk in enumerate(_chunks(part_objects(part, extensions=extensions, retry=retry), LISTING_CHUNK)):
+        for c, chunk in enumerate(chunks(part_objects(part, extensions=extensions, retry=retry), LISTING_CHUNK)):
             for b, rows in split_by_bucket(listed_table(chunk, (index << 32) + n), buckets):
                 path = join(listed_dir, f"b{b:04d}", f"{index:06d}-{c:05d}.parquet")
                 write_table(fs, path, rows)
@@ -154,25 +143,15 @@ def plan_rows(listed: pa.Table, state: pa.Table, *, run_id: Optional[str], check
     same bucket; sorted by image_uri."""
     stats = PlanStats(listed=listed.num_rows)
     listed = listed.sort_by([("image_uri", "ascending"), ("listing_order", "ascending")])
-    n = listed.num_rows
-    if n:  # repeats: keep the first listed
-        uris = listed.column("image_uri")
-        first = np.ones(n, dtype=bool)
-        first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-        stats.duplicates = int(n - first.sum())
-        listed = listed.filter(pa.array(first))
+    first = first_of_each(listed.column("image_uri"))  # repeats: keep the first listed
+    stats.duplicates = int(len(first) - first.sum())
+    listed = listed.filter(pa.array(first))
     if run_id is not None:  # committed in this run already (whichever row is the latest)
         in_run = state.filter(pc.equal(state.column("run_id"), run_id)).column("image_uri")
         done = pc.is_in(listed.column("image_uri"), in_run.combine_chunks())
         stats.done_in_run = pc.sum(done).as_py() or 0
         listed = listed.filter(pc.invert(done))
-    latest = state.sort_by([("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
-    if latest.num_rows:
-        uris = latest.column("image_uri")
-        first = np.ones(latest.num_rows, dtype=bool)
-        first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, latest.num_rows - 1)).to_numpy(zero_copy_only=False)
-        latest = latest.filter(pa.array(first))
-    latest = latest.select(["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status",
+    latest = collapse(state).select(["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status",
                             "error_kind"])
     latest = latest.rename_columns(["image_uri"] + [f"s_{c}" for c in latest.column_names[1:]])
     latest = latest.append_column("s_present", pa.array(np.ones(latest.num_rows, dtype=bool)))

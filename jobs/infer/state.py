@@ -183,17 +183,19 @@ def fold_map(output_uri: str, paths: list[str], buckets: int, spill_dir: str, na
     return {"files": files, "spills": spills}
 
 
-def collapse(table: pa.Table, keep_runs: Iterable[str]) -> pa.Table:
+def first_of_each(values: pa.ChunkedArray) -> np.ndarray:
+    """For sorted ``values``: True at the first of each run of equal values."""
+    first = np.ones(len(values), dtype=bool)
+    if len(values) > 1:
+        first[1:] = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
+    return first
+
+
+def collapse(table: pa.Table, keep_runs: Iterable[str] = ()) -> pa.Table:
     """Per image the latest row (greatest processed_at, then run_id), plus the rows of ``keep_runs``;
     sorted by image_uri."""
     table = table.sort_by([("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
-    uris = table.column("image_uri")
-    n = table.num_rows
-    if n == 0:
-        return table
-    first = np.ones(n, dtype=bool)
-    if n > 1:
-        first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    first = first_of_each(table.column("image_uri"))
     keep_runs = list(keep_runs)
     if keep_runs:
         first |= pc.is_in(table.column("run_id"), pa.array(keep_runs, pa.string())).to_numpy(zero_copy_only=False)
