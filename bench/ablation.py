@@ -14,7 +14,7 @@ ResNet-50-C4 for 2b and 2c, ResNet-50-C5 for 2d, ResNet-50-FPN for 2e), so what 
 direction of each comparison, not the values: these are small synthetic shapes and ResNet-18
 models, not COCO and ResNet-50.
 
-Schedule: ``--max-iters`` per row (default 3000, two images a step: about 35 minutes a row on the
+Schedule: ``--max-iters`` per row (default 3000, two images a step: about 35-45 minutes a row on the
 2-core AMD VM, an hour on the Intel one, so the eight rows take two working sessions; rows are
 independent runs, each resumes from its last checkpoint when the command is run again, so the
 table can be filled over several sessions). Rows already trained are only evaluated again.
