@@ -97,7 +97,8 @@ def test_reads_still_failing_after_the_passes_are_retryable_rows_the_next_run_pl
     assert {n: (r["status"], r["error_kind"]) for n, r in rows.items() if r["status"] != "ok"} == {
         "img03.png": ("error", "unavailable"), "img08.png": ("error", "unavailable"),
         "broken.png": ("error", "decode")}
-    assert "after 3 attempts" in rows["img03.png"]["error"] and s1.passes == 2
+    # the first of a batch's failing reads spends the retries (which one: the plan's order, by URI hash)
+    assert any("after 3 attempts" in rows[n]["error"] for n in ("img03.png", "img08.png")) and s1.passes == 2
     assert s1.error_kinds == {"unavailable": 2, "decode": 1}
 
     proxy.reset()  # the store serves them again: the next run reads exactly those two
