@@ -47,9 +47,9 @@ from .lock import LockedError, WriterLease
 from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
 from .parts import finalize_shard, remote_finalize, write_parts
 from .plan import PLAN_SCHEMA, ListingError, make_plan
-from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve
 from .state import write_table
 from .summary import RunSummary
+from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,9 @@ def _write_plan(run: commit.Run, shards: Iterable[commit.Shard]) -> tuple[list[s
     for shard in shards:
         expected[shard.shard_id] = len(shard.items)
         for o in shard.items:
-            for name, value in zip(PLAN_SCHEMA.names, (o.image_uri, o.source_etag, -1 if o.source_size is None else o.source_size, o.error,
-                                                        o.error_kind, shard.shard_id)):
+            size = -1 if o.source_size is None else o.source_size
+            for name, value in zip(PLAN_SCHEMA.names,
+                                   (o.image_uri, o.source_etag, size, o.error, o.error_kind, shard.shard_id)):
                 cols[name].append(value)
     if not expected:
         return [], {}
