@@ -4,7 +4,7 @@
     python bench/decode.py --images 8 --repeat 5
 
 Time: a 4032 x 3024 JPEG (a synthetic scene with sensor-like noise, quality 92) decoded by
-``jobs.infer.decode.decode_image`` (full) and by ``decode_for_model`` for a COCO model's input
+``jobs.infer.execute.decode.decode_image`` (full) and by ``decode_for_model`` for a COCO model's input
 (800, 1333) and for the shipped model's (160, 240); median of ``--repeat``. The goal: the sized
 decode in <= 0.5x the full decode's time.
 
@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
-from jobs.infer import model_stage  # noqa: E402
-from jobs.infer.decode import decode_for_model, decode_image  # noqa: E402
+from jobs.infer.execute import stages  # noqa: E402
+from jobs.infer.execute.decode import decode_for_model, decode_image  # noqa: E402
 from jobs.synthetic import render_image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,12 +63,12 @@ def rows(photos, model_input, actor):
     n = len(photos)
     uris = [f"mem://{i}.jpg" for i in range(n)]
     store = dict(zip(uris, photos))
-    original = model_stage.read_object
-    model_stage.read_object = lambda uri, retry=None: store[uri]
+    original = stages.read_object
+    stages.read_object = lambda uri, retry=None: store[uri]
     try:
-        decoded = model_stage.decode_batch(model_stage.plan_batch(uris), model_input=model_input)
+        decoded = stages.decode_batch(stages.plan_batch(uris), model_input=model_input)
     finally:
-        model_stage.read_object = original
+        stages.read_object = original
     return actor(decoded).to_pylist()
 
 
@@ -119,7 +119,7 @@ def main(argv=None):
         result["sized"].append({"model_input": list(model_input), "decoded": [arr.shape[1], arr.shape[0]],
                                 "ms": round(t * 1e3, 1), "ratio": round(t / t_full, 3)})
 
-    actor = model_stage.PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r",
+    actor = stages.PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r",
                                        micro_batch=2)
     full_rows = rows(photos, None, actor)
     sized_rows = rows(photos, SHIPPED_INPUT, actor)

@@ -54,7 +54,7 @@ if python3 -c "import pycocotools" 2>/dev/null; then
   python3 -m pytest -q -p no:cacheprovider tests/test_rle.py > "$OUT/test_rle.log" 2>&1; tail -3 "$OUT/test_rle.log"
   echo "== nvJPEG decode on the actor, and the overlapped actor on CUDA"
   python3 -m pytest -q -p no:cacheprovider tests/test_infer_sized_decode.py -k "nvjpeg or predictor_maps" \
-      tests/test_infer_model_stage.py > "$OUT/test_device_decode.log" 2>&1; tail -3 "$OUT/test_device_decode.log"
+      tests/test_infer_stages.py > "$OUT/test_device_decode.log" 2>&1; tail -3 "$OUT/test_device_decode.log"
   python3 bench/postprocess.py --device cuda > "$OUT/postprocess_cuda.txt" 2>&1
   tail -9 "$OUT/postprocess_cuda.txt"
 else

@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.infer.decode import decode_image  # noqa: E402
-from jobs.infer.listing import list_inputs  # noqa: E402
+from jobs.infer.execute.decode import decode_image  # noqa: E402
+from jobs.infer.plan.listing import list_inputs  # noqa: E402
 from jobs.storage import read_object  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def bare_loop(weights: str, uris: list[str], batch: int, device: str) -> float:
 
 
 def actor_fn_alone(weights: str, uris: list[str], batch: int, device: str) -> float:
-    from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
+    from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)
@@ -102,7 +102,7 @@ def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> Non
     """The actor on Ray-sized batches (4 micro-batches each), overlap on and off, on CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
-    from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
+    from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)

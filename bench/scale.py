@@ -128,14 +128,14 @@ def _ray():
 
 
 def phase_setup(p: dict, n: int) -> dict:
-    from jobs.infer import commit
+    from jobs.infer.commit import protocol
     from jobs.infer.tasks import run_tasks
 
     _ray()
     t0 = time.perf_counter()
     write_inventory(p["inv1"], n, 1)
     write_inventory(p["inv2"], n, 2)
-    run = commit.begin_run(p["out"], {"night": 1})
+    run = protocol.begin_run(p["out"], {"night": 1})
     step = 250_000
     run_tasks(_committed_files, [(p["out"], run.run_id, lo, min(n, lo + step)) for lo in range(0, n, step)])
     return {"setup_s": round(time.perf_counter() - t0, 1), "run_id": run.run_id}
@@ -146,17 +146,17 @@ def _manifest(root: str) -> str:
 
 
 def _plan(run, manifest: str, out: str):
-    from jobs.infer import plan, state
+    from jobs.infer.plan import planner, state
 
-    return plan.make_plan(run, manifest, state.current(out), checkpoint_sha256="c" * 64, full=False)
+    return planner.make_plan(run, manifest, state.current(out), checkpoint_sha256="c" * 64, full=False)
 
 
 def phase_first(p: dict, n: int) -> dict:
-    from jobs.infer import commit
+    from jobs.infer.commit import protocol
 
     _ray()
     base = rss_mb()
-    run = commit.begin_run(p["out_first"], {"night": 1})
+    run = protocol.begin_run(p["out_first"], {"night": 1})
     t0 = time.perf_counter()
     planned = _plan(run, _manifest(p["inv1"]), p["out_first"])
     wall = time.perf_counter() - t0
@@ -166,11 +166,12 @@ def phase_first(p: dict, n: int) -> dict:
 
 
 def phase_fold(p: dict, n: int) -> dict:
-    from jobs.infer import commit, state
+    from jobs.infer.commit import protocol
+    from jobs.infer.plan import state
 
     _ray()
     base = rss_mb()
-    run = commit.begin_run(p["out"], {"night": 1})
+    run = protocol.begin_run(p["out"], {"night": 1})
     assert run.resumed
     t0 = time.perf_counter()
     manifest = state.finish_run(run)
@@ -191,7 +192,7 @@ class StandIn:
         import pyarrow as pa
 
         from jobs.infer import schema
-        from jobs.infer.model_stage import SHARD_COLUMN
+        from jobs.infer.plan.planner import SHARD_COLUMN
 
         rng = np.random.default_rng(len(batch["image_uri"]))
         rows = []
@@ -215,7 +216,7 @@ def phase_reference(p: dict, n: int) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from _plan_reference import committed_state, plan_work
 
-    from jobs.infer.listing import list_inputs
+    from jobs.infer.plan.listing import list_inputs
 
     base = rss_mb()
     t0 = time.perf_counter()
@@ -229,13 +230,15 @@ def phase_reference(p: dict, n: int) -> dict:
 def phase_nightly(p: dict, n: int) -> dict:
     import ray
 
-    from jobs.infer import commit, pipeline, state
-    from jobs.infer.parts import remote_finalize, write_parts
-    from jobs.infer.summary import RunSummary
+    from jobs.infer import pipeline
+    from jobs.infer.commit import protocol
+    from jobs.infer.commit.summary import RunSummary
+    from jobs.infer.execute.parts import remote_finalize, write_parts
+    from jobs.infer.plan import state
 
     _ray()
     base = rss_mb()
-    run = commit.begin_run(p["out"], {"night": 2})
+    run = protocol.begin_run(p["out"], {"night": 2})
     t0 = time.perf_counter()
     state.fold(p["out"], check_run=run.run_id)
     planned = _plan(run, _manifest(p["inv2"]), p["out"])

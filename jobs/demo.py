@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         local_results = work / "results"
         shutil.rmtree(local_results, ignore_errors=True)
         s3.get(f"{BUCKET}/results/", str(local_results), recursive=True)
-        from jobs.infer.commit import list_runs
+        from jobs.infer.commit.protocol import list_runs
         from jobs.render import read_latest, render_table
         from jobs.report import write_report
 

@@ -289,13 +289,13 @@ def predict_gt_images(predictor, gt_coco, images_root, *, batch_size=4, storage_
     """Batch-job rows of ``predictor`` (an ``mrcnn.Predictor``) over the images of a COCO object.
 
     Images are read from ``images_root`` joined with each ``file_name``, decoded by the batch
-    job's decoder (``jobs.infer.decode``: large JPEGs DCT-downscaled to the model's input, as
+    job's decoder (``jobs.infer.execute.decode``: large JPEGs DCT-downscaled to the model's input, as
     ``jobs.infer``'s default ``--decode sized``) and turned into rows by the batch job's row builder
     (``jobs.infer.schema.ok_row``), so what is scored here is what ``jobs.infer`` would write.
     An image that fails to decode becomes an error row.
     """
     from jobs.infer import schema
-    from jobs.infer.decode import DecodeError, decode_for_model
+    from jobs.infer.execute.decode import DecodeError, decode_for_model
 
     fs, root = resolve(images_root, storage_options)
     images = gt_coco.dataset["images"]

@@ -3,7 +3,7 @@
 ``python -m jobs.render --results OUT --out DIR [--limit N] [--run-id ID] [--min-score F]``
 
 For the latest committed row of each image (or the rows of one run with ``--run-id``),
-the source image is re-read from ``image_uri`` and decoded with ``jobs.infer.decode``
+the source image is re-read from ``image_uri`` and decoded with ``jobs.infer.execute.decode``
 (so EXIF orientation matches the stored width/height), then every instance scoring at
 least ``min_score`` is drawn: a semi-transparent fill and a contour for its mask, its box,
 and a tag with class name and score; a keypoint model's instances get their keypoints (those
@@ -36,8 +36,9 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from jobs.infer import commit, schema
-from jobs.infer.decode import DecodeError, decode_image
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.execute.decode import DecodeError, decode_image
 from jobs.storage import ReadError, join, read_object, resolve
 
 FILL_ALPHA = 0.45  # weight of the label colour in a mask's fill
@@ -53,7 +54,7 @@ def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequenc
     ``run_id``. With ``run_id`` only that run's rows are read (at most one per image).
     """
     fs, _ = resolve(results_uri)
-    files = commit.committed_files(results_uri)
+    files = protocol.committed_files(results_uri)
     if not files:
         raise FileNotFoundError(f"no committed results (run_id=*/part-*.parquet) under {results_uri}")
     import pyarrow.dataset as pads

@@ -14,7 +14,7 @@ Contents, for the run's committed rows (``run_id=<id>/part-*.parquet``):
 * every error row (image_uri and reason), and images that could not be drawn now;
 * overlays (``jobs.render``) of the first ``max_overlays`` ok images in image_uri order.
 
-The default run is the newest recorded in ``_runs`` (``commit.list_runs``), else the
+The default run is the newest recorded in ``_runs`` (``protocol.list_runs``), else the
 newest run_id among the committed rows. Every string from the data is HTML-escaped.
 """
 
@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import pyarrow.compute as pc
 
 from jobs import render
-from jobs.infer import commit
+from jobs.infer.commit import protocol
+from jobs.infer.commit.summary import read_summary
 from jobs.infer.schema import SCHEMA
 from jobs.storage import join, resolve, write_atomic
-from jobs.infer.summary import read_summary
 
 CLASS_SCORE_THRESHOLD = 0.5  # counts per class: instances with score > this (strict, as in the README)
 HIST_BINS = 20
@@ -63,10 +63,10 @@ def _e(value: Any) -> str:
 
 
 def default_run_id(results_uri: str) -> str:
-    runs = commit.list_runs(results_uri)
+    runs = protocol.list_runs(results_uri)
     if runs:
         return runs[-1].run_id
-    files = commit.committed_files(results_uri)
+    files = protocol.committed_files(results_uri)
     if not files:
         raise FileNotFoundError(f"no runs under {results_uri} (no _runs/*/run.json, no committed rows)")
     fs, _ = resolve(results_uri)
@@ -272,7 +272,7 @@ def write_report(
     run_id = run_id or default_run_id(results_uri)
     text = build_report(results_uri, run_id, max_overlays=max_overlays)
     if out_uri is None:
-        out_uri = join(results_uri, commit.RUNS_DIR, run_id, "report.html")
+        out_uri = join(results_uri, protocol.RUNS_DIR, run_id, "report.html")
     fs, path = resolve(out_uri)
     write_atomic(fs, path, text.encode("utf-8"))
     return out_uri

@@ -130,7 +130,7 @@ class Predictor:
 
     def __call__(self, images: Sequence[np.ndarray], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict]:
         """Detections per image. ``output_sizes`` (h, w) per image, when given, are the sizes
-        the results are for: an image decoded downscaled (``jobs.infer.decode.decode_for_model``)
+        the results are for: an image decoded downscaled (``jobs.infer.execute.decode.decode_for_model``)
         gets boxes scaled to its full size and masks pasted at full resolution."""
         tensors = [self._to_tensor(i, img) for i, img in enumerate(images)]
         return self.predict_tensors(tensors, output_sizes)

@@ -17,9 +17,11 @@ import time
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from jobs.infer import commit, plan, schema, state
-from jobs.infer.summary import RunSummary
-from jobs.infer.decode import DecodeError, decode_image
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.commit.summary import RunSummary
+from jobs.infer.execute.decode import DecodeError, decode_image
+from jobs.infer.plan import planner, state
 from jobs.storage import ReadError, SourceObject, read_object, resolve
 
 MODEL = "fake-maskrcnn"
@@ -44,10 +46,10 @@ def fake_predict(img: np.ndarray) -> dict:
 def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None, stats=None):
     """One run of the job; returns (run, manifest). ``calls`` collects processed URIs."""
     params = {"input": input_uri, "checkpoint_sha256": ckpt, "model": MODEL, "full": full}
-    run = commit.begin_run(output_uri, params)
+    run = protocol.begin_run(output_uri, params)
     summary = RunSummary(run.run_id, resumed=run.resumed)
     version = state.fold(output_uri, check_run=run.run_id)
-    work = plan.make_plan(run, input_uri, version, checkpoint_sha256=ckpt, full=full, target_size=shard_size,
+    work = planner.make_plan(run, input_uri, version, checkpoint_sha256=ckpt, full=full, target_size=shard_size,
                           list_tasks=0)
     if stats is not None:
         stats.add(work.stats)
@@ -84,10 +86,10 @@ def _plan_shards(output_uri, files):
     for path in files:
         table = state.read_table(fs, path)
         items: dict[str, list] = {}
-        for uri, etag, size, error, kind, shard_id in zip(*(table.column(c).to_pylist() for c in plan.PLAN_SCHEMA.names)):
+        for uri, etag, size, error, kind, shard_id in zip(*(table.column(c).to_pylist() for c in planner.PLAN_SCHEMA.names)):
             items.setdefault(shard_id, []).append(SourceObject(uri, etag, None if size == -1 else size, error, kind))
         for shard_id, objs in items.items():
-            yield commit.Shard(shard_id, tuple(objs))
+            yield protocol.Shard(shard_id, tuple(objs))
 
 
 def _install_crash_hook(spec: str, delay: float) -> None:
@@ -102,7 +104,7 @@ def _install_crash_hook(spec: str, delay: float) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             seen["n"] += 1
 
-    commit.STEP_HOOK = hook
+    protocol.STEP_HOOK = hook
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Today's planning before the state table (the driver-side dict and per-object loop), kept as the
-oracle the bucketed planning (``jobs/infer/plan.py``) is compared with in tests."""
+oracle the bucketed planning (``jobs/infer/plan/planner.py``) is compared with in tests."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from jobs.infer import schema
-from jobs.infer.commit import committed_files
-from jobs.infer.plan import PlanStats
-from jobs.infer.state import legacy_error_kind
+from jobs.infer.commit.protocol import committed_files
+from jobs.infer.plan.planner import PlanStats
+from jobs.infer.plan.state import legacy_error_kind
 from jobs.storage import SourceObject, resolve
 
 

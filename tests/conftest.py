@@ -68,8 +68,8 @@ def in_process_dataset(monkeypatch):
     import pyarrow.parquet as pq
 
     from jobs.infer import pipeline
-    from jobs.infer.model_stage import PredictorActor, decode_batch
-    from jobs.infer.parts import write_parts
+    from jobs.infer.execute.parts import write_parts
+    from jobs.infer.execute.stages import PredictorActor, decode_batch
     from jobs.storage import resolve
 
     actors = {}

@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.infer import commit, plan, schema, state
-from jobs.infer.listing import list_inputs
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.plan import planner, state
+from jobs.infer.plan.listing import list_inputs
 from jobs.storage import SourceObject, resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -137,7 +139,7 @@ def items(n, prefix="s3://b/k"):
 
 def test_shards_are_content_defined_and_survive_removal_of_committed_shards():
     objs = items(600)
-    shards = list(commit.make_shards(objs, checkpoint_sha256=CKPT, target_size=20))
+    shards = list(protocol.make_shards(objs, checkpoint_sha256=CKPT, target_size=20))
     sizes = [len(s.items) for s in shards]
     assert sum(sizes) == 600 and [o for s in shards for o in s.items] == objs
     assert all(10 <= n <= 40 for n in sizes[:-1]), sizes
@@ -145,7 +147,7 @@ def test_shards_are_content_defined_and_survive_removal_of_committed_shards():
     # A resumed run plans without the shards already committed: the others are unchanged.
     committed = {1, 4, 5, len(shards) - 2}
     remaining = [o for i, s in enumerate(shards) if i not in committed for o in s.items]
-    again = list(commit.make_shards(remaining, checkpoint_sha256=CKPT, target_size=20))
+    again = list(protocol.make_shards(remaining, checkpoint_sha256=CKPT, target_size=20))
     assert [s.shard_id for s in again] == [s.shard_id for i, s in enumerate(shards) if i not in committed]
 
 
@@ -153,19 +155,19 @@ def test_shards_resynchronise_after_new_items_appear_in_the_listing():
     # New objects listed between a kill and the rerun change only the shards around them,
     # so the staged shards elsewhere are still reused (fixed-size chunks would all shift).
     objs = items(600)
-    before = [s.shard_id for s in commit.make_shards(objs, checkpoint_sha256=CKPT, target_size=20)]
+    before = [s.shard_id for s in protocol.make_shards(objs, checkpoint_sha256=CKPT, target_size=20)]
     inserted = objs[:100] + items(3, "s3://b/new") + objs[100:]
-    after = [s.shard_id for s in commit.make_shards(inserted, checkpoint_sha256=CKPT, target_size=20)]
+    after = [s.shard_id for s in protocol.make_shards(inserted, checkpoint_sha256=CKPT, target_size=20)]
     kept = len(set(before) & set(after))
     assert kept >= len(before) - 3, (kept, len(before))
 
 
 def test_shard_id_depends_on_content_and_checkpoint_not_order():
     a = items(5)
-    assert commit.shard_id_for(a, CKPT) == commit.shard_id_for(a[::-1], CKPT)
-    assert commit.shard_id_for(a, CKPT) != commit.shard_id_for(a, "b" * 64)
+    assert protocol.shard_id_for(a, CKPT) == protocol.shard_id_for(a[::-1], CKPT)
+    assert protocol.shard_id_for(a, CKPT) != protocol.shard_id_for(a, "b" * 64)
     changed = a[:4] + [SourceObject(a[4].image_uri, "other-etag", a[4].source_size)]
-    assert commit.shard_id_for(a, CKPT) != commit.shard_id_for(changed, CKPT)
+    assert protocol.shard_id_for(a, CKPT) != protocol.shard_id_for(changed, CKPT)
 
 
 # ------------------------------------------------------------------ a clean run
@@ -189,7 +191,7 @@ def test_clean_run_layout_and_readers(backend):
     fs, root = resolve(out)
     assert fs.exists(f"{root}/_runs/{run.run_id}/_SUCCESS")
     assert not fs.exists(f"{root}/_staging/{run.run_id}")
-    files = commit.committed_files(out)
+    files = protocol.committed_files(out)
     with fs.open(files[0], "rb") as f:
         t = pq.read_table(f)
     assert t.schema.equals(schema.SCHEMA, check_metadata=False)
@@ -205,11 +207,11 @@ def _prefix(inp):
 def record_steps(inp, out, **kw):
     """(step, detail) of a clean run, and the number of rows of each shard it committed."""
     steps = []
-    commit.STEP_HOOK = lambda name, detail: steps.append((name, detail))
+    protocol.STEP_HOOK = lambda name, detail: steps.append((name, detail))
     try:
         _, manifest = run_job(inp, out, CKPT, **kw)
     finally:
-        commit.STEP_HOOK = None
+        protocol.STEP_HOOK = None
     rows = {f["path"].rsplit("part-", 1)[1][: -len(".parquet")]: f["rows"] for f in manifest["files"]}
     return steps, rows
 
@@ -245,10 +247,10 @@ def test_crash_at_every_step_then_rerun(backend, monkeypatch):
                 raise Crash(f"{name} {detail}")
             seen["n"] += 1
 
-        monkeypatch.setattr(commit, "STEP_HOOK", hook)
+        monkeypatch.setattr(protocol, "STEP_HOOK", hook)
         with pytest.raises(Crash):
             run_job(inp, out, CKPT, **kw)
-        monkeypatch.setattr(commit, "STEP_HOOK", None)
+        monkeypatch.setattr(protocol, "STEP_HOOK", None)
 
         # After the crash: readers see the committed shards' rows only, no image twice.
         rows, duck = visible(out)
@@ -257,7 +259,7 @@ def test_crash_at_every_step_then_rerun(backend, monkeypatch):
         assert sorted(u for u, _ in duck) == sorted(uris)
         committed_rows = sum(shard_rows[d] for n, d in steps[: k + 1] if n == commit_step)
         assert len(uris) == committed_rows, f"crash after step {k} {steps[k]}"
-        first_run = commit.list_runs(out)[-1]
+        first_run = protocol.list_runs(out)[-1]
         before = done_images(out, first_run.run_id)
 
         calls = []
@@ -321,7 +323,7 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     run1, _ = run_job(str(inp), out, CKPT)
 
     # Nothing changed: a new run that plans nothing.
-    calls, stats = [], plan.PlanStats()
+    calls, stats = [], planner.PlanStats()
     run2, m2 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
     assert calls == [] and m2["rows"] == 0 and run2.run_id != run1.run_id
     assert stats.listed == 12 and stats.unchanged == 12 and stats.planned == 0
@@ -330,7 +332,7 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     (inp / "img0.png").write_bytes(png(40, 30, 99))
     os.utime(inp / "img0.png", ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
     (inp / "new.png").write_bytes(png(10, 10, 7))
-    calls, stats = [], plan.PlanStats()
+    calls, stats = [], planner.PlanStats()
     run3, m3 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
     assert sorted(calls) == [f"file://{inp}/img0.png", f"file://{inp}/new.png"]
     assert (stats.new, stats.changed, stats.unchanged) == (1, 1, 11)
@@ -356,19 +358,19 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
 
 def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):
     out = str(tmp_path / "out")
-    a = commit.begin_run(out, {"input": "x", "full": False})
+    a = protocol.begin_run(out, {"input": "x", "full": False})
     assert not a.resumed
-    assert commit.begin_run(out, {"input": "x", "full": False}).run_id == a.run_id
-    b = commit.begin_run(out, {"input": "x", "full": True})
+    assert protocol.begin_run(out, {"input": "x", "full": False}).run_id == a.run_id
+    b = protocol.begin_run(out, {"input": "x", "full": True})
     assert b.run_id != a.run_id
     a.finish([])
-    c = commit.begin_run(out, {"input": "x", "full": False})
+    c = protocol.begin_run(out, {"input": "x", "full": False})
     assert c.run_id != a.run_id and not c.resumed
     with pytest.raises(ValueError, match="different parameters"):
-        commit.begin_run(out, {"input": "y"}, run_id=c.run_id)
+        protocol.begin_run(out, {"input": "y"}, run_id=c.run_id)
     with pytest.raises(ValueError, match="already finished"):
-        commit.begin_run(out, {"input": "x", "full": False}, run_id=a.run_id)
-    runs = {r.run_id: r.finished for r in commit.list_runs(out)}
+        protocol.begin_run(out, {"input": "x", "full": False}, run_id=a.run_id)
+    runs = {r.run_id: r.finished for r in protocol.list_runs(out)}
     assert runs == {a.run_id: True, b.run_id: False, c.run_id: False}
     meta = json.loads((tmp_path / "out" / "_runs" / a.run_id / "_SUCCESS").read_text())
     assert meta == {"run_id": a.run_id, "rows": 0}
@@ -383,9 +385,9 @@ def _rows(run, objs):
 
 
 def test_stage_rejects_rows_that_do_not_match_the_shard(tmp_path):
-    run = commit.begin_run(str(tmp_path / "out"), {})
+    run = protocol.begin_run(str(tmp_path / "out"), {})
     objs = items(3, "file:///x/")
-    shard = commit.Shard(commit.shard_id_for(objs, CKPT), tuple(objs))
+    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
     with pytest.raises(ValueError, match="one row per shard item"):
         run.stage(shard, _rows(run, objs[:2]))
     with pytest.raises(ValueError, match="one row per shard item"):
@@ -393,7 +395,7 @@ def test_stage_rejects_rows_that_do_not_match_the_shard(tmp_path):
     assert not run.is_staged(shard)
     run.stage(shard, _rows(run, objs))
     assert run.is_staged(shard)
-    other = commit.Shard(commit.shard_id_for(objs, "b" * 64), tuple(objs))
+    other = protocol.Shard(protocol.shard_id_for(objs, "b" * 64), tuple(objs))
     assert not run.is_staged(other)
     # A torn staged file is not taken for a staged shard.
     path = run.staged_path(shard.shard_id)
@@ -403,10 +405,10 @@ def test_stage_rejects_rows_that_do_not_match_the_shard(tmp_path):
 
 def test_finish_refuses_an_image_committed_twice(tmp_path):
     out = str(tmp_path / "out")
-    run = commit.begin_run(out, {})
+    run = protocol.begin_run(out, {})
     objs = items(3, "file:///x/")
     for group in (objs[:2], objs[1:]):
-        shard = commit.Shard(commit.shard_id_for(group, CKPT), tuple(group))
+        shard = protocol.Shard(protocol.shard_id_for(group, CKPT), tuple(group))
         run.stage(shard, _rows(run, group))
         run.commit(shard.shard_id)
     with pytest.raises(RuntimeError, match="1 images have more than one committed row"):
@@ -418,9 +420,9 @@ def test_finish_refuses_an_image_committed_twice(tmp_path):
 
 def test_staged_files_are_invisible_to_readers(tmp_path):
     out = str(tmp_path / "out")
-    run = commit.begin_run(out, {})
+    run = protocol.begin_run(out, {})
     objs = items(3, "file:///x/")
-    shard = commit.Shard(commit.shard_id_for(objs, CKPT), tuple(objs))
+    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
     run.stage(shard, _rows(run, objs))
     assert Path(run.staged_path(shard.shard_id)).exists()
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 0
@@ -428,7 +430,7 @@ def test_staged_files_are_invisible_to_readers(tmp_path):
     run.commit(shard.shard_id)
     run.commit(shard.shard_id)  # idempotent
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 3
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/{commit.VISIBLE_GLOB}')").fetchall() == [(3,)]
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/{protocol.VISIBLE_GLOB}')").fetchall() == [(3,)]
     version = state.fold(out)
     assert version.rows == 3 and version.files_of(run.run_id) == [
         {"path": f"run_id={run.run_id}/part-{shard.shard_id}.parquet", "rows": 3,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from jobs.infer.decode import HAVE_AVIF, HAVE_HEIF, DecodeError, decode_image
+from jobs.infer.execute.decode import HAVE_AVIF, HAVE_HEIF, DecodeError, decode_image
 
 W, H = 64, 48
 needs_avif = pytest.mark.skipif(not HAVE_AVIF, reason="this Pillow is built without libavif")

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.infer import commit, pipeline
+from jobs.infer import pipeline
+from jobs.infer.commit import protocol
+from jobs.infer.commit.summary import read_summary
 from jobs.storage import RetryPolicy
-from jobs.infer.summary import read_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
@@ -54,7 +55,7 @@ def _config(bucket, out, **kw):
 
 
 def _rows(out, run_id=None):
-    rows = [r for f in commit.committed_files(str(out)) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()]
     return [r for r in rows if run_id is None or r["run_id"] == run_id]
 
 
@@ -149,7 +150,7 @@ def test_a_listing_outage_is_an_infrastructure_error(faulty_s3, tmp_path, in_pro
     proxy.down = True
     with pytest.raises(pipeline.InfraError, match=r"cannot list input s3://.*unable to handle request"):
         pipeline.run_job(_config(bucket, tmp_path / "out"))
-    assert commit.committed_files(str(tmp_path / "out")) == []
+    assert protocol.committed_files(str(tmp_path / "out")) == []
     assert proxy.injected["down"] == FAST_RETRY.attempts  # one listing page, retried
 
 
@@ -207,7 +208,6 @@ def test_losing_the_worker_node_mid_run_loses_and_duplicates_nothing(tmp_path):
     tasks and restarting the actor: exactly one committed row per image. (With a retry count
     on actor tasks it needed the same command again; the reruns it takes are printed.)"""
     import threading
-    import time
 
     from ray.cluster_utils import Cluster
 

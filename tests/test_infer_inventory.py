@@ -1,4 +1,4 @@
-"""S3 Inventory reports as input (jobs/infer/inventory.py), built here on the moto endpoint in
+"""S3 Inventory reports as input (jobs/infer/plan/inventory.py), built here on the moto endpoint in
 AWS's layout: CSV (gzip, URL-encoded keys), Parquet and ORC data files listed by a manifest."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import commit, pipeline
-from jobs.infer.inventory import InventoryError, iter_inventory, read_manifest
-from jobs.infer.listing import list_inputs
+from jobs.infer import pipeline
+from jobs.infer.commit import protocol
+from jobs.infer.plan.inventory import InventoryError, iter_inventory, read_manifest
+from jobs.infer.plan.listing import list_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
@@ -175,5 +176,5 @@ def test_the_job_over_an_inventory_then_over_the_prefix_reprocesses_nothing(s3_b
     first = run(manifest)
     assert first.planned == 4 and first.ok == 4
     assert run(f"s3://{s3_bucket}/shapes/images/").planned == 0  # the same etags and sizes
-    rows = [r for f in commit.committed_files(out) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in protocol.committed_files(out) for r in pq.read_table(f).to_pylist()]
     assert sorted(r["image_uri"] for r in rows) == sorted(f"s3://{s3_bucket}/{o['Key']}" for o in images)

@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from jobs.infer import commit
 from jobs.infer.__main__ import main
-from jobs.infer.decode import decode_image
+from jobs.infer.commit import protocol
+from jobs.infer.execute.decode import decode_image
 from jobs.storage import resolve
 
 pytestmark = pytest.mark.slow
@@ -178,7 +178,7 @@ def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weight
     con.register_filesystem(fs)
     q = ("SELECT i.label, count(*) FROM (SELECT unnest(instances) AS i FROM read_parquet('{}')) "
          "WHERE i.score > 0.5 GROUP BY ALL")
-    assert dict(con.sql(q.format(f"{out}/{commit.VISIBLE_GLOB}")).fetchall()) == expected
+    assert dict(con.sql(q.format(f"{out}/{protocol.VISIBLE_GLOB}")).fetchall()) == expected
     local = tmp_path / "copy"
     fs.get(root, str(local), recursive=True)
     from pyspark.sql import SparkSession, functions as F
@@ -238,7 +238,7 @@ def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_pa
     assert not fs.exists(root)  # nothing written by failed starts
 
     # another live run holds the output's writer lease: refused with a one-line reason, nothing written
-    from jobs.infer.lock import WriterLease
+    from jobs.infer.commit.lock import WriterLease
 
     with WriterLease(out, "the nightly run", heartbeat_s=0.2):
         assert main(["--input", inp, "--output", out, "--weights", weights]) == 2
@@ -250,8 +250,8 @@ def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_pa
 
 _SLOW_COMMITS = """
 import sys, time
-from jobs.infer import commit
-commit.STEP_HOOK = lambda step, detail: time.sleep(2.0) if step == "committed" else None
+from jobs.infer.commit import protocol
+protocol.STEP_HOOK = lambda step, detail: time.sleep(2.0) if step == "committed" else None
 from jobs.infer.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,4 +1,4 @@
-"""Listing in Ray tasks (jobs/infer/listing.py) on the moto S3 endpoint: a prefix split on its
+"""Listing in Ray tasks (jobs/infer/plan/listing.py) on the moto S3 endpoint: a prefix split on its
 common prefixes, and an inventory's data files, give the serial listing's objects in its order."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import commit, listing, plan, state
-from jobs.infer.inventory import iter_inventory
-from jobs.infer.listing import list_inputs
+from jobs.infer.commit import protocol
+from jobs.infer.plan import listing, planner, state
+from jobs.infer.plan.inventory import iter_inventory
+from jobs.infer.plan.listing import list_inputs
 from jobs.storage import IMAGE_EXTENSIONS, RetryPolicy, list_prefix
 from test_infer_inventory import _listed, _rows, _s3, write_inventory
 
@@ -129,8 +130,8 @@ def test_planning_in_tasks_gives_the_same_shards_whatever_the_listing(s3_bucket,
     _s3().create_bucket(Bucket=dest)
     manifest = write_inventory(dest, s3_bucket, "Parquet", _rows(s3_bucket, _listed(s3_bucket)), n_files=3)
     out = str(tmp_path / "out")
-    run = commit.begin_run(out, {})
-    plans = [plan.make_plan(run, uri, state.current(out), checkpoint_sha256="c" * 64, full=False, target_size=3,
+    run = protocol.begin_run(out, {})
+    plans = [planner.make_plan(run, uri, state.current(out), checkpoint_sha256="c" * 64, full=False, target_size=3,
                             list_tasks=tasks)
              for uri, tasks in [(f"s3://{s3_bucket}/arch", 4), (f"s3://{s3_bucket}/arch", 0), (manifest, 4)]]
     assert sum(plans[0].expected.values()) == plans[0].stats.planned == plans[0].stats.new == 17

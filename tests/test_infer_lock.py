@@ -1,4 +1,4 @@
-"""The output's writer lease (jobs/infer/lock.py): one run writes an output at a time; a killed
+"""The output's writer lease (jobs/infer/commit/lock.py): one run writes an output at a time; a killed
 run's lease is taken over by the rerun; a live run's lease stops a second run with a clear error.
 
 Short heartbeat and staleness intervals keep these tests to a few seconds.
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jobs.infer.lock import LOCK_NAME, LockedError, WriterLease
+from jobs.infer.commit.lock import LOCK_NAME, LockedError, WriterLease
 
 FAST = dict(heartbeat_s=0.1, stale_s=1.0)
 
@@ -81,7 +81,7 @@ def test_owner_that_cannot_renew_its_lease_stops_committing(tmp_path, monkeypatc
         def unreachable(*a, **k):
             raise OSError("storage unreachable")
 
-        monkeypatch.setattr("jobs.infer.lock.write_atomic", unreachable)
+        monkeypatch.setattr("jobs.infer.commit.lock.write_atomic", unreachable)
         time.sleep(0.2)
         lease.check()  # failed renewals are retried for stale_s / 2, not fatal at once
         time.sleep(1.8)

@@ -1,11 +1,10 @@
-"""Result rows written by the workers (jobs/infer/parts.py) in the batch job's real driver loop
+"""Result rows written by the workers (jobs/infer/execute/parts.py) in the batch job's real driver loop
 (``pipeline.run_job`` with the Ray dataset replaced by the same stages in this process): the
 driver sees one small row per part file and no result row; a retried write replaces its part;
 a run killed after any part or staged shard, run again, has exactly one row per image."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 
@@ -14,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.infer import commit, parts, pipeline, schema
-from jobs.infer.model_stage import SHARD_COLUMN
-from jobs.infer.summary import read_summary
+from jobs.infer import pipeline
+from jobs.infer.commit import protocol
+from jobs.infer.commit.summary import read_summary
+from jobs.infer.execute import parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
@@ -42,7 +42,7 @@ def _config(tmp_path, **kw):
 
 
 def _rows(out):
-    return [r for f in commit.committed_files(str(out)) for r in pq.read_table(f, columns=["image_uri", "run_id"]).to_pylist()]
+    return [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f, columns=["image_uri", "run_id"]).to_pylist()]
 
 
 def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatch):
@@ -59,7 +59,7 @@ def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatc
 
     written = []
     monkeypatch.setattr(pipeline, "_commit_results", spy)
-    monkeypatch.setattr(commit, "STEP_HOOK", lambda name, detail: written.append(detail) if name == "part written" else None)
+    monkeypatch.setattr(protocol, "STEP_HOOK", lambda name, detail: written.append(detail) if name == "part written" else None)
     summary, manifest = pipeline.run_job(_config(tmp_path))
     assert manifest["rows"] == n and summary.ok + summary.error == n
     assert seen and all(b.schema.equals(parts.PART_SCHEMA) for b in seen)  # no result column reaches it
@@ -74,9 +74,9 @@ def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatc
 def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(tmp_path, in_process_dataset):
     _inputs(tmp_path / "in", 4)
     cfg = _config(tmp_path)
-    run = commit.begin_run(cfg.output, {"test": 1})
+    run = protocol.begin_run(cfg.output, {"test": 1})
     ckpt = pipeline.checkpoint_identity(cfg.weights)
-    from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
+    from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
 
     uris = sorted(str(p) for p in (tmp_path / "in").glob("i*.png"))
     actor = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256, run_id=run.run_id)
@@ -109,10 +109,10 @@ def test_killed_after_a_part_or_a_shard_then_rerun_keeps_one_row_per_image(tmp_p
             if len(seen) == nth:
                 raise Crash()
 
-    monkeypatch.setattr(commit, "STEP_HOOK", crash)
+    monkeypatch.setattr(protocol, "STEP_HOOK", crash)
     with pytest.raises(Crash):
         pipeline.run_job(_config(tmp_path))
-    monkeypatch.setattr(commit, "STEP_HOOK", None)
+    monkeypatch.setattr(protocol, "STEP_HOOK", None)
     before = _rows(tmp_path / "out")
     summary, manifest = pipeline.run_job(_config(tmp_path))
     rows = _rows(tmp_path / "out")

@@ -1,4 +1,4 @@
-"""Incremental state as a table and planning by hash bucket (jobs/infer/state.py, jobs/infer/plan.py).
+"""Incremental state as a table and planning by hash bucket (jobs/infer/plan/state.py, jobs/infer/plan/planner.py).
 
 The bucketed plan is compared with today's driver-side planner (tests/_plan_reference.py: the
 committed-state dict and the per-object loop) on the same committed outputs and listings.
@@ -14,8 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import commit, plan, schema, state
-from jobs.infer.plan import PlanStats, group_buckets, listed_table, plan_rows
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.plan import planner, state
+from jobs.infer.plan.planner import PlanStats, group_buckets, listed_table, plan_rows
 from jobs.storage import SourceObject
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,7 +51,7 @@ def _bucketed(listing, out, *, run_id=None, **kw):
     by_bucket = dict(state.split_by_bucket(listed, version.buckets))
     for b in range(version.buckets):
         rows = state.read_table(fs, version.bucket_path(b)) if version.generation else state.STATE_SCHEMA.empty_table()
-        got, stats = plan_rows(by_bucket.get(b, plan.LISTED_SCHEMA.empty_table()), rows, run_id=run_id,
+        got, stats = plan_rows(by_bucket.get(b, planner.LISTED_SCHEMA.empty_table()), rows, run_id=run_id,
                                checkpoint_sha256=CKPT, **kw)
         planned += got.column("image_uri").to_pylist()
         total.add(stats)
@@ -68,9 +70,9 @@ def _reference(listing, out, *, run_id=None, **kw):
 def rules_output(tmp_path):
     """Committed rows covering every rule; run r1 is unfinished (being resumed), r0 and r2 finished."""
     out = str(tmp_path / "out")
-    r0 = commit.begin_run(out, {"n": 0}, run_id="r0")
-    r1 = commit.begin_run(out, {"n": 1}, run_id="r1")
-    r2 = commit.begin_run(out, {"n": 2}, run_id="r2")
+    r0 = protocol.begin_run(out, {"n": 0}, run_id="r0")
+    r1 = protocol.begin_run(out, {"n": 1}, run_id="r1")
+    r2 = protocol.begin_run(out, {"n": 2}, run_id="r2")
     _commit_rows(out, "r0", "a", [
         _row("s3://b/same", "e", 1, run_id="r0"),
         _row("s3://b/etag", "old", 1, run_id="r0"),
@@ -132,7 +134,7 @@ def test_bucketed_plans_equal_todays_on_random_outputs(tmp_path):
         runs = []
         for r in range(4):
             run_id = f"2026010{r}T000000Z-{case}{r}"
-            run = commit.begin_run(out, {"r": r}, run_id=run_id)
+            run = protocol.begin_run(out, {"r": r}, run_id=run_id)
             rows = [_row(u, rng.choice(["e1", "e2", None]), rng.choice([1, 2]), run_id=run_id, at=r * 10 + rng.random(),
                          ckpt=rng.choice([CKPT, "old"]), settings=rng.choice([None, "s"]),
                          status=rng.choice(["ok", "ok", "error"]), kind=rng.choice(sorted(schema.ERROR_KINDS)))
@@ -195,7 +197,7 @@ def test_fold_derives_error_kinds_of_older_files(tmp_path):
 def test_fold_is_incremental_and_replaces_its_generation_atomically(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     assert state.current(out).generation is None and state.fold(out).rows == 0
-    run = commit.begin_run(out, {}, run_id="r0")
+    run = protocol.begin_run(out, {}, run_id="r0")
     _commit_rows(out, "r0", "a", [_row(f"s3://b/{i}", "e", 1, run_id="r0") for i in range(10)])
     v1 = state.fold(out, buckets=4)
     assert (v1.buckets, v1.rows) == (4, 10) and state.fold(out) == v1  # nothing new: no new generation
@@ -207,7 +209,7 @@ def test_fold_is_incremental_and_replaces_its_generation_atomically(tmp_path, mo
 
     # killed after the new generation's files, before current.json moved: the old one stays current
     monkeypatch.setattr(state, "write_atomic", lambda fs, path, data: (_ for _ in ()).throw(Crash())
-                        if path.endswith(state.CURRENT_NAME) else commit.write_atomic(fs, path, data))
+                        if path.endswith(state.CURRENT_NAME) else protocol.write_atomic(fs, path, data))
     with pytest.raises(Crash):
         state.fold(out, buckets=64)
     monkeypatch.undo()
@@ -224,6 +226,20 @@ def test_fold_is_incremental_and_replaces_its_generation_atomically(tmp_path, mo
     shutil.rmtree(tmp_path / "out" / "_state")
     v3 = state.fold(out, buckets=4)
     assert v3.rows == 20 and sorted(f["rows"] for f in v3.files_of("r0")) == [10, 10]
+    # a nightly run's finish folds nothing new: it scans the state only if its rows were never checked
+    scans, check_bucket = [], state.check_bucket
+    monkeypatch.setattr(state, "check_bucket", lambda *a: scans.append(a[1]) or check_bucket(*a))
+    with pytest.raises(RuntimeError, match="5 images have more than one committed row"):
+        state.fold(out, check_run="r0")  # v3 took r0's rows in unchecked
+    assert len(scans) == 4
+    run1 = protocol.begin_run(out, {}, run_id="r1")
+    _commit_rows(out, "r1", "a", [_row(f"s3://b/{i}", "e", 3, run_id="r1", at=2) for i in range(20, 25)])
+    v4 = state.fold(out, check_run="r1")
+    assert (v4.rows, v4.checked_run) == (25, "r1") and state.current(out) == v4
+    scans.clear()
+    state.finish_run(run1)  # the fold that took r1's rows in checked them
+    state.fold(out, check_run="r2")  # a run without rows has nothing to check
+    assert scans == [] and (tmp_path / "out" / "_runs" / "r1" / "_SUCCESS").exists()
 
 
 def test_group_buckets_makes_shards_of_a_small_plan():

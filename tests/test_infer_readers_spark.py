@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _infer_fake_job import run_job  # noqa: E402
 from test_infer_commit import CKPT, _local_write, input_files, png  # noqa: E402
 
-from jobs.infer import commit  # noqa: E402
+from jobs.infer.commit import protocol  # noqa: E402
 
 
 @pytest.mark.slow
@@ -31,9 +31,9 @@ def test_spark_reads_committed_rows_and_latest_per_image(tmp_path):
     os.utime(inp / "img0.png", ns=(2 * 10**18, 2 * 10**18))
     run2, _ = run_job(str(inp), out, CKPT)
     # An uncommitted staged shard of a third run must stay invisible.
-    run3 = commit.begin_run(out, {"other": 1})
-    objs = [commit.SourceObject(f"file:///x/{i}.jpg", "e", 1) for i in range(3)]
-    shard = commit.Shard(commit.shard_id_for(objs, CKPT), tuple(objs))
+    run3 = protocol.begin_run(out, {"other": 1})
+    objs = [protocol.SourceObject(f"file:///x/{i}.jpg", "e", 1) for i in range(3)]
+    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
     from test_infer_commit import _rows
     run3.stage(shard, _rows(run3, objs))
 

@@ -9,8 +9,9 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import commit, pipeline, schema
+from jobs.infer import pipeline, schema
 from jobs.infer.__main__ import parse_args
+from jobs.infer.commit import protocol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
@@ -50,7 +51,7 @@ def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, 
     def run(**kw):
         cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, images_per_shard=3, batch_size=2, **kw)
         summary, _ = pipeline.run_job(cfg)
-        rows = [r for f in commit.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+        rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
                 if r["run_id"] == summary.run_id]
         return summary, rows
 

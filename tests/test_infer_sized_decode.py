@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from jobs.infer import commit, pipeline, schema
+from jobs.infer import pipeline, schema
 from jobs.infer.__main__ import parse_args
-from jobs.infer.decode import DecodeError, decode_for_model, decode_image, draft_request
-from jobs.infer.model_stage import PredictorActor, decode_batch, plan_batch
+from jobs.infer.commit import protocol
+from jobs.infer.execute.decode import DecodeError, decode_for_model, decode_image, draft_request
+from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
 from jobs.synthetic import render_image
 from mrcnn.predictor import Predictor
 
@@ -113,14 +114,14 @@ def _rows(batch_images, **decode_kw):
     uris = [f"mem://{i}.jpg" for i in range(len(batch_images))]
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2)
     store = dict(zip(uris, batch_images))
-    from jobs.infer import model_stage
+    from jobs.infer.execute import stages
 
-    original = model_stage.read_object
-    model_stage.read_object = lambda uri, retry=None: store[uri]
+    original = stages.read_object
+    stages.read_object = lambda uri, retry=None: store[uri]
     try:
         decoded = decode_batch(plan_batch(uris), **decode_kw)
     finally:
-        model_stage.read_object = original
+        stages.read_object = original
     return decoded, actor(decoded).to_pylist()
 
 
@@ -163,7 +164,7 @@ def test_the_decode_mode_is_an_output_setting(tmp_path, in_process_dataset):
     def run(**kw):
         cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, batch_size=2, **kw)
         summary, _ = pipeline.run_job(cfg)
-        rows = [r for f in commit.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+        rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
                 if r["run_id"] == summary.run_id]
         return summary, rows
 
@@ -231,7 +232,7 @@ def test_device_decode_through_the_job(tmp_path, in_process_dataset):
     cfg = pipeline.JobConfig(input=str(inp), output=str(tmp_path / "out"), weights=WEIGHTS, batch_size=2,
                              decode="device")
     summary, _ = pipeline.run_job(cfg)
-    rows = [r for f in commit.committed_files(str(tmp_path / "out")) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in protocol.committed_files(str(tmp_path / "out")) for r in pq.read_table(f).to_pylist()]
     assert summary.planned == 3 and [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["instances"] for r in rows) and {r["settings"] for r in rows} == {'{"decode": "device"}'}
     with pytest.raises(SystemExit):

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from jobs import storage
-from jobs.infer.listing import list_inputs
+from jobs.infer.plan.listing import list_inputs
 from jobs.storage import ReadError, SourceObject
 
 

@@ -1,4 +1,4 @@
-"""jobs.infer.summary: counts of a real (fake-model) run, written next to the run's manifest."""
+"""jobs.infer.commit.summary: counts of a real (fake-model) run, written next to the run's manifest."""
 
 import sys
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.infer import commit
-from jobs.infer.summary import read_summary
+from jobs.infer.commit import protocol
+from jobs.infer.commit.summary import read_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _infer_fake_job import run_job  # noqa: E402
@@ -28,11 +28,11 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
         if name == "committed":
             raise Crash()
 
-    monkeypatch.setattr(commit, "STEP_HOOK", crash_after_first_commit)
+    monkeypatch.setattr(protocol, "STEP_HOOK", crash_after_first_commit)
     with pytest.raises(Crash):
         run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(commit, "STEP_HOOK", None)
-    first = commit.committed_files(out)
+    monkeypatch.setattr(protocol, "STEP_HOOK", None)
+    first = protocol.committed_files(out)
     assert len(first) == 1
     done = pq.read_table(first[0], columns=["image_uri"]).column("image_uri").to_pylist()
     assert 2 <= len(done) < 12
@@ -58,7 +58,7 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
     assert (s2["ok"], s2["error"], s2["instances"], s2["skipped"]) == (10, 2, 10, 0)
     assert s2["error_reasons"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
     assert s2["error_kinds"] == {"decode": 2}
-    assert s2["shards_computed"] == len(commit.committed_files(str(tmp_path / "out2"))) and s2["shards_reused"] == 0
+    assert s2["shards_computed"] == len(protocol.committed_files(str(tmp_path / "out2"))) and s2["shards_reused"] == 0
 
 
 def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
@@ -71,10 +71,10 @@ def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
         if name == "staged":
             raise Crash()
 
-    monkeypatch.setattr(commit, "STEP_HOOK", crash_once_staged)
+    monkeypatch.setattr(protocol, "STEP_HOOK", crash_once_staged)
     with pytest.raises(Crash):
         run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(commit, "STEP_HOOK", None)
+    monkeypatch.setattr(protocol, "STEP_HOOK", None)
     calls = []
     run, manifest = run_job(str(inp), out, CKPT, calls=calls)
     s = read_summary(out, run.run_id)
@@ -103,12 +103,12 @@ def test_a_reused_shard_is_counted_from_its_footer_alone(tmp_path, monkeypatch):
             staged.append(detail)
             raise Crash()
 
-    monkeypatch.setattr(commit, "STEP_HOOK", crash_once_staged)
+    monkeypatch.setattr(protocol, "STEP_HOOK", crash_once_staged)
     with pytest.raises(Crash):
         run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(commit, "STEP_HOOK", None)
-    run = commit.list_runs(out)[0]
-    path = commit.Run(out, run.run_id).staged_path(staged[0])
+    monkeypatch.setattr(protocol, "STEP_HOOK", None)
+    run = protocol.list_runs(out)[0]
+    path = protocol.Run(out, run.run_id).staged_path(staged[0])
     table = pq.read_table(path)
     want = schema.shard_counts(table)
     assert want["rows"] == table.num_rows > 0 and want["ok"] + sum(want["error_kinds"].values()) == want["rows"]
@@ -118,8 +118,8 @@ def test_a_reused_shard_is_counted_from_its_footer_alone(tmp_path, monkeypatch):
         raise AssertionError("the staged rows were read")
 
     monkeypatch.setattr(pq, "read_table", no_rows)
-    assert commit.Run(out, run.run_id).staged_counts(staged[0]) == want
+    assert protocol.Run(out, run.run_id).staged_counts(staged[0]) == want
     monkeypatch.undo()
     older = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != schema.COUNTS_KEY})
     pq.write_table(older, path)
-    assert commit.Run(out, run.run_id).staged_counts(staged[0]) == want
+    assert protocol.Run(out, run.run_id).staged_counts(staged[0]) == want

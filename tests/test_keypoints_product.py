@@ -12,7 +12,8 @@ import torch
 import mrcnn
 from jobs import evaluate, render, synthetic
 from jobs.coco_data import CocoDetection, hflip, keypoint_flip_indices
-from jobs.infer import commit, pipeline, schema
+from jobs.infer import pipeline, schema
+from jobs.infer.commit import protocol
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 META = dict(source_etag=None, source_size=None, model_name="test", checkpoint_sha256="0" * 64, run_id="r1")
@@ -127,7 +128,7 @@ def test_the_job_writes_keypoints_that_readers_and_render_use(figures, keypoint_
     cfg = pipeline.JobConfig(input=str(figures / "val" / "images"), output=str(out), weights=keypoint_checkpoint,
                              images_per_shard=4, batch_size=2)
     summary, manifest = pipeline.run_job(cfg)
-    files = commit.committed_files(str(out))
+    files = protocol.committed_files(str(out))
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert summary.planned == len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
     for f in files:
@@ -142,7 +143,7 @@ def test_the_job_writes_keypoints_that_readers_and_render_use(figures, keypoint_
     assert all(i["mask_rle"] is None and i["area"] is None and len(i["keypoints"]) == K for i in instances)
 
     # the same keypoints as the Predictor run directly
-    from jobs.infer.decode import decode_image
+    from jobs.infer.execute.decode import decode_image
 
     predictor = mrcnn.Predictor.from_checkpoint(keypoint_checkpoint, device="cpu")
     compared = 0

@@ -4,7 +4,7 @@ The dataset: run r1 with four ok images (noise PNG, an EXIF-rotated JPEG, an ima
 instances, and a PNG on a moto S3 bucket) and two error rows; an older run r0 holds a
 different row for one image, so "latest per image" and "this run only" are both exercised.
 Masks are pycocotools encodings of known shapes; renders are compared pixel by pixel with
-the source decoded by jobs.infer.decode.
+the source decoded by jobs.infer.execute.decode.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pycocotools import mask as mask_utils
 
 from jobs import render, report
 from jobs.infer import schema
-from jobs.infer.decode import decode_image
-from jobs.infer.summary import RunSummary
+from jobs.infer.commit.summary import RunSummary
+from jobs.infer.execute.decode import decode_image
 
 NAMES = {1: "cat", 2: "dog", 3: "bird"}
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -18,12 +18,12 @@ import sys
 import time
 import warnings
 
-from .commit import DEFAULT_SHARD_SIZE
-from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
-from .listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
-from .lock import LockedError
-from .pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
-from ..storage import RetryPolicy
+from jobs.infer.commit.lock import LockedError
+from jobs.infer.commit.protocol import DEFAULT_SHARD_SIZE
+from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from jobs.infer.pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
+from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
+from jobs.storage import RetryPolicy
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,8 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 
 1. ``begin_run`` (resumes the same command's unfinished run), fold a killed attempt's commits
    into the state table (``state.fold``), and plan by hash bucket in Ray tasks
-   (``plan.make_plan``): the listing and the state meet bucket by bucket, and the plan is
-   written as Parquet files of items with their shard (``plan.PLAN_SCHEMA``). The driver
+   (``planner.make_plan``): the listing and the state meet bucket by bucket, and the plan is
+   written as Parquet files of items with their shard (``planner.PLAN_SCHEMA``). The driver
    holds paths and a shard_id -> item count map, never an object or a state row.
 2. Shards already staged by a killed attempt are committed at once.
 3. ``read_parquet(plan)`` -> ``map_batches(decode_batch)`` (CPU tasks; ``num_cpus``
@@ -14,7 +14,7 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
    ``map_batches(parts.write_parts)`` (tasks writing the rows, by shard, to part files).
 4. The driver streams the part rows (``iter_batches``: shard, part file, rows, storage
    failures; never a result row) and, when a shard's parts hold all its images, has a Ray
-   task assemble and stage it (``parts.finalize_shard``), then commits it (``commit.Run``).
+   task assemble and stage it (``parts.finalize_shard``), then commits it (``protocol.Run``).
    A kill at any point leaves only whole committed shards; the rerun resumes the run and
    plans them out. A shard holding storage failures (``schema.RETRYABLE_ERROR_KINDS``, after
    the reads' own retries) is not committed in the first pass: its good rows are kept in a
@@ -33,23 +33,21 @@ import dataclasses
 import hashlib
 import json
 import logging
-import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
-import pyarrow as pa
-
-from . import commit, schema, state
-from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
-from .listing import DEFAULT_TARGET_PARTS
-from .lock import LockedError, WriterLease
-from .model_stage import SHARD_COLUMN, PredictorActor, decode_batch
-from .parts import finalize_shard, remote_finalize, write_parts
-from .plan import PLAN_SCHEMA, ListingError, make_plan
-from .state import write_table
-from .summary import RunSummary
-from ..storage import RetryPolicy, SourceObject, describe_error, join, resolve
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.commit.lock import LockedError, WriterLease
+from jobs.infer.commit.summary import RunSummary
+from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from jobs.infer.execute.parts import finalize_shard, remote_finalize, write_parts
+from jobs.infer.execute.stages import PredictorActor, decode_batch
+from jobs.infer.plan import state
+from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS
+from jobs.infer.plan.planner import SHARD_COLUMN, ListingError, make_plan, write_shards_plan
+from jobs.storage import RetryPolicy, SourceObject, describe_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +137,7 @@ class JobConfig:
     batch_size: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect: float = DEFAULT_MAX_ASPECT
-    images_per_shard: int = commit.DEFAULT_SHARD_SIZE
+    images_per_shard: int = protocol.DEFAULT_SHARD_SIZE
     run_id: str | None = None
     decode_cpus: float = 0.5
     max_concurrent_reads: int = DEFAULT_MAX_CONCURRENT_READS
@@ -233,27 +231,6 @@ def _check_input(uri: str) -> None:
         raise InfraError(f"cannot reach input {uri}: {describe_error(e)}") from None
 
 
-def _write_plan(run: commit.Run, shards: Iterable[commit.Shard]) -> tuple[list[str], dict[str, int]]:
-    """The items of ``shards`` (a pass over deferred shards: few) as a plan file.
-
-    Returns (plan file paths, shard_id -> item count)."""
-    fs, root = resolve(run.output_uri)
-    cols: dict[str, list] = {k: [] for k in PLAN_SCHEMA.names}
-    expected: dict[str, int] = {}
-    for shard in shards:
-        expected[shard.shard_id] = len(shard.items)
-        for o in shard.items:
-            size = -1 if o.source_size is None else o.source_size
-            for name, value in zip(PLAN_SCHEMA.names,
-                                   (o.image_uri, o.source_etag, size, o.error, o.error_kind, shard.shard_id)):
-                cols[name].append(value)
-    if not expected:
-        return [], {}
-    path = join(root, commit.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}", "plan-retry.parquet")
-    write_table(fs, path, pa.Table.from_pydict(cols, schema=PLAN_SCHEMA))
-    return [path], expected
-
-
 def pool_size(cfg: JobConfig, resources: dict[str, float]) -> int:
     """Model actors for ``cfg``: ``cfg.num_actors`` when given, else as many as the cluster holds.
 
@@ -289,7 +266,7 @@ def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
             "jpeg_on_device": cfg.decode == "device"}
 
 
-def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: commit.Run, ckpt: CheckpointInfo, pass_no: int = 1):
+def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo, pass_no: int = 1):
     """plan rows -> decoded images -> output rows (+ shard_id) -> part files written by the
     workers: a lazy Ray Dataset of :data:`parts.PART_SCHEMA` rows."""
     import ray
@@ -353,7 +330,7 @@ class Deferred:
     retry: tuple[SourceObject, ...]
 
 
-def _commit_results(run: commit.Run, parts, expected: dict[str, int], summary: RunSummary, *,
+def _commit_results(run: protocol.Run, parts, expected: dict[str, int], summary: RunSummary, *,
                     final: bool = True, pass_no: int = 1, health: StorageHealth | None = None,
                     held: dict[str, Deferred] | None = None, finalize=finalize_shard,
                     may_commit=lambda: None, progress=None) -> dict[str, Deferred]:
@@ -453,7 +430,7 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
 
 def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: CheckpointInfo, progress=None):
     try:
-        run = commit.begin_run(cfg.output, params, run_id=cfg.run_id)
+        run = protocol.begin_run(cfg.output, params, run_id=cfg.run_id)
     except (ValueError, RuntimeError):
         raise  # a run id that does not fit these parameters: the message says so
     except Exception as e:  # noqa: BLE001
@@ -500,8 +477,8 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
                                final=pass_no >= cfg.passes, pass_no=pass_no, health=health, held=held,
                                finalize=finalize, may_commit=lease.check, progress=committed_more)
         # the next pass reads only the failed items, under their shard's id
-        retry_shards = (commit.Shard(sid, d.retry) for sid, d in held.items())
-        plan_files, expected = _write_plan(run, retry_shards)
+        retry_shards = (protocol.Shard(sid, d.retry) for sid, d in held.items())
+        plan_files, expected = write_shards_plan(run, retry_shards)
     lease.check()
     summary.finish().write(cfg.output)
     keypoints = {"keypoint_names": list(ckpt.keypoint_names),

@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 
-from ..storage import create_exclusive, join, read_json, resolve, write_atomic
+from jobs.storage import create_exclusive, join, read_json, resolve, write_atomic
 
 LOCK_NAME = "_writer.json"
 HEARTBEAT_S = 20.0

@@ -38,7 +38,7 @@ from urllib.parse import unquote_plus
 
 import pyarrow as pa
 
-from ..storage import RetryPolicy, SourceObject, call_with_retries, normalize_etag, resolve
+from jobs.storage import RetryPolicy, SourceObject, call_with_retries, normalize_etag, resolve
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "ORC", "Parquet")

@@ -4,7 +4,7 @@ Incremental planning needs, for every image ever committed, its latest row's cha
 (etag, size, checkpoint, settings) and status. Read from every committed file into one dict
 on the driver, that grows with the archive (1.8 s per 100k images, ~200 bytes each); here it
 is a table kept next to the output, brought up to date by a *fold* and read bucket by bucket
-by the planning tasks (``plan.py``)::
+by the planning tasks (``planner.py``)::
 
     OUT/_state/current.json                        {"generation": ..., "buckets": B, "rows": N}
     OUT/_state/<generation>/bucket-NNNN.parquet    the state rows of one bucket, sorted by image_uri
@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -41,9 +40,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import commit, schema
-from .tasks import run_tasks
-from ..storage import join, read_json, resolve, write_atomic
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.tasks import run_tasks
+from jobs.storage import join, read_json, resolve, write_atomic
 
 STATE_DIR = "_state"
 CURRENT_NAME = "current.json"
@@ -128,6 +128,7 @@ class StateVersion:
     generation: Optional[str]  # None: nothing committed yet
     buckets: int
     rows: int = 0
+    checked_run: Optional[str] = None  # the run this generation's fold checked for repeats (all its rows)
 
     def _dir(self) -> str:
         return join(resolve(self.output_uri)[1], STATE_DIR, self.generation or "")
@@ -158,12 +159,13 @@ def current(output_uri: str) -> StateVersion:
         meta = read_json(fs, path)
     except FileNotFoundError:
         return StateVersion(output_uri, None, DEFAULT_BUCKETS)
-    return StateVersion(output_uri, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)))
+    return StateVersion(output_uri, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)),
+                        meta.get("checked_run"))
 
 
 def _run_of(relpath: str) -> str:
     head = relpath.split("/", 1)[0]
-    return head.split("=", 1)[1] if head.startswith(commit.PARTITION_KEY + "=") else ""
+    return head.split("=", 1)[1] if head.startswith(protocol.PARTITION_KEY + "=") else ""
 
 
 def fold_map(output_uri: str, paths: list[str], buckets: int, spill_dir: str, name: str) -> dict:
@@ -248,16 +250,18 @@ def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEF
     cur = current(output_uri)
     covered = cur.covered()
     done = set(covered.column("path").to_pylist())
-    new = [p for p in commit.committed_files(output_uri) if posixpath.relpath(p, root) not in done]
+    new = [p for p in protocol.committed_files(output_uri) if posixpath.relpath(p, root) not in done]
     if not new and cur.generation is None:
         return cur  # nothing committed yet: no state to write
     if not new:
-        if check_run:  # the folds that brought the run's rows in may not have checked them
+        # The folds that brought the run's rows in may not have checked them: scan the state,
+        # unless the run has no rows or the fold that wrote this generation checked it.
+        if check_run and check_run != cur.checked_run and check_run in covered.column("run_id").to_pylist():
             _refuse_repeats(check_run, run_tasks(check_bucket, [(output_uri, cur.bucket_path(b), check_run)
                                                                 for b in range(cur.buckets)]))
         return cur
     buckets = cur.buckets if cur.generation is not None else buckets
-    generation = f"g-{commit.new_run_id()}"
+    generation = f"g-{protocol.new_run_id()}"
     gen_dir = join(root, STATE_DIR, generation)
     spill_dir = join(gen_dir, "spill")
     n_groups = min(len(new), MAP_TASKS)
@@ -267,7 +271,7 @@ def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEF
     for m in mapped:
         for b, path in m["spills"].items():
             spills.setdefault(b, []).append(path)
-    keep_runs = [r.run_id for r in commit.list_runs(output_uri) if not r.finished]
+    keep_runs = [r.run_id for r in protocol.list_runs(output_uri) if not r.finished]
     version = StateVersion(output_uri, generation, buckets)
     reduced = run_tasks(fold_reduce, [(output_uri, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
                                        keep_runs, check_run) for b in range(buckets)])
@@ -278,10 +282,11 @@ def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEF
     write_table(fs, join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))
     rows = sum(r["rows"] for r in reduced)
     write_atomic(fs, join(root, STATE_DIR, CURRENT_NAME),
-                 (json.dumps({"generation": generation, "buckets": buckets, "rows": rows}, indent=1) + "\n").encode())
-    commit._step("state", generation)
+                 (json.dumps({"generation": generation, "buckets": buckets, "rows": rows, "checked_run": check_run},
+                             indent=1) + "\n").encode())
+    protocol._step("state", generation)
     _remove_others(fs, join(root, STATE_DIR), generation)
-    return StateVersion(output_uri, generation, buckets, rows)
+    return StateVersion(output_uri, generation, buckets, rows, check_run)
 
 
 def _remove_others(fs, state_dir: str, generation: str) -> None:
@@ -304,7 +309,7 @@ def _remove_others(fs, state_dir: str, generation: str) -> None:
         pass
 
 
-def finish_run(run: commit.Run, extra: Optional[dict] = None) -> dict:
+def finish_run(run: protocol.Run, extra: Optional[dict] = None) -> dict:
     """Fold the run's last commits into the state (checking it holds no image twice), then write its
     manifest and ``_SUCCESS`` (``Run.finish``). Returns the manifest."""
     version = fold(run.output_uri, check_run=run.run_id)

@@ -11,7 +11,7 @@
    (:func:`group_buckets`: a nightly run that plans a few images still makes full shards;
    objects this run committed before a kill count, so a resume groups as its first attempt), and
    one task per group (:func:`shard_group`) cuts them into content-defined shards
-   (``commit.make_shards``), notes the shards a killed attempt already staged, and writes the
+   (``protocol.make_shards``), notes the shards a killed attempt already staged, and writes the
    others' items to ``plan-<id>/plan-bNNNN.parquet`` (``PLAN_SCHEMA``).
 4. The driver gathers paths, counts and a shard_id -> item count map: never an object.
 
@@ -39,12 +39,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import commit, schema
-from .listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
-from .model_stage import SHARD_COLUMN
-from .state import STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket, write_table
-from .tasks import run_tasks
-from ..storage import IMAGE_EXTENSIONS, RetryPolicy, SourceObject, describe_error, join, resolve
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
+from jobs.infer.plan.state import (STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket,
+                                   write_table)
+from jobs.infer.tasks import run_tasks
+from jobs.storage import IMAGE_EXTENSIONS, RetryPolicy, SourceObject, describe_error, join, resolve
 
 LISTING_CHUNK = 100_000  # listed objects a listing task holds before writing them out by bucket
 # A listed object: the plan's columns, and its place in the listing (the first of repeats is kept)
@@ -52,6 +53,9 @@ LISTED_SCHEMA = pa.schema(
     [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
      ("error_kind", pa.string()), ("listing_order", pa.int64())]
 )
+SHARD_COLUMN = "shard_id"
+# an image in the plan and the batches, under its output columns' names (source_size -1: unknown)
+PLAN_ITEM_COLUMNS = ("image_uri", "source_etag", "source_size")
 # The plan: what the pipeline reads (the output's column names, and the shard)
 PLAN_SCHEMA = pa.schema(
     [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
@@ -105,6 +109,33 @@ def listed_table(objects: list[SourceObject], first_order: int) -> pa.Table:
         "error_kind": [o.error_kind for o in objects],
         "listing_order": np.arange(first_order, first_order + len(objects), dtype=np.int64),
     }, schema=LISTED_SCHEMA)
+
+
+def plan_table(objects: pa.Table, shard_ids: list[str]) -> pa.Table:
+    """Plan rows (:data:`PLAN_SCHEMA`): ``objects`` (a listed or planned table) with their shard
+    ids; an unknown size becomes the plan's -1."""
+    sizes = pc.fill_null(objects.column("source_size"), -1)
+    items = objects.select(PLAN_SCHEMA.names[:-1]).set_column(2, "source_size", sizes)
+    return items.append_column(SHARD_COLUMN, pa.array(shard_ids, pa.string())).cast(PLAN_SCHEMA)
+
+
+def new_plan_dir(run: protocol.Run) -> str:
+    """A fresh folder for one planning's files, under the run's staging."""
+    _, root = resolve(run.output_uri)
+    return join(root, protocol.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}")
+
+
+def write_shards_plan(run: protocol.Run, shards: Iterable[protocol.Shard]) -> tuple[list[str], dict[str, int]]:
+    """The plan of a later pass: the items of ``shards`` (deferred shards: few) as one plan file.
+    Returns (plan file paths, shard_id -> item count)."""
+    shards = list(shards)
+    if not shards:
+        return [], {}
+    fs, _ = resolve(run.output_uri)
+    path = join(new_plan_dir(run), "plan-retry.parquet")
+    items = listed_table([o for s in shards for o in s.items], 0)
+    write_table(fs, path, plan_table(items, [s.shard_id for s in shards for _ in s.items]))
+    return [path], {s.shard_id: len(s.items) for s in shards}
 
 
 def scatter_part(output_uri: str, part: Part, index: int, extensions: frozenset, retry: RetryPolicy, buckets: int,
@@ -189,7 +220,7 @@ def _items(table: pa.Table) -> Iterator[SourceObject]:
         yield SourceObject(uri, etag, size, error, kind)
 
 
-def plan_bucket(run: commit.Run, listed_paths: list[str], state_path: Optional[str], planned_path: str, *,
+def plan_bucket(run: protocol.Run, listed_paths: list[str], state_path: Optional[str], planned_path: str, *,
                 checkpoint_sha256: str, full: bool, settings: Optional[str], retry_errors: bool) -> dict:
     """Plan one bucket (a task): its planned objects, sorted by URI, go to ``planned_path``.
     Returns the counts and how many were planned."""
@@ -226,7 +257,7 @@ def group_buckets(planned: list[int], target_size: int) -> list[list[int]]:
     return groups
 
 
-def shard_group(run: commit.Run, planned_paths: list[str], plan_path: str, *, checkpoint_sha256: str,
+def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, checkpoint_sha256: str,
                 target_size: int) -> dict:
     """Cut a group's planned objects (its buckets in order, each sorted by URI) into shards (a task).
     Shards a killed attempt already staged are returned (shard_id -> counts); the others' items go
@@ -236,7 +267,7 @@ def shard_group(run: commit.Run, planned_paths: list[str], plan_path: str, *, ch
     expected: dict[str, int] = {}
     staged: dict[str, dict] = {}
     shard_ids: list[str] = []
-    for shard in commit.make_shards(_items(planned), checkpoint_sha256=checkpoint_sha256, target_size=target_size):
+    for shard in protocol.make_shards(_items(planned), checkpoint_sha256=checkpoint_sha256, target_size=target_size):
         if run.is_staged(shard):
             staged[shard.shard_id] = run.staged_counts(shard.shard_id)
             shard_ids += [""] * len(shard.items)  # left out of the plan
@@ -245,22 +276,21 @@ def shard_group(run: commit.Run, planned_paths: list[str], plan_path: str, *, ch
             shard_ids += [shard.shard_id] * len(shard.items)
     path = None
     if expected:
-        sizes = pc.fill_null(planned.column("source_size"), -1)  # the plan's "unknown size"
-        plan = planned.set_column(2, "source_size", sizes).append_column(SHARD_COLUMN, pa.array(shard_ids, pa.string()))
-        write_table(fs, plan_path, plan.filter(pc.not_equal(plan.column(SHARD_COLUMN), "")).cast(PLAN_SCHEMA))
+        plan = plan_table(planned, shard_ids)
+        write_table(fs, plan_path, plan.filter(pc.not_equal(plan.column(SHARD_COLUMN), "")))
         path = plan_path
     return {"expected": expected, "staged": staged, "plan": path}
 
 
-def make_plan(run: commit.Run, input_uri: str, version: StateVersion, *, checkpoint_sha256: str, full: bool,
+def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, checkpoint_sha256: str, full: bool,
               settings: Optional[str] = None, retry_errors: bool = False,
-              target_size: int = commit.DEFAULT_SHARD_SIZE, list_tasks: int = DEFAULT_TARGET_PARTS,
+              target_size: int = protocol.DEFAULT_SHARD_SIZE, list_tasks: int = DEFAULT_TARGET_PARTS,
               extensions: Iterable[str] = IMAGE_EXTENSIONS, retry: RetryPolicy = RetryPolicy()) -> Plan:
     """List ``input_uri`` and plan the run against the state ``version``, in tasks when Ray runs.
 
     Raises :class:`ListingError` when the input cannot be listed."""
-    fs, root = resolve(run.output_uri)
-    plan_dir = join(root, commit.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}")
+    fs, _ = resolve(run.output_uri)
+    plan_dir = new_plan_dir(run)
     listed_dir = join(plan_dir, "listed")
     try:
         parts = input_parts(input_uri, list_tasks=list_tasks, retry=retry)

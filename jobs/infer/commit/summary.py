@@ -2,7 +2,7 @@
 
 The job fills a :class:`RunSummary` as it goes (``add_plan`` once the listing is
 planned, ``add_shard`` with the counts of every shard it stages or finds already staged), then
-calls ``finish()`` and ``write(output_uri)`` before :meth:`commit.Run.finish`, so the
+calls ``finish()`` and ``write(output_uri)`` before :meth:`protocol.Run.finish`, so the
 summary sits at ``_runs/<run_id>/summary.json`` next to the run's manifest.
 
 Counts are for this invocation. After a resume, images committed by the killed attempt
@@ -20,9 +20,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from ..storage import join, resolve, write_atomic
-from .commit import RUNS_DIR
-from .plan import PlanStats
+from jobs.infer.commit.protocol import RUNS_DIR
+from jobs.infer.plan.planner import PlanStats
+from jobs.storage import join, resolve, write_atomic
 
 TOP_ERRORS = 10
 
@@ -61,7 +61,7 @@ class RunSummary:
 
     def add_shard(self, counts: dict, *, reused: bool = False) -> None:
         """Count a shard's rows: ``counts`` as :func:`schema.shard_counts` gives them, of its table
-        or read back from its staged file (:meth:`commit.Run.staged_counts`)."""
+        or read back from its staged file (:meth:`protocol.Run.staged_counts`)."""
         self.ok += counts["ok"]
         self.error += counts["rows"] - counts["ok"]
         self.instances += counts["instances"]

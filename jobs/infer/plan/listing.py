@@ -21,11 +21,10 @@ round trips to hide), and so is everything when Ray is not initialised.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from ..storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, call_with_retries, has_extension, is_list_file,
+from jobs.storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, call_with_retries, has_extension, is_list_file,
                        iter_list_file, list_prefix, normalize_etag, resolve, stat_uris, walk_s3)
 
 DEFAULT_TARGET_PARTS = 64  # prefixes to split into: a few per CPU of a small cluster
@@ -126,7 +125,7 @@ def input_parts(uri: str, *, list_tasks: int = DEFAULT_TARGET_PARTS, retry: Retr
     """``--input`` as parts that tasks list independently (their objects together are the input's):
     an inventory's data files, an S3 prefix split on its common prefixes (``list_tasks`` > 0),
     or else one part, the whole input listed serially."""
-    from . import inventory  # it builds on this module's storage helpers
+    from jobs.infer.plan import inventory  # it builds on this module's storage helpers
 
     if list_tasks > 0 and inventory.is_manifest(uri):
         manifest = inventory.read_manifest(uri, retry=retry)
@@ -144,7 +143,7 @@ def part_objects(part: Part, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
         return
     exts = frozenset(e.lower() for e in extensions)
     if part.inventory is not None:
-        from .inventory import iter_data_file
+        from jobs.infer.plan.inventory import iter_data_file
 
         listed: Iterable[SourceObject] = iter_data_file(*part.inventory, retry=retry)
     elif part.prefix is not None:
@@ -204,7 +203,7 @@ def can_list_in_parallel(uri: str) -> bool:
         return False
     if not ray.is_initialized():
         return False
-    from .inventory import is_manifest
+    from jobs.infer.plan.inventory import is_manifest
 
     if is_manifest(uri):
         return True
@@ -228,7 +227,7 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     (the same objects in the same order).
     """
     exts = frozenset(e.lower() for e in extensions)
-    from . import inventory  # it builds on this module's storage helpers
+    from jobs.infer.plan import inventory  # it builds on this module's storage helpers
 
     if list_tasks > 0 and can_list_in_parallel(uri):
         yield from _ordered(input_parts(uri, list_tasks=list_tasks, retry=retry), exts, retry)

@@ -20,7 +20,7 @@ Exactly one row per image per run, across kills and reruns:
 
 * a rerun of the same command resumes the newest unfinished run with the same parameters
   (same run_id), instead of starting a new one;
-* planning (``plan.py``, against the state table of ``state.py``) drops images that already
+* planning (``plan/planner.py``, against the state table of ``plan/state.py``) drops images that already
   have a committed row in that run, so no image is written twice in a run, whatever was
   listed again;
 * shards are cut by content (:func:`make_shards`): the cut after an item depends only on
@@ -34,7 +34,7 @@ Exactly one row per image per run, across kills and reruns:
 
 Across runs an image has one row per run that processed it; "the latest result per
 image" is the row with the greatest (processed_at, run_id), see DESIGN.md for the DuckDB
-and Spark queries. The state table (``state.py``) keeps that same latest row per image for
+and Spark queries. The state table (``plan/state.py``) keeps that same latest row per image for
 incremental planning.
 
 One writer per output root at a time: ``pipeline.run_job`` holds the output's writer
@@ -56,8 +56,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import schema
-from ..storage import SourceObject, create_exclusive, is_local, join, read_json, resolve, write_atomic
+from jobs.infer import schema
+from jobs.storage import SourceObject, create_exclusive, is_local, join, read_json, resolve, write_atomic
 
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
@@ -209,7 +209,7 @@ class Run:
         return join(self._fs_root[1], f"{PARTITION_KEY}={self.run_id}", f"part-{shard_id}.parquet")
 
     def part_path(self, shard_id: str, name: str) -> str:
-        """A part file of a shard's rows, written by a worker (``parts.py``)."""
+        """A part file of a shard's rows, written by a worker (``execute/parts.py``)."""
         return join(self._fs_root[1], STAGING_DIR, self.run_id, "parts", shard_id, f"{name}.parquet")
 
     @property

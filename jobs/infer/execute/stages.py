@@ -18,13 +18,12 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from . import schema
-from .decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model, inspect_jpeg
-from ..storage import NO_RETRIES, ReadError, RetryPolicy, read_object
+from jobs.infer import schema
+from jobs.infer.execute.decode import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model,
+                                       inspect_jpeg)
+from jobs.infer.plan.planner import PLAN_ITEM_COLUMNS, SHARD_COLUMN
+from jobs.storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
-SHARD_COLUMN = "shard_id"
-# an image in the plan and the batches, under its output columns' names (source_size -1: unknown)
-PLAN_ITEM_COLUMNS = ("image_uri", "source_etag", "source_size")
 # Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
 

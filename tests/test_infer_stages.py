@@ -1,6 +1,5 @@
-"""jobs.infer.model_stage without Ray: decode errors become error rows, ok rows equal the Predictor."""
+"""jobs.infer.execute.stages without Ray: decode errors become error rows, ok rows equal the Predictor."""
 
-import io
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 from PIL import Image
 
 from jobs.infer import schema
-from jobs.infer.model_stage import PredictorActor, decode_batch
+from jobs.infer.execute.stages import PredictorActor, decode_batch
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +22,12 @@ def weights(tmp_path_factory):
     return path
 
 
-def test_model_stage_does_not_import_ray():
+def test_stages_do_not_import_ray():
     # The GPU test machine has no Ray: the batch functions must not need it.
     import subprocess
     import sys
 
-    code = "import sys, jobs.infer.model_stage, jobs.infer.pipeline; assert 'ray' not in sys.modules"
+    code = "import sys, jobs.infer.execute.stages, jobs.infer.pipeline; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
 
 

@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import commit, schema
-from .model_stage import SHARD_COLUMN
-from ..storage import SourceObject, write_atomic
+from jobs.infer import schema
+from jobs.infer.commit import protocol
+from jobs.infer.plan.planner import SHARD_COLUMN
+from jobs.storage import SourceObject, write_atomic
 
 PART_SCHEMA = pa.schema([
     (SHARD_COLUMN, pa.string()), ("part", pa.string()), ("rows", pa.int64()),
@@ -38,13 +39,13 @@ def storage_failed(table: pa.Table) -> pa.ChunkedArray:
     return pc.fill_null(pc.is_in(table.column("error_kind"), _RETRYABLE), False)
 
 
-def _write(run: commit.Run, path: str, table: pa.Table) -> None:
+def _write(run: protocol.Run, path: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()  # serialised fully before touching storage
     pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
     write_atomic(run.fs, path, sink.getvalue().to_pybytes())
 
 
-def write_parts(batch: pa.Table, *, run: commit.Run, pass_no: int) -> pa.Table:
+def write_parts(batch: pa.Table, *, run: protocol.Run, pass_no: int) -> pa.Table:
     """Write ``batch`` (result rows with ``shard_id``) as one part file per shard; return a
     :data:`PART_SCHEMA` row for each."""
     out = []
@@ -54,7 +55,7 @@ def write_parts(batch: pa.Table, *, run: commit.Run, pass_no: int) -> pa.Table:
         digest = hashlib.sha256("\n".join(sorted(rows.column("image_uri").to_pylist())).encode()).hexdigest()
         path = run.part_path(sid, f"p{pass_no}-{digest[:24]}")
         _write(run, path, rows)
-        commit._step("part written", path)
+        protocol._step("part written", path)
         failed = rows.filter(storage_failed(rows))
         example = None
         if failed.num_rows:
@@ -69,7 +70,7 @@ def _items(table: pa.Table) -> tuple[SourceObject, ...]:
     return tuple(SourceObject(u, e, s) for u, e, s in zip(*cols))
 
 
-def finalize_shard(run: commit.Run, shard_id: str, parts: Sequence[str], images: int, *, final: bool,
+def finalize_shard(run: protocol.Run, shard_id: str, parts: Sequence[str], images: int, *, final: bool,
                    pass_no: int, kept: Sequence[str] = ()) -> dict:
     """Assemble a shard of ``images`` images from its ``kept`` and ``parts`` files.
 
@@ -101,7 +102,7 @@ def finalize_shard(run: commit.Run, shard_id: str, parts: Sequence[str], images:
             kept_parts.append(run.part_path(shard_id, f"kept-p{pass_no}"))
             _write(run, kept_parts[0], good)
         return {"deferred": kept_parts, "kept_rows": good.num_rows, "retry": _items(table.filter(failed))}
-    run.stage(commit.Shard(shard_id, _items(table)), table)
+    run.stage(protocol.Shard(shard_id, _items(table)), table)
     return {"counts": schema.shard_counts(table)}
 
 
