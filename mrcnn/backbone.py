@@ -5,6 +5,7 @@ Built from torchvision's ResNet and FPN layers, the same modules torchvision's M
 so state_dict keys (``backbone.body.*``, ``backbone.fpn.*``) match.
 """
 import warnings
+from collections import OrderedDict
 from typing import Callable, Optional
 
 from torch import nn
@@ -12,6 +13,7 @@ from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .weights_file import load_state_dict_file
@@ -106,15 +108,20 @@ def resnet_fpn_backbone(
 
 class ResNetSingleMap(nn.Module):
     """A ResNet up to res4 (stride 16, the paper's C4 variant) or res5 (stride 32, C5), giving the one
-    feature map '0'. The C4 backbone's res5 (layer4) is not here: it is the second stage's head."""
+    feature map '0'. The C4 backbone's res5 (layer4) is not here: it is the second stage's head.
+    ``lateral`` (C5's) maps the ResNet's channels to ``out_channels``, as an FPN's lateral conv does."""
 
-    def __init__(self, body: nn.Module, out_channels: int):
+    def __init__(self, body: nn.Module, out_channels: int, lateral: Optional[nn.Module] = None):
         super().__init__()
         self.body = body
+        self.lateral = lateral
         self.out_channels = out_channels
 
     def forward(self, x):
-        return self.body(x)
+        features = self.body(x)
+        if self.lateral is not None:
+            features = OrderedDict((name, self.lateral(f)) for name, f in features.items())
+        return features
 
 
 def _trainable_resnet(name: str, weights_backbone: Optional[str], norm_layer: Callable[..., nn.Module],
@@ -156,9 +163,18 @@ def resnet_c5_backbone(
     weights_backbone: Optional[str] = None,
     norm_layer: Callable[..., nn.Module] = FrozenBatchNorm2d,
     trainable_layers: int = 3,
+    out_channels: Optional[int] = None,
+    lateral_norm_layer: Optional[Callable[..., nn.Module]] = None,
 ) -> ResNetSingleMap:
     """res2-res5 with res5's output (stride 32) as the one map: the C5 variant of the paper's
-    large-stride ablation (Table 2d). Arguments as :func:`resnet_c4_backbone`'s."""
+    large-stride ablation (Table 2d). Arguments as :func:`resnet_c4_backbone`'s; with
+    ``out_channels``, a 1x1 conv (and ``lateral_norm_layer``, as torchvision's FPN lateral) maps
+    res5's channels to that many, still at stride 32."""
     resnet = _trainable_resnet(name, weights_backbone, norm_layer, trainable_layers)
     body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
-    return ResNetSingleMap(body, resnet.fc.in_features)  # res5's output channels
+    channels = resnet.fc.in_features  # res5's output channels
+    if out_channels is None:
+        return ResNetSingleMap(body, channels)
+    lateral = Conv2dNormActivation(channels, out_channels, kernel_size=1, padding=0, norm_layer=lateral_norm_layer,
+                                   activation_layer=None)
+    return ResNetSingleMap(body, out_channels, lateral)

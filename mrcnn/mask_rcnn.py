@@ -464,18 +464,22 @@ def _single_map_builder(body: str, stage: int):
 
     ``stage`` 5 is its stride-32 variant, C5 (the large-stride rows of the paper's Table 2d): res5
     moves from the head into the backbone, so the RPN runs on res5 and RoIs are pooled from res5
-    (7x7 for boxes, 14x14 for masks); the box branch is the same average pooling and predictor, the
-    mask branch the same deconvolution and per-class masks (28x28). The parameters are the C4 model's
-    plus a wider RPN conv: the same ResNet, each block used once.
+    (7x7 for boxes, 14x14 for masks). res5 is then no longer there to be the head, and the paper
+    does not describe its C5 head; here the second stage is the small FPN model's
+    (``maskrcnn_resnet18_fpn_small``), so that C5 differs from it in the features alone: a 1x1
+    conv + GroupNorm maps res5 to 128 channels (the FPN's lateral conv, at stride 32 only), and
+    each branch has two 3x3 conv + GroupNorm layers, then one fc and the box predictor, or the 2x
+    deconvolution and per-class 28x28 masks (an MLP with ``mask_head_type="mlp"``). Average
+    pooling straight into the predictors, as the C4 head ends, did not learn to localise from
+    scratch (bench/RESULTS.md).
     """
 
     def build(*, num_classes, is_trained, weights_backbone, trainable_backbone_layers, **kwargs) -> MaskRCNN:
         name = f"the C{stage} variant"
         if "returned_layers" in kwargs:
             raise ValueError(f"returned_layers is for the FPN architectures; {name} reads res{stage} only")
-        if kwargs.get("mask_head_type", "fcn") != "fcn":
-            head = "res5 and a deconvolution" if stage == 4 else "a deconvolution on res5's features"
-            raise ValueError(f"{name}'s mask head is {head}: mask_head_type must be 'fcn'")
+        if stage == 4 and kwargs.get("mask_head_type", "fcn") != "fcn":
+            raise ValueError(f"{name}'s mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
         norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
         sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
@@ -493,13 +497,23 @@ def _single_map_builder(body: str, stage: int):
             box_pooled = mask_pooled = C4_POOLED
             # the same res5 module (one set of weights, listed under both heads in the state_dict);
             # the mask branch runs it again on its own RoIs, as torchvision's RoIHeads pools them
-            box_body, mask_head = OrderedDict(res5=res5), nn.Sequential(OrderedDict(res5=res5))
+            heads = {
+                "box_head": nn.Sequential(OrderedDict(res5=res5, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
+                "box_predictor": FastRCNNPredictor(width, num_classes),
+                "mask_head": nn.Sequential(OrderedDict(res5=res5)),
+                "mask_predictor": MaskRCNNPredictor(width, 256, num_classes),
+            }
         else:
+            out = SMALL_CHANNELS
             backbone = resnet_c5_backbone(body, weights_backbone=weights_backbone, norm_layer=norm_layer,
-                                          trainable_layers=trainable)
-            width = backbone.out_channels
+                                          trainable_layers=trainable, out_channels=out, lateral_norm_layer=_group_norm)
             box_pooled, mask_pooled = C5_POOLED["box"], C5_POOLED["mask"]
-            box_body, mask_head = OrderedDict(), nn.Identity()
+            heads = {
+                "box_head": FastRCNNConvFCHead((out, box_pooled, box_pooled), [out, out], [2 * out],
+                                               norm_layer=_group_norm),
+                "box_predictor": FastRCNNPredictor(2 * out, num_classes),
+                **MaskRCNN.small_heads(out, num_classes, kwargs),
+            }
         kwargs = {
             # Detectron's C4 proposal counts: the one level holds what the FPN spreads over five
             "rpn_pre_nms_top_n_train": 12000,
@@ -507,11 +521,8 @@ def _single_map_builder(body: str, stage: int):
             "rpn_anchor_generator": anchor_generator,
             "rpn_head": RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
             "box_roi_pool": MultiScaleRoIAlign(["0"], output_size=box_pooled, sampling_ratio=2, pooler=pooler),
-            "box_head": nn.Sequential(OrderedDict(**box_body, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())),
-            "box_predictor": FastRCNNPredictor(width, num_classes),
             "mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=mask_pooled, sampling_ratio=2, pooler=pooler),
-            "mask_head": mask_head,
-            "mask_predictor": MaskRCNNPredictor(width, 256, num_classes),
+            **heads,
             **kwargs,
         }
         return MaskRCNN(backbone, num_classes=None, **kwargs)

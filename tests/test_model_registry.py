@@ -153,30 +153,45 @@ def test_the_c4_variant_is_the_papers():
         mrcnn.maskrcnn_resnet50_c4(num_classes=3, rpn_anchor_sizes=[[16], [32]])
 
 
-def test_the_c5_variant_is_the_c4_model_with_res5_in_the_backbone():
-    """Table 2d's large-stride features: the RPN and RoIAlign on res5 (stride 32), 7x7 box and 14x14
-    mask RoIs, average pooling before the box predictor, a 2x deconvolution to 28x28 masks; the
-    same ResNet and predictors as the C4 model, each block used once."""
+def test_the_c5_variant_moves_res5_into_the_backbone_with_the_small_models_heads():
+    """Table 2d's large-stride features: res5 (stride 32) mapped to 128 channels by a 1x1 conv
+    (the small FPN's lateral), the RPN and the RoI poolers on it, 7x7 box and 14x14 mask RoIs, and
+    the small FPN model's second stage: two 3x3 conv + GroupNorm layers that keep where in the RoI a
+    feature lies, then one fc and the box predictor, or a 2x deconvolution to 28x28 masks. The
+    ResNet is the C4 model's, each block used once."""
+    from torch import nn
+
     torch.manual_seed(0)
     model = mrcnn.maskrcnn_resnet50_c5(num_classes=3, **SIZES).eval()
+    small = mrcnn.maskrcnn_resnet18_fpn_small(num_classes=3, **SIZES)
     rh = model.roi_heads
-    assert hasattr(model.backbone.body, "layer4") and model.backbone.out_channels == 2048
+    assert hasattr(model.backbone.body, "layer4") and model.backbone.out_channels == 128
+    assert isinstance(model.backbone.lateral[1], nn.GroupNorm) and model.backbone.lateral[0].in_channels == 2048
     assert not any("res5" in name for name, _ in rh.named_modules())
     assert rh.box_roi_pool.output_size == (7, 7) and rh.mask_roi_pool.output_size == (14, 14)
     image = torch.rand(3, 64, 96)
     features = model.backbone(model.transform([image])[0].tensors)
-    assert list(features) == ["0"] and features["0"].shape[-2:] == (2, 3)  # stride 32
-    assert rh.box_head(torch.rand(5, 2048, 7, 7)).shape == (5, 2048)
-    assert rh.mask_predictor(rh.mask_head(torch.rand(5, 2048, 14, 14))).shape == (5, 3, 28, 28)
+    assert list(features) == ["0"] and features["0"].shape[-3:] == (128, 2, 3)  # stride 32
+    rois = torch.rand(5, 128, 7, 7)
+    assert rh.box_head(rois).shape == (5, 256)
+    # the box features depend on where in the RoI the input lies, not only on its average
+    assert not torch.allclose(rh.box_head(rois), rh.box_head(rois.flip(-1)))
+    assert rh.mask_predictor(rh.mask_head(torch.rand(5, 128, 14, 14))).shape == (5, 3, 28, 28)
+    # the second stage is the small FPN model's, parameter for parameter
+    for part in ("box_head", "box_predictor", "mask_head", "mask_predictor"):
+        assert ([p.shape for p in getattr(rh, part).parameters()]
+                == [p.shape for p in getattr(small.roi_heads, part).parameters()]), part
     c4 = mrcnn.maskrcnn_resnet50_c4(num_classes=3, **SIZES)
 
-    def without_rpn(m):
-        return sum(p.numel() for n, p in m.named_parameters() if not n.startswith("rpn."))
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
 
-    assert without_rpn(model) == without_rpn(c4)
-    # the ablation's switches reach its poolers; detection by keys tells it from C4 and ResNet-18
+    assert count(model.backbone.body) == count(c4.backbone.body) + count(c4.roi_heads.box_head.res5)
+    # the ablation's switches reach its poolers and its mask head; detection by keys tells it from C4 and ResNet-18
     pooled = mrcnn.maskrcnn_resnet18_c5(num_classes=3, roi_pooler="roi_pool", **SIZES)
-    assert pooled.roi_heads.box_roi_pool.pooler == "roi_pool" and pooled.backbone.out_channels == 512
+    assert pooled.roi_heads.box_roi_pool.pooler == "roi_pool" and pooled.backbone.lateral[0].in_channels == 512
+    mlp = mrcnn.maskrcnn_resnet18_c5(num_classes=3, mask_head_type="mlp", **SIZES).roi_heads
+    assert mlp.mask_predictor(mlp.mask_head(torch.rand(2, 128, 14, 14))).shape == (2, 3, 28, 28)
     assert registry.detect_architecture(model.state_dict()) == "maskrcnn_resnet50_c5"
     assert registry.detect_architecture(c4.state_dict()) == "maskrcnn_resnet50_c4"
     assert registry.detect_architecture(pooled.state_dict()) == "maskrcnn_resnet18_c5"
