@@ -8,8 +8,8 @@ shared dataset (``jobs.synthetic``, seed 0, 2000 images of 128-160 px, 10% held 
 from its baseline in one switch only (``jobs.train --roi-pooler/--mask-loss/--mask-head``). Rows of
 tables 2b, 2c and 2e train ``maskrcnn_resnet18_fpn_small`` (FPN levels from res2-res4, as the shipped
 model); the stride-32 rows of 2d train ``maskrcnn_resnet18_c5`` (RPN and RoIs on res5 alone, the C5
-variant of the C4 model, with the small model's conv heads). The held-out mask AP, AP50 and AP75 and box AP, AP50 and AP75 come from
-pycocotools. The table prints next to the paper's own numbers (arXiv:1703.06870v3, Table 2:
+variant of the C4 model, with the small model's conv heads). The held-out mask AP, AP50 and AP75
+and box AP, AP50 and AP75 come from pycocotools. The table prints next to the paper's own numbers (arXiv:1703.06870v3, Table 2:
 ResNet-50-C4 for 2b and 2c, ResNet-50-C5 for 2d, ResNet-50-FPN for 2e), so what is compared is the
 direction of each comparison, not the values: these are small synthetic shapes and ResNet-18
 models, not COCO and ResNet-50.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FPN = ["--returned-layers", "1", "2", "3"]  # the small FPN model, as shipped
 # stride 32: anchors 16-256 all on the one res5 map; the images upsampled 2x (256-320 px), so the
-# median object (about 30 px) covers about 2 cells of the map, as COCO's does at the paper's 800 px
+# median object (26 px, about 55 px upsampled) covers about 2 cells, as COCO's does at the paper's 800 px
 C5 = ["--arch", "resnet18_c5", "--min-size", "256", "288", "320", "--max-size", "480"]
 
 # name: (flags, paper table, the paper's mask AP / AP50 / AP75 for that row, and box AP / AP50 / AP75

@@ -234,6 +234,18 @@ class MaskRCNN(nn.Module):
     # the RoI poolers the FPN builders make for fewer pyramid levels, and their output sizes
     ROI_POOL_SIZES = {"box_roi_pool": 7, "mask_roi_pool": 14}
 
+    @classmethod
+    def small_second_stage(cls, channels: int, num_classes: int, settings: dict) -> dict:
+        """The small recipe's second stage on ``channels``-channel RoI features: a two-conv
+        GroupNorm box head, one fc and the box predictor, then :meth:`small_heads`."""
+        representation = 2 * channels
+        return {
+            "box_head": FastRCNNConvFCHead((channels, 7, 7), [channels, channels], [representation],
+                                           norm_layer=_group_norm),
+            "box_predictor": FastRCNNPredictor(representation, num_classes),
+            **cls.small_heads(channels, num_classes, settings),
+        }
+
     @staticmethod
     def small_heads(channels: int, num_classes: int, settings: dict) -> dict:
         """The small recipe's second-stage modules besides the box branch (a two-conv GroupNorm
@@ -379,13 +391,10 @@ def _fpn_builder(body: str, recipe: str, model_class=None):
                                            norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
                                            trainable_layers=trainable, fpn_norm_layer=_group_norm, out_channels=out,
                                            returned_layers=returned_layers)
-            representation = 2 * out
             kwargs = {
                 "rpn_anchor_generator": anchor_generator,
                 "rpn_head": RPNHead(out, num_anchors),
-                "box_head": FastRCNNConvFCHead((out, 7, 7), [out, out], [representation], norm_layer=_group_norm),
-                "box_predictor": FastRCNNPredictor(representation, num_classes),
-                **model_class.small_heads(out, num_classes, kwargs),
+                **model_class.small_second_stage(out, num_classes, kwargs),
                 **kwargs,
             }
             num_classes = None  # given to the predictors above
@@ -508,12 +517,7 @@ def _single_map_builder(body: str, stage: int):
             backbone = resnet_c5_backbone(body, weights_backbone=weights_backbone, norm_layer=norm_layer,
                                           trainable_layers=trainable, out_channels=out, lateral_norm_layer=_group_norm)
             box_pooled, mask_pooled = C5_POOLED["box"], C5_POOLED["mask"]
-            heads = {
-                "box_head": FastRCNNConvFCHead((out, box_pooled, box_pooled), [out, out], [2 * out],
-                                               norm_layer=_group_norm),
-                "box_predictor": FastRCNNPredictor(2 * out, num_classes),
-                **MaskRCNN.small_heads(out, num_classes, kwargs),
-            }
+            heads = MaskRCNN.small_second_stage(out, num_classes, kwargs)
         kwargs = {
             # Detectron's C4 proposal counts: the one level holds what the FPN spreads over five
             "rpn_pre_nms_top_n_train": 12000,
