@@ -78,6 +78,7 @@ class Predictor:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        _check_device(self.device, model)
         self.mask_format = mask_format
         self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         model = model.to(self.device).eval()
@@ -342,6 +343,24 @@ def _keypoint_names(model: nn.Module) -> Optional[list[str]]:
     count = int(predictor.out_channels)
     names = getattr(model, "keypoint_names", None) or default_keypoint_names(count) or range(count)
     return [str(n) for n in names]
+
+
+def _check_device(device: torch.device, model: nn.Module) -> None:
+    """Refuses, in one line naming the cause, a device that cannot run ``model``: otherwise a
+    GPU actor without a GPU, or with an extension built without CUDA kernels, fails every
+    image instead of failing once at start."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                           f"(torch built for CUDA {torch.version.cuda or 'none'})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device} asked for, but {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    from . import ops
+
+    if not ops.WITH_CUDA and any(type(m).__module__.startswith("mrcnn.") for m in model.modules()):
+        raise RuntimeError("mrcnn's RoIAlign extension was built without CUDA kernels, so this model cannot run "
+                           "on a GPU: rebuild it where a CUDA toolkit is found (MRCNN_WITH_CUDA=1 bash scripts/bootstrap.sh)")
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:

@@ -40,7 +40,8 @@ def ray_cluster(moto_server):
     import ray
 
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": moto_server}  # workers reach the moto server too
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    # one logical GPU: lets a GPU actor be scheduled here, to test its refusal to start without one
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 
@@ -246,6 +247,20 @@ def test_infrastructure_errors_fail_fast(ray_cluster, weights, s3_bucket, tmp_pa
     assert err.count("\n") == 0 and "being written by another run (the nightly run" in err
     fs.invalidate_cache()
     assert fs.find(root) == []  # the lease was the only file, and it is gone
+
+
+def test_a_gpu_actor_that_cannot_run_fails_the_run_in_one_line(ray_cluster, weights, s3_bucket, capsys):
+    # Ray schedules the actor on the logical GPU, but torch finds no CUDA device (as on a GPU
+    # node whose driver or extension lacks CUDA): one line with the cause, exit 2, no error rows.
+    assert not torch.cuda.is_available()
+    inp, out = _make_input(s3_bucket)
+    assert main(["--input", inp, "--output", out, "--weights", weights, "--num-gpus-per-actor", "1"]) == 2
+    errors = [line for line in _cli_stderr(capsys).splitlines() if line.startswith("jobs.infer: error:")]
+    assert len(errors) == 1 and "the model actors could not start" in errors[0], errors
+    assert "sees no CUDA GPU" in errors[0], errors
+    fs, root = resolve(out)
+    fs.invalidate_cache()
+    assert not fs.glob(f"{root}/run_id=*/*.parquet")  # nothing committed: no image became an error row
 
 
 _SLOW_COMMITS = """

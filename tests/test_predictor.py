@@ -163,3 +163,20 @@ def test_channels_last_is_the_default_and_can_be_turned_off():
     Predictor(model, device="cpu")
     assert model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not model.backbone.body.conv1.weight.is_contiguous()
+
+
+def test_a_cuda_device_that_cannot_run_the_model_is_refused_in_one_line(monkeypatch):
+    import mrcnn.ops
+
+    model = mrcnn.maskrcnn_resnet50_fpn(num_classes=3, min_size=64, max_size=96)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+            Predictor(model, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"1 CUDA GPU\(s\) are visible"):
+        Predictor(model, device="cuda:1")
+    monkeypatch.setattr(mrcnn.ops, "WITH_CUDA", False)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels") as e:
+        Predictor(model, device="cuda")
+    assert "\n" not in str(e.value)

@@ -29,6 +29,7 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -428,6 +429,21 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
         lease.release()
 
 
+@contextlib.contextmanager
+def _actor_start_failures():
+    """A model actor that cannot start (no GPU, an extension without CUDA kernels, weights it
+    cannot read) fails the run with its reason in one line, not with Ray's traceback."""
+    from ray.exceptions import RayActorError
+
+    try:
+        yield
+    except RayActorError as e:
+        if not e.actor_init_failed:
+            raise
+        lines = [line.strip() for line in str(e.error_msg or "").splitlines() if line.strip()]
+        raise InfraError(f"the model actors could not start: {lines[-1] if lines else e}") from None
+
+
 def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: CheckpointInfo, progress=None):
     try:
         run = protocol.begin_run(cfg.output, params, run_id=cfg.run_id)
@@ -473,9 +489,10 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
             break
         summary.passes = pass_no
         ds = build_dataset(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no)
-        held = _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary,
-                               final=pass_no >= cfg.passes, pass_no=pass_no, health=health, held=held,
-                               finalize=finalize, may_commit=lease.check, progress=committed_more)
+        with _actor_start_failures():
+            held = _commit_results(run, ds.iter_batches(batch_format="pyarrow", batch_size=None), expected, summary,
+                                   final=pass_no >= cfg.passes, pass_no=pass_no, health=health, held=held,
+                                   finalize=finalize, may_commit=lease.check, progress=committed_more)
         # the next pass reads only the failed items, under their shard's id
         retry_shards = (protocol.Shard(sid, d.retry) for sid, d in held.items())
         plan_files, expected = write_shards_plan(run, retry_shards)
