@@ -10,13 +10,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+import torchvision
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_util
 
 from jobs.infer import pipeline, schema
 from jobs.infer.__main__ import parse_args
 from jobs.infer.commit import protocol
-from jobs.infer.execute.decode import DecodeError, decode_for_model, decode_image, draft_request
+from jobs.infer.execute.decode import (DecodeError, decode_for_model, decode_image, decode_jpegs_on_device,
+                                       draft_request, inspect_jpeg)
 from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
 from jobs.synthetic import render_image
 from mrcnn.predictor import Predictor
@@ -194,13 +196,14 @@ def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
         (tmp_path / name).write_bytes(data)
     uris = [str(tmp_path / name) for name in files]
     on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
-    assert [len(b) > 0 for b in on_device["jpeg"]] == [True, True, False, True, False]  # CMYK, PNG: here
+    # CMYK, PNG, and the truncated JPEG (no end marker) are decoded here
+    assert [len(b) > 0 for b in on_device["jpeg"]] == [True, True, False, False, False]
     assert [im.shape[0] for im in on_device["image"]] == [0, 0, 240, 0, 240]
     assert list(zip(on_device["width"], on_device["height"]))[:2] == [(320, 240), (240, 320)]
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
                            decode="device")
     device_rows = actor(on_device).to_pylist()
-    assert actor.jpeg_fallbacks == 1  # the truncated file only: the others were decoded by decode_jpeg
+    assert actor.jpeg_fallbacks == 0  # both JPEGs sent to the actor were decoded by decode_jpeg
     cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
     assert [r["status"] for r in device_rows] == ["ok", "ok", "ok", "error", "ok"]
     bad = device_rows[3]
@@ -260,3 +263,127 @@ def test_nvjpeg_on_a_gpu_actor_finds_what_the_cpu_decode_finds(tmp_path):
         assert len(cb) >= 2 and abs(len(gb) - len(cb)) <= 1
         ious += list(_box_iou(cb, gb).max(1))
     assert len(ious) >= 8 and np.median(ious) > 0.95
+
+
+def _with_orientation(arr, orientation):
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    return _jpeg(arr, exif=exif)
+
+
+@pytest.fixture
+def decoder_without_orientation(monkeypatch):
+    """decode_jpeg as on CUDA, where nvJPEG ignores apply_exif_orientation."""
+    real = torchvision.io.decode_jpeg
+
+    def like_nvjpeg(x, **kw):
+        return real(x, **{**kw, "apply_exif_orientation": False})
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", like_nvjpeg)
+
+
+def test_every_exif_orientation_decoded_on_the_device_gives_the_rows_of_the_cpu_decode(
+        tmp_path, decoder_without_orientation):
+    scene = _scene(5, 240, 320)  # landscape, shapes at random places: every turn changes the rows
+    uris = []
+    for o in range(1, 9):
+        (tmp_path / f"o{o}.jpg").write_bytes(_with_orientation(scene, o))
+        uris.append(str(tmp_path / f"o{o}.jpg"))
+    datas = [open(u, "rb").read() for u in uris]
+    # pixels: what Pillow's exif_transpose shows
+    sizes = [inspect_jpeg(d)[::-1] for d in datas]
+    assert sizes == [(240, 320)] * 4 + [(320, 240)] * 4
+    for o, data, img in zip(range(1, 9), datas, decode_jpegs_on_device(datas, sizes, torch.device("cpu"))):
+        want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        assert isinstance(img, torch.Tensor) and np.array_equal(img.permute(1, 2, 0).numpy(), want), o
+    # rows: those of --decode full, with no image left to Pillow in the actor
+    on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
+    assert all(len(b) > 0 for b in on_device["jpeg"])
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
+                           decode="device")
+    device_rows = actor(on_device).to_pylist()
+    assert actor.jpeg_fallbacks == 0
+    cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
+    compared = 0
+    for d, c in zip(device_rows, cpu_rows):
+        assert d["status"] == c["status"] == "ok" and d["instances"]
+        assert (d["width"], d["height"]) == (c["width"], c["height"])
+        assert [i["mask_rle"] for i in d["instances"]] == [i["mask_rle"] for i in c["instances"]]
+        assert [i["bbox"] for i in d["instances"]] == [i["bbox"] for i in c["instances"]]
+        compared += 1
+    assert compared == 8
+    assert len({json.dumps([i["bbox"] for i in r["instances"]]) for r in device_rows}) == 8  # all turned apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+def test_nvjpeg_turns_every_exif_orientation():
+    scene = _scene(5, 240, 320)
+    datas = [_with_orientation(scene, o) for o in range(1, 9)]
+    shown = [np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(d))).convert("RGB"), np.float32) for d in datas]
+    out = decode_jpegs_on_device(datas, [s.shape[:2] for s in shown], torch.device("cuda"))
+    for o, img in zip(range(1, 9), out):
+        assert isinstance(img, torch.Tensor) and img.is_cuda, o
+        got = img.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        # nvJPEG's pixels differ from libjpeg's by a level here and there: the nearest turn is right
+        dist = {k: np.abs(got - s).mean() for k, s in zip(range(1, 9), shown) if s.shape == got.shape}
+        assert min(dist, key=dist.get) == o, (o, dist)
+
+
+def test_a_truncated_jpeg_is_an_error_row_on_the_device_path_too(tmp_path):
+    full = _jpeg(_scene(3, 240, 320))
+    # an EOI in a segment before the scan (an EXIF thumbnail's, here a comment's) does not count
+    comment = b"thumbnail \xff\xd8 ... \xff\xd9"
+    with_eoi_before_scan = full[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + full[2:]
+    files = {
+        "cut.jpg": full[:3000],
+        "cut_zero_padded.jpg": full[:3000] + bytes(4096),
+        "cut_after_a_comment.jpg": with_eoi_before_scan[:3000],
+        "no_eoi_zero_padded.jpg": full[:-2] + bytes(100),  # all the scan: Pillow decodes it
+        "zero_padded.jpg": full + bytes(100),
+        "trailer.jpg": full + b"ftypmp42" * 64,  # a phone's motion photo appends its video
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files]
+    on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
+    assert [len(b) > 0 for b in on_device["jpeg"]] == [False] * 4 + [True] * 2
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
+                           decode="device")
+    device_rows = actor(on_device).to_pylist()
+    full_rows = actor(decode_batch(plan_batch(uris), model_input=None)).to_pylist()
+    assert actor.jpeg_fallbacks == 0
+    assert [r["status"] for r in device_rows] == ["error"] * 3 + ["ok"] * 3
+    for d, f in zip(device_rows, full_rows):
+        assert (d["status"], d["error"], d["error_kind"]) == (f["status"], f["error"], f["error_kind"])
+        assert [i["bbox"] for i in d["instances"] or []] == [i["bbox"] for i in f["instances"] or []]
+    assert all("truncated" in r["error"] and r["error_kind"] == "decode" for r in device_rows[:3])
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pillow(tmp_path, monkeypatch):
+    datas = [_with_orientation(_scene(seed, 240, 320), 6) for seed in range(3)]
+    uris = []
+    for k, data in enumerate(datas):
+        (tmp_path / f"{k}.jpg").write_bytes(data)
+        uris.append(str(tmp_path / f"{k}.jpg"))
+    real = torchvision.io.decode_jpeg
+
+    def refuses_the_second(x, **kw):
+        if isinstance(x, list) or torch.equal(x, torch.frombuffer(bytearray(datas[1]), dtype=torch.uint8)):
+            raise RuntimeError("nvjpeg says no")
+        return real(x, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_the_second)
+    out = decode_jpegs_on_device(datas, [(320, 240)] * 3, torch.device("cpu"))
+    assert [type(x) for x in out] == [torch.Tensor, np.ndarray, torch.Tensor]
+    for img, data in zip(out, datas):
+        pixels = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
+        assert np.array_equal(pixels, decode_image(data))
+    actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
+                           decode="device")
+    device_rows = actor(decode_batch(plan_batch(uris), jpeg_on_device=True)).to_pylist()
+    assert actor.jpeg_fallbacks == 1
+    cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
+    assert [r["status"] for r in device_rows] == ["ok"] * 3
+    assert [[i["bbox"] for i in r["instances"]] for r in device_rows] == \
+        [[i["bbox"] for i in r["instances"]] for r in cpu_rows]

@@ -38,6 +38,11 @@ Decisions:
   scale still at least the size the model resizes it to, and the full (oriented) size comes
   back with it, so results are mapped back to full resolution. Limits are always checked on
   the full size.
+* Device decode (``--decode device``): :func:`inspect_jpeg` runs the header checks only, and
+  :func:`decode_jpegs_on_device` decodes on the model's device with torchvision's
+  ``decode_jpeg`` and applies the EXIF orientation itself (as ``exif_transpose`` does; nvJPEG
+  ignores it), so CPU and CUDA run the same code. A JPEG without an end marker after its scan
+  (truncated) is left to Pillow, which fails it, as is any the device decoder refuses.
 """
 
 from __future__ import annotations
@@ -252,11 +257,14 @@ def _open(data, max_pixels, max_aspect) -> tuple[Image.Image, tuple[int, int]]:
 def inspect_jpeg(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_aspect: float = DEFAULT_MAX_ASPECT) -> tuple[int, int] | None:
     """The header checks of :func:`decode_image` without decoding pixels. Returns the full
-    oriented (width, height) of a plain JPEG (8-bit grey or YCbCr, one picture) that a GPU
-    decoder can take, None for any other accepted image; raises DecodeError like decode_image."""
+    oriented (width, height) of a plain JPEG (8-bit grey or YCbCr, one picture, an end marker
+    after its first scan) that a GPU decoder can take, None for any other accepted image;
+    raises DecodeError like decode_image."""
     im, size = _open(data, max_pixels, max_aspect)
     with im:
         if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+            return None
+        if not _has_eoi(data):  # truncated: nvJPEG would grey-fill it, Pillow gives the error
             return None
         try:
             turned = _orientation(im) in (5, 6, 7, 8)
@@ -295,5 +303,111 @@ def _decode(data, max_pixels, max_aspect, model_input):
 
 
 def _orientation(im: Image.Image) -> int:
-    # What ImageOps.exif_transpose acts on; 5-8 swap width and height.
-    return int(im.getexif().get(0x0112) or 1)
+    # The value ImageOps.exif_transpose acts on (others leave the image as stored, 1);
+    # 5-8 swap width and height.
+    value = im.getexif().get(0x0112, 1)
+    return int(value) if value in (2, 3, 4, 5, 6, 7, 8) else 1
+
+
+def _has_eoi(data: bytes) -> bool:
+    """Whether an EOI marker (FFD9) follows the start of the first scan. Entropy-coded data
+    cannot hold FFD9 (an FF in it is followed by 00 or a restart marker), so a file cut short
+    has none there, while bytes after the EOI (padding, a phone's appended video) are allowed.
+    The segments before the scan are walked by their lengths: an EXIF thumbnail has an EOI."""
+    i, n = 2, len(data)  # after SOI
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False  # junk between segments: left to Pillow
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+        elif marker in (0xD8, 0xD9):
+            return False
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker == 0xDA:  # SOS
+                return data.find(b"\xff\xd9", i) >= 0
+    return False
+
+
+def orient_chw(img, orientation: int):
+    """A 3 x H x W tensor turned as ``ImageOps.exif_transpose`` turns an image with EXIF
+    ``orientation`` (1-8; any other value leaves it as stored), contiguous."""
+    if orientation == 2:  # FLIP_LEFT_RIGHT
+        img = img.flip(2)
+    elif orientation == 3:  # ROTATE_180
+        img = img.flip((1, 2))
+    elif orientation == 4:  # FLIP_TOP_BOTTOM
+        img = img.flip(1)
+    elif orientation == 5:  # TRANSPOSE
+        img = img.transpose(1, 2)
+    elif orientation == 6:  # ROTATE_270 (clockwise)
+        img = img.rot90(-1, (1, 2))
+    elif orientation == 7:  # TRANSVERSE
+        img = img.transpose(1, 2).flip((1, 2))
+    elif orientation == 8:  # ROTATE_90 (counter-clockwise)
+        img = img.rot90(1, (1, 2))
+    return img.contiguous()
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    with warnings.catch_warnings():  # the limits were checked by inspect_jpeg
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
+            return _orientation(im)
+
+
+def decode_jpegs_on_device(datas: list[bytes], sizes: list[tuple[int, int]], device) -> list:
+    """Decode JPEGs that :func:`inspect_jpeg` accepted with torchvision's ``decode_jpeg`` on
+    ``device`` (nvJPEG on CUDA, batched; libjpeg-turbo on CPU) and turn them by their EXIF
+    orientation there. ``sizes`` are their full oriented (h, w), from inspect_jpeg.
+
+    Returns, per image, a 3 x H x W uint8 tensor on ``device``; for one that the device decoder
+    refuses or decodes to another size, what the CPU path makes of it
+    (:func:`decode_for_model` at full size): an H x W x 3 array, or its DecodeError.
+    """
+    if not datas:
+        return []
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+
+    def decode(x):
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (see DESIGN.md)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # Orientation is ours (orient_chw): decode_jpeg applies it on CPU only, not with nvJPEG.
+            return decode_jpeg(x, mode=ImageReadMode.RGB, apply_exif_orientation=False, device=device)
+
+    if device.type == "cuda":
+        # pytorch/vision#9606: decode_jpeg allocates its outputs on this stream but nvJPEG writes
+        # them without waiting for work queued here, which may still read those recycled blocks:
+        # drain it first. (Using the outputs here after the decode, torchvision orders itself.)
+        torch.cuda.current_stream(device).synchronize()
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        decoded = decode(encoded)
+    except Exception:  # noqa: BLE001  (one bad file fails the batched call: decode them one by one)
+        decoded = []
+        for e in encoded:
+            try:
+                decoded.append(decode(e))
+            except Exception:  # noqa: BLE001
+                decoded.append(None)
+    out: list = []
+    for data, (h, w), img in zip(datas, sizes, decoded):
+        if img is not None:
+            try:
+                img = orient_chw(img, _jpeg_orientation(data))
+            except Exception:  # noqa: BLE001  (inspect_jpeg read it: not expected; Pillow decides)
+                img = None
+        if img is not None and tuple(img.shape) == (3, h, w):
+            out.append(img)
+            continue
+        try:  # what the CPU tasks would have made of it, reason included
+            out.append(decode_for_model(data, None)[0])
+        except DecodeError as e:
+            out.append(e)
+    return out

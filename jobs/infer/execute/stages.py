@@ -12,7 +12,6 @@ mean unknown, ``error`` is set when the object could not be stat'ed.
 from __future__ import annotations
 
 import datetime as _dt
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from jobs.infer import schema
 from jobs.infer.execute.decode import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model,
-                                       inspect_jpeg)
+                                       decode_jpegs_on_device, inspect_jpeg)
 from jobs.infer.plan.planner import PLAN_ITEM_COLUMNS, SHARD_COLUMN
 from jobs.storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
@@ -150,39 +149,13 @@ class PredictorActor:
 
     def _decode_jpegs(self, datas: list[bytes], sizes: list[tuple[int, int]]) -> list[Any]:
         """JPEG bytes decoded on the model's device (nvJPEG on CUDA) as 3 x H x W uint8 tensors,
-        EXIF orientation applied. One that the device decoder refuses, or decodes to another size
-        than its header's, is decoded by Pillow here instead: the result is an array, or the
-        DecodeError of the CPU path."""
-        if not datas:
-            return []
+        EXIF orientation applied (:func:`decode.decode_jpegs_on_device`). One that the device
+        decoder refuses, or decodes to another size than its header's, is decoded by Pillow here
+        instead: the result is an array, or the DecodeError of the CPU path."""
         import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
 
-        def decode(x):
-            with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec (see DESIGN.md)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(x, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=self.predictor.device)
-
-        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        try:
-            decoded = decode(encoded)
-        except Exception:  # noqa: BLE001  (one bad file fails the batched call: decode them one by one)
-            decoded = []
-            for e in encoded:
-                try:
-                    decoded.append(decode(e))
-                except Exception:  # noqa: BLE001
-                    decoded.append(None)
-        out: list[Any] = []
-        for data, (h, w), img in zip(datas, sizes, decoded):
-            if img is not None and tuple(img.shape) == (3, h, w):
-                out.append(img)
-                continue
-            self.jpeg_fallbacks += 1
-            try:  # what the CPU tasks would have made of it, reason included
-                out.append(decode_for_model(data, None)[0])
-            except DecodeError as e:
-                out.append(e)
+        out = decode_jpegs_on_device(datas, sizes, self.predictor.device)
+        self.jpeg_fallbacks += sum(not isinstance(img, torch.Tensor) for img in out)
         return out
 
     def _one_by_one(self, images: list[np.ndarray], sizes: list[tuple[int, int]], error: Exception) -> list[dict | str]:
