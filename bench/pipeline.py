@@ -14,9 +14,10 @@ Default: writes N random JPEGs to a temp dir and a seeded tiny ResNet-50 Mask R-
   times one actor using both cores instead;
 * ``--no-ray``: ``decode_batch`` + ``PredictorActor.__call__`` (row building included) in
   this process, vs the bare loop (what a GPU machine without Ray can measure). On CUDA it
-  also times the actor with and without the host/device overlap
-  (``Predictor.predict_batches``) on batches of 4 micro-batches, and reports the GPU busy
-  fraction of each: the union of the kernels' intervals (torch.profiler) over the wall time.
+  also times the actor as the job calls a GPU actor (two calls at once, one micro-batch each,
+  host work beside the other call's forward) against one call at a time without overlap, and
+  reports the GPU busy fraction of each: the union of the kernels' intervals (torch.profiler)
+  over the wall time.
 
 The bare loop runs before and after the job and the ratio uses their mean (this VM's speed
 drifts by several percent from minute to minute). Prints images/s and the ratio job / bare
@@ -99,31 +100,34 @@ def _busy_fraction(prof, wall_us: float) -> float:
 
 
 def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> None:
-    """The actor on Ray-sized batches (4 micro-batches each), overlap on and off, on CUDA."""
+    """The actor as the job calls a GPU actor (``pipeline.model_actor_options``): Ray-sized
+    batches of one micro-batch, from OVERLAPPED_CALLS threads at once (Ray's threaded actor),
+    against one call at a time without overlap; images/s and the GPU busy fraction."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from torch.profiler import ProfilerActivity, profile
 
     from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
+    from jobs.infer.pipeline import OVERLAPPED_CALLS
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)
     n = len(uris)
-    step = 4 * batch
-    batches = [decode_batch(plan_batch(uris[i:i + step])) for i in range(0, n, step)]
+    batches = [decode_batch(plan_batch(uris[i:i + batch])) for i in range(0, n, batch)]
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    run_batches = actor.predictor.predict_batches
-    for overlap in (False, True):
-        actor.predictor.predict_batches = lambda b, o=overlap: run_batches(b, overlap=o)
+    for overlap, calls in ((False, 1), (True, OVERLAPPED_CALLS)):
+        actor.overlap = overlap
         actor(batches[0])  # warm-up
         sync()
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with ThreadPoolExecutor(calls) as pool, \
+                profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             t0 = time.perf_counter()
-            for b in batches:
-                actor(b)
+            list(pool.map(actor, batches))
             sync()
             wall = time.perf_counter() - t0
         busy = f"GPU busy {_busy_fraction(prof, wall * 1e6):.2f}" if cuda else "no GPU"
-        print(f"actor, overlap {'on ' if overlap else 'off'}: {n / wall:8.2f} images/s, {busy}")
+        print(f"actor, {calls} call(s) at once, overlap {'on ' if overlap else 'off'}: {n / wall:8.2f} images/s, {busy}")
 
 
 def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor) -> tuple[float, dict, int]:

@@ -12,6 +12,7 @@ No Ray here, and pycocotools is imported only for ``mask_format="rle"``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .coco_categories import COCO_CATEGORY_NAMES, default_keypoint_names, label_names
 from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
 
-__all__ = ["Predictor", "MASK_FORMATS"]
+__all__ = ["Predictor", "Started", "MASK_FORMATS"]
 
 MASK_FORMATS = ("rle", "bool")
 MASK_THRESHOLD = 0.5
@@ -106,6 +107,8 @@ class Predictor:
         self.keypoint_names = _keypoint_names(model)
         # pairs of keypoint indices a drawing joins (the checkpoint's; None when it gives none)
         self.keypoint_skeleton = getattr(model, "keypoint_skeleton", None) if self.keypoint_names else None
+        self._forward_lock = threading.Lock()  # one forward on the device at a time (see start)
+        self._threads = threading.local()
 
     @classmethod
     def from_checkpoint(cls, path_or_uri, device=None, *, model_overrides: Optional[dict] = None, **kwargs) -> "Predictor":
@@ -133,8 +136,7 @@ class Predictor:
         """Detections per image. ``output_sizes`` (h, w) per image, when given, are the sizes
         the results are for: an image decoded downscaled (``jobs.infer.execute.decode.decode_for_model``)
         gets boxes scaled to its full size and masks pasted at full resolution."""
-        tensors = [self._to_tensor(i, img) for i, img in enumerate(images)]
-        return self.predict_tensors(tensors, output_sizes)
+        return self.finish(self.start(images, output_sizes))
 
     def _to_tensor(self, i: int, img: Any) -> Tensor:
         if isinstance(img, Tensor) and img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
@@ -159,16 +161,41 @@ class Predictor:
 
     def predict_tensors(self, images: Sequence[Tensor], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict]:
         """Like ``__call__`` for CHW float tensors in 0..1 (already on any device)."""
-        return self._finish_batch(self._start(images, output_sizes))
+        return self.finish(self._start(images, output_sizes))
+
+    def start(self, images: Sequence[Any], output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> Optional["Started"]:
+        """First half of ``predictor(images, output_sizes)``: the images to the device and the
+        model's forward. Forwards are serialised (one at a time on the device, whichever thread
+        calls), so that threads calling ``start`` then :meth:`finish` keep the device busy: one
+        thread's host work runs while another's forward does. None for no images."""
+        return self._start([self._to_tensor(i, img) for i, img in enumerate(images)], output_sizes)
+
+    def finish(self, started: Optional["Started"]) -> list[dict]:
+        """Second half: the host work of a started call (mask paste and RLE, copies to numpy).
+        On CUDA it runs on a stream of the calling thread's own, after the forward's event, so
+        it does not queue behind a forward another thread started meanwhile."""
+        if started is None:
+            return []
+        stream = self._own_stream() if self.device.type == "cuda" else None
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            if stream is not None:
+                stack.enter_context(torch.cuda.stream(stream))
+                stream.wait_event(started.ready)
+                for out in started.outputs:  # made on the forward's stream, used on this one
+                    for t in out.values():
+                        if isinstance(t, Tensor) and t.is_cuda:
+                            t.record_stream(stream)
+            return [self._finish(out, image_size, size, started.raw)
+                    for out, image_size, size in zip(started.outputs, started.image_sizes, started.output_sizes)]
 
     def predict_batches(self, batches: Iterable[tuple[Sequence[np.ndarray], Optional[Sequence[tuple[int, int]]]]],
                         *, overlap: Optional[bool] = None) -> Iterator[Union[list[dict], Exception]]:
         """Results of ``predictor(images, output_sizes)`` for each ``(images, output_sizes)`` of
         ``batches``, in order; a batch that fails yields its exception instead.
 
-        With ``overlap`` (default: on CUDA) batch k's host work (mask paste and RLE, the copies
-        to numpy) runs in a worker thread, on its own CUDA stream, while batch k+1's forward
-        runs: the GPU is not left waiting for the host. Results are the same either way.
+        With ``overlap`` (default: on CUDA) batch k's :meth:`finish` runs in a worker thread
+        while batch k+1's forward runs: the GPU is not left waiting for the host. Results are
+        the same either way.
         """
         overlap = self.device.type == "cuda" if overlap is None else overlap
         if not overlap:
@@ -178,30 +205,25 @@ class Predictor:
                 except Exception as e:  # noqa: BLE001  (the caller decides what a failed batch becomes)
                     yield e
             return
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pool = ThreadPoolExecutor(1, thread_name_prefix="mrcnn-finish")
         pending = None
         try:
             for images, sizes in batches:
                 try:
-                    forward = self._start([self._to_tensor(i, img) for i, img in enumerate(images)], sizes)
-                    if forward is not None and side is not None:
-                        forward.ready = torch.cuda.Event()
-                        forward.ready.record()
-                    job = pool.submit(self._finish_batch, forward, side) if forward is not None else None
+                    job = pool.submit(self.finish, self.start(images, sizes))
                 except Exception as e:  # noqa: BLE001
                     job = e
                 if pending is not None:
                     yield _outcome(pending)
-                pending = job if job is not None else []
+                pending = job
             if pending is not None:
                 yield _outcome(pending)
         finally:
             pool.shutdown(wait=True)
 
-    def _start(self, images: Sequence[Tensor], output_sizes) -> Optional["_Forward"]:
+    def _start(self, images: Sequence[Tensor], output_sizes) -> Optional["Started"]:
         """Checks the inputs and runs the model (None for no images); the host work is left to
-        :meth:`_finish_batch`."""
+        :meth:`finish`."""
         images = [img.to(self.device) for img in images]
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3 or not img.is_floating_point():
@@ -211,23 +233,21 @@ class Predictor:
         sizes = image_sizes if output_sizes is None else _check_output_sizes(output_sizes, images, raw)
         if not images:
             return None
-        with torch.inference_mode(), self._autocast(), _mask_output(self.model, "raw" if raw else None):
+        with self._forward_lock, torch.inference_mode(), self._autocast(), \
+                _mask_output(self.model, "raw" if raw else None):
             outputs = self.model(list(images))
-        return _Forward(outputs, image_sizes, sizes, raw)
+            ready = None
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+        return Started(outputs, image_sizes, sizes, raw, ready)
 
-    def _finish_batch(self, forward: Optional["_Forward"], stream=None) -> list[dict]:
-        if forward is None:
-            return []
-        with torch.inference_mode(), contextlib.ExitStack() as stack:
-            if stream is not None:  # the worker thread: wait for the forward, keep its tensors alive
-                stack.enter_context(torch.cuda.stream(stream))
-                stream.wait_event(forward.ready)
-                for out in forward.outputs:
-                    for t in out.values():
-                        if isinstance(t, Tensor) and t.is_cuda:
-                            t.record_stream(stream)
-            return [self._finish(out, image_size, size, forward.raw)
-                    for out, image_size, size in zip(forward.outputs, forward.image_sizes, forward.output_sizes)]
+    def _own_stream(self):
+        """The calling thread's CUDA stream for host work (made once per thread)."""
+        stream = getattr(self._threads, "stream", None)
+        if stream is None:
+            stream = self._threads.stream = torch.cuda.Stream(self.device)
+        return stream
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
@@ -291,14 +311,14 @@ class Predictor:
 
 
 @dataclass
-class _Forward:
-    """A model call's outputs (on the model's device), waiting for the host work."""
+class Started:
+    """A model call's outputs (on the model's device), waiting for :meth:`Predictor.finish`."""
 
     outputs: list
     image_sizes: list
     output_sizes: list
     raw: bool
-    ready: Any = None  # CUDA event recorded after the forward, for the worker's stream
+    ready: Any = None  # CUDA event recorded after the forward, for the finishing thread's stream
 
 
 def _outcome(job) -> Union[list[dict], Exception]:

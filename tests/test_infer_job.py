@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import torch
@@ -261,6 +262,70 @@ def test_a_gpu_actor_that_cannot_run_fails_the_run_in_one_line(ray_cluster, weig
     fs, root = resolve(out)
     fs.invalidate_cache()
     assert not fs.glob(f"{root}/run_id=*/*.parquet")  # nothing committed: no image became an error row
+
+
+def _timed_actor_class(log_path: str, delay_s: float):
+    """The job's model actor with a slow stand-in forward and slow host work (sleeps beside the
+    real ones), logging when each ran: ``forward|finish <start> <end>`` lines."""
+    import threading
+
+    from jobs.infer.execute.stages import PredictorActor
+
+    class TimedActor(PredictorActor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            lock = threading.Lock()
+
+            def timed(what, fn):
+                def run(*a, **k):
+                    t0 = time.monotonic()
+                    out = fn(*a, **k)
+                    time.sleep(delay_s)
+                    with lock, open(log_path, "a") as f:
+                        f.write(f"{what} {t0} {time.monotonic()}\n")
+                    return out
+                return run
+
+            self.predictor.model.forward = timed("forward", self.predictor.model.forward)
+            self.predictor.finish = timed("finish", self.predictor.finish)
+
+    return TimedActor
+
+
+def test_a_gpu_actor_runs_one_calls_host_work_during_the_next_forward(ray_cluster, tmp_path):
+    # As the job runs GPU actors (model_actor_options(overlap=True)), on CPU with a stand-in
+    # forward and host work of 0.4 s each: the forwards never overlap one another (one device),
+    # and host work of one call runs while another call's forward runs.
+    import ray
+
+    from jobs.infer.execute.stages import decode_batch, plan_batch
+    from jobs.infer.pipeline import model_actor_options
+
+    rng = np.random.default_rng(3)
+    uris = []
+    for i in range(8):
+        path = tmp_path / f"im{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(path)
+        uris.append(str(path))
+    plan = {k: pa.array(list(v), pa.int64() if k == "source_size" else pa.string()) for k, v in plan_batch(uris).items()}
+    plan = pa.table(plan)
+    log = tmp_path / "timeline.txt"
+    blocks = [plan.slice(i, 2) for i in range(0, len(uris), 2)]  # four blocks: four actor tasks
+    ds = ray.data.from_arrow(blocks).map_batches(decode_batch, batch_size=2, batch_format="numpy")
+    weights = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")  # the shipped model: a fast forward
+    ds = ds.map_batches(_timed_actor_class(str(log), 0.4), fn_constructor_args=(weights,),
+                        fn_constructor_kwargs={"model_name": "m", "checkpoint_sha256": "x", "run_id": "r",
+                                               "device": "cpu", "micro_batch": 2, "num_threads": 1, "overlap": True},
+                        batch_size=2, batch_format="numpy", num_cpus=1, **model_actor_options(1, overlap=True))
+    out = ds.take_all()
+    assert sorted(r["image_uri"] for r in out) == sorted(uris) and {r["status"] for r in out} == {"ok"}
+    events = [line.split() for line in log.read_text().splitlines()]
+    forwards = sorted((float(a), float(b)) for what, a, b in events if what == "forward")
+    finishes = sorted((float(a), float(b)) for what, a, b in events if what == "finish")
+    assert len(forwards) == len(finishes) == 4  # one micro-batch per call, four calls
+    assert all(b[0] >= a[1] for a, b in zip(forwards, forwards[1:])), f"forwards ran at once: {forwards}"
+    overlapping = [f for f in finishes if any(min(f[1], w[1]) - max(f[0], w[0]) > 0.2 for w in forwards)]
+    assert len(overlapping) >= 2, f"host work never ran during a forward: forwards {forwards}, finishes {finishes}"
 
 
 _SLOW_COMMITS = """

@@ -145,8 +145,7 @@ def test_an_image_the_model_fails_on_is_one_error_row(weights, monkeypatch, over
         return original_start(self, images, output_sizes)
 
     monkeypatch.setattr(Predictor, "_start", failing_on_width_81)
-    batches = actor.predictor.predict_batches
-    monkeypatch.setattr(actor.predictor, "predict_batches", lambda b: batches(b, overlap=overlap))
+    actor.overlap = overlap
     images = _images(5)
     images[1] = np.zeros((64, 81, 3), np.uint8)
     rows = actor(_decoded(images)).drop_columns(["shard_id"]).to_pylist()

@@ -76,6 +76,8 @@ DEFAULT_MAX_CONCURRENT_READS = 512
 # Result rows a part file holds at most (a part holds one shard's rows of one batch), and the
 # write tasks at once: parts of a few hundred rows keep the PUTs few and the shard merges cheap.
 WRITE_BATCH_ROWS = 256
+# Calls a GPU model actor runs at once (model_actor_options).
+OVERLAPPED_CALLS = 2
 WRITE_TASKS = 4
 
 
@@ -267,6 +269,19 @@ def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
             "jpeg_on_device": cfg.decode == "device"}
 
 
+def model_actor_options(size: int, *, overlap: bool) -> dict:
+    """map_batches options of the model actor pool. With ``overlap`` (GPU actors) each actor runs
+    two calls at once in two threads: the Predictor serialises their forwards, so one call's host
+    work (paste, RLE, rows) runs while the other's forward keeps the GPU busy. CPU actors run
+    one call at a time: their forward already uses the actor's CPUs."""
+    import ray
+
+    calls = OVERLAPPED_CALLS if overlap else 1
+    return {"compute": ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2 * calls,
+                                                  enable_true_multi_threading=overlap),
+            "max_concurrency": calls}
+
+
 def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo, pass_no: int = 1):
     """plan rows -> decoded images -> output rows (+ shard_id) -> part files written by the
     workers: a lazy Ray Dataset of :data:`parts.PART_SCHEMA` rows."""
@@ -299,14 +314,15 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, c
             "max_instances": cfg.max_instances,
             "precision": cfg.precision,
             "decode": cfg.decode,
+            "overlap": use_gpu,
         },
-        compute=ray.data.ActorPoolStrategy(size=pool_size(cfg, ray.cluster_resources()), max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_gpus=cfg.num_gpus_per_actor,
         num_cpus=cfg.num_cpus_per_actor,
         max_restarts=ACTOR_RESTARTS,
         max_task_retries=ACTOR_TASK_RETRIES,
+        **model_actor_options(pool_size(cfg, ray.cluster_resources()), overlap=use_gpu),
     ).map_batches(
         write_parts,
         fn_kwargs={"run": run, "pass_no": pass_no},

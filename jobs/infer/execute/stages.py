@@ -115,7 +115,9 @@ class PredictorActor:
     recorded in every row's ``settings``, with ``decode`` (the decode mode of the run: the
     decode stage's choice, and with "device" JPEG bytes in a ``jpeg`` column for the actor). On CPU,
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
-    unless told otherwise, which would waste the CPUs the actor reserved).
+    unless told otherwise, which would waste the CPUs the actor reserved). With ``overlap``
+    (default: on a GPU) micro-batches' host work runs beside the next forward, within a call
+    and across the calls Ray Data runs at once (``pipeline.model_actor_options``).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class PredictorActor:
         max_instances: int | None = None,
         precision: str | None = None,
         decode: str = "sized",
+        overlap: bool | None = None,
     ):
         import torch
 
@@ -145,6 +148,9 @@ class PredictorActor:
                                        decode=decode)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
+        # GPU actors run two calls at once (pipeline.model_actor_options): the Predictor
+        # serialises forwards, so one call's host work runs during the other's forward.
+        self.overlap = self.predictor.device.type == "cuda" if overlap is None else bool(overlap)
         self.jpeg_fallbacks = 0  # JPEGs the device decoder refused or got wrong, decoded by Pillow
 
     def _decode_jpegs(self, datas: list[bytes], sizes: list[tuple[int, int]]) -> list[Any]:
@@ -194,8 +200,8 @@ class PredictorActor:
         for c0 in range(0, len(todo), self.micro_batch):
             idx = todo[c0 : c0 + self.micro_batch]
             chunks.append((idx, [images[i] for i in idx], [sizes[i] for i in idx]))
-        # on a GPU the host work of one chunk overlaps the next chunk's forward
-        outcomes = self.predictor.predict_batches((images, sizes) for _, images, sizes in chunks)
+        # with overlap, a chunk's host work also overlaps this call's next chunk's forward
+        outcomes = self.predictor.predict_batches(((images, sizes) for _, images, sizes in chunks), overlap=self.overlap)
         for (idx, images, sizes), results in zip(chunks, outcomes):
             if isinstance(results, Exception):
                 results = self._one_by_one(images, sizes, results)
