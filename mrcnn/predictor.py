@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .coco_categories import COCO_CATEGORY_NAMES, default_keypoint_names, label_names
 from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
 
-__all__ = ["Predictor", "Started", "MASK_FORMATS"]
+__all__ = ["Predictor", "Started", "MASK_FORMATS", "native_bf16_cpu"]
 
 MASK_FORMATS = ("rle", "bool")
 MASK_THRESHOLD = 0.5
@@ -381,6 +381,19 @@ def _check_device(device: torch.device, model: nn.Module) -> None:
     if not ops.WITH_CUDA and any(type(m).__module__.startswith("mrcnn.") for m in model.modules()):
         raise RuntimeError("mrcnn's RoIAlign extension was built without CUDA kernels, so this model cannot run "
                            "on a GPU: rebuild it where a CUDA toolkit is found (MRCNN_WITH_CUDA=1 bash scripts/bootstrap.sh)")
+
+
+def native_bf16_cpu() -> Optional[str]:
+    """This CPU's native bf16 matrix instructions ("amx_bf16" or "avx512_bf16"), which oneDNN's
+    bf16 convolutions need to beat fp32; None without them (bf16 would be emulated, slower)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:

@@ -27,7 +27,7 @@ def test_settings_key_is_canonical_and_null_without_settings():
 @pytest.mark.parametrize("argv, message", [
     (["--score-thresh", "1.5"], "--score-thresh must be in"),
     (["--max-instances", "0"], "--max-instances must be >= 1"),
-    (["--precision", "bf16"], "needs GPU actors"),
+    (["--precision", "fp16"], "fp16 needs GPU actors"),
     (["--precision", "int8"], "invalid choice"),
 ])
 def test_bad_settings_are_usage_errors(argv, message, capsys):
@@ -36,6 +36,24 @@ def test_bad_settings_are_usage_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
     cfg = parse_args(["--input", "x", "--output", "y", "--weights", "z", "--precision", "fp16", "--num-gpus-per-actor", "1"])
     assert cfg.precision == "fp16"
+    cfg = parse_args(["--input", "x", "--output", "y", "--weights", "z", "--precision", "bf16"])  # CPU actors
+    assert cfg.precision == "bf16"
+
+
+def test_cpu_actors_take_bf16_where_the_cpu_has_native_bf16(monkeypatch):
+    import mrcnn.predictor
+
+    from jobs.infer.execute.stages import PredictorActor
+
+    def actor():
+        return PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="c" * 64, run_id="r", device="cpu",
+                              precision="bf16")
+
+    monkeypatch.setattr(mrcnn.predictor, "native_bf16_cpu", lambda: None)
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX512_BF16 or AMX"):
+        actor()
+    monkeypatch.setattr(mrcnn.predictor, "native_bf16_cpu", lambda: "avx512_bf16")
+    assert actor().predictor.precision == "bf16"
 
 
 def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, in_process_dataset):

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-instances", type=int, default=None,
                    help="instances kept per image, the highest scores (default: the checkpoint's own)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="GPU actors' arithmetic (default bf16; CPU actors run fp32). Like the three flags "
-                        "here, changing it gives every image a new result: the next run reprocesses all")
+                   help="the model's arithmetic (default: bf16 on GPU actors, fp32 on CPU actors; bf16 on CPU "
+                        "actors needs AVX512_BF16 or AMX, fp16 a GPU). Like the three flags here, changing it "
+                        "gives every image a new result: the next run reprocesses all")
     p.add_argument("--decode", choices=DECODE_MODES, default="sized",
                    help="sized (default): a JPEG over twice the model's input is decoded DCT-downscaled to at "
                         "least that input (rows and masks stay full-size); full: every image at full size; "

@@ -147,7 +147,7 @@ class JobConfig:
     list_tasks: int = DEFAULT_TARGET_PARTS  # listing parts for Ray tasks (listing.py); 0: on the driver
     score_thresh: float | None = None  # output settings; None: the checkpoint's own
     max_instances: int | None = None
-    precision: str | None = None  # fp32, bf16, fp16 (GPU actors); None: bf16 on GPU, fp32 on CPU
+    precision: str | None = None  # fp32, bf16 (CPU actors too), fp16 (GPU); None: bf16 on GPU, fp32 on CPU
     decode: str = "sized"  # sized, full or device (DECODE_MODES; an output setting)
     break_lock: bool = False
     read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
@@ -168,9 +168,9 @@ def settings_of(cfg: JobConfig) -> str | None:
     if cfg.precision is not None:
         if cfg.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-        if cfg.precision != "fp32" and cfg.num_gpus_per_actor <= 0:
-            raise ValueError(f"--precision {cfg.precision} needs GPU actors (--num-gpus-per-actor > 0); "
-                             "CPU actors run fp32")
+        if cfg.precision == "fp16" and cfg.num_gpus_per_actor <= 0:
+            raise ValueError("--precision fp16 needs GPU actors (--num-gpus-per-actor > 0); CPU actors run "
+                             "fp32 or bf16")
     return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
                                precision=cfg.precision, decode=cfg.decode)
 

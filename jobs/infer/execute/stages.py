@@ -138,8 +138,11 @@ class PredictorActor:
     ):
         import torch
 
-        from mrcnn.predictor import Predictor
+        from mrcnn.predictor import Predictor, native_bf16_cpu
 
+        if precision == "bf16" and (device or "cpu") == "cpu" and native_bf16_cpu() is None:
+            raise RuntimeError("--precision bf16 on CPU actors needs a CPU with AVX512_BF16 or AMX (this one has "
+                               "neither: bf16 would be emulated, slower than fp32); use fp32")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh,
