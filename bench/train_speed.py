@@ -12,11 +12,13 @@ same data, same RNG seed: they should agree closely).
     python bench/train_speed.py --batch 2 --size 320x320 --steps 3        # CPU smoke run
 
 Prints images/s for each model, the ratio ours / torchvision (above 1: ours is faster) and, on
-CUDA, the peak memory of each.
+CUDA, the peak memory of each; on CUDA ours also runs channels-last, as ``jobs.train`` runs it
+there (``jobs.train.model_layout``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -117,6 +119,8 @@ def main() -> None:
     tv, ours = build(a.arch, dev, min(h, w), max(h, w))
     data = batches(min(a.steps, 8), a.batch, h, w, dev)
     trainers = {"torchvision": Trainer(tv, dev, a.batch), "ours": Trainer(ours, dev, a.batch)}
+    if dev == "cuda":  # jobs.train's layout on CUDA: RoIAlign reads the pyramid without a transpose
+        trainers["ours, channels-last"] = Trainer(copy.deepcopy(ours).to(memory_format=torch.channels_last), dev, a.batch)
     print(f"{a.arch}, batch {a.batch} of {h}x{w}, {dev}"
           + (f" ({torch.cuda.get_device_name()}, AMP fp16)" if dev == "cuda" else f", {torch.get_num_threads()} threads, fp32")
           + f"; torch {torch.__version__}, torchvision {torchvision.__version__}")
@@ -147,9 +151,11 @@ def main() -> None:
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
     for name in trainers:
         mem = f", peak {peak[name] / 2**30:.2f} GiB" if name in peak else ""
-        print(f"{name:12s} {statistics.median(rates[name]):8.2f} images/s (median of {a.rounds} rounds{mem})")
-    ratio = statistics.median(rates["ours"]) / statistics.median(rates["torchvision"])
-    print(f"ours / torchvision: {ratio:.3f}x training images/s")
+        print(f"{name:20s} {statistics.median(rates[name]):8.2f} images/s (median of {a.rounds} rounds{mem})")
+    for name in trainers:
+        if name != "torchvision":
+            ratio = statistics.median(rates[name]) / statistics.median(rates["torchvision"])
+            print(f"{name} / torchvision: {ratio:.3f}x training images/s")
 
 
 if __name__ == "__main__":

@@ -271,6 +271,13 @@ def build_model(cfg, num_classes, num_keypoints=None):
 
 
 # ------------------------------------------------------------------------------ evaluation
+def model_layout(device: torch.device) -> torch.memory_format:
+    """The model's memory format for training: channels-last on CUDA, where tensor-core
+    convolutions want it and RoIAlign then reads the FPN maps as they are instead of transposing
+    the whole pyramid at every call (mrcnn/ops/csrc/roi_align_cuda.cu); NCHW on CPU, as before."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
 def evaluate_model(model, gt_uri, class_names, *, device="cpu", max_images=None):
     """COCO bbox/segm metrics of ``model`` (any mode; restored after) on a COCO annotation file.
 
@@ -374,7 +381,7 @@ def train_loop(cfg):
     if keypoints:  # what the checkpoints record and the held-out evaluation matches by name
         model.keypoint_names, model.keypoint_skeleton = dataset.keypoint_names, dataset.keypoint_skeleton
     torch.manual_seed(cfg["seed"] * 1000 + rank + start_step)  # flips differ per rank and per attempt
-    model.to(device)
+    model.to(device, memory_format=model_layout(device))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(

@@ -195,3 +195,30 @@ def test_bad_inputs_are_rejected(eval_model):
     bad = {"boxes": torch.tensor([[10.0, 10.0, 10.0, 20.0]]), "labels": torch.tensor([1]), "masks": torch.zeros(1, 32, 32, dtype=torch.uint8)}
     with pytest.raises(ValueError, match="positive height and width"):
         model([torch.rand(3, 32, 32)], [bad])
+
+
+def test_training_as_jobs_train_lays_it_out_on_cuda_feeds_roi_align_the_pyramid_as_it_is(monkeypatch):
+    # jobs.train trains channels-last on CUDA so that the CUDA RoIAlign, which reads NHWC, makes
+    # no transposed copy of the pyramid per call: every map the box and mask heads pool from
+    # arrives channels-last contiguous (checked here on CPU, where the layout propagates alike).
+    from types import SimpleNamespace
+
+    from jobs.train import model_layout
+    from mrcnn.ops import poolers
+
+    assert model_layout(torch.device("cuda")) == torch.channels_last
+    assert model_layout(torch.device("cpu")) == torch.contiguous_format
+    torch.manual_seed(0)
+    model = mrcnn.maskrcnn_resnet50_fpn(num_classes=4, **SMALL).train().to(memory_format=model_layout("cuda"))
+    seen, ops = [], poolers.ops
+
+    def multilevel_roi_align(features, *args):
+        seen.extend(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+        return ops.multilevel_roi_align(features, *args)
+
+    proxy = SimpleNamespace(multilevel_roi_align=multilevel_roi_align, roi_align=ops.roi_align, roi_pool=ops.roi_pool)
+    monkeypatch.setattr(poolers, "ops", proxy)
+    images, targets = _two_images()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert len(seen) == 8 and all(seen), seen  # box and mask heads, four levels each
