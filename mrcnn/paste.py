@@ -81,7 +81,8 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
 
 def _source_index(dst: Tensor, scale: Tensor, in_size: int, fma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """ATen's area_pixel_compute_source_index + guard_index_and_lambda, elementwise."""
-    half = torch.tensor(0.5, dtype=torch.float32, device=dst.device)
+    # torch.full fills on the device; torch.tensor(0.5, device=cuda) would copy from the host and wait.
+    half = torch.full((), 0.5, dtype=torch.float32, device=dst.device)
     src = fma(scale, dst + half, -half)
     src = torch.where(src < 0, torch.zeros_like(src), src)
     i0 = src.floor().to(torch.int64).clamp_(max=in_size - 1)
@@ -156,18 +157,39 @@ def _paste_tiles(
     image columns (K, TW) and float32 values (K, TB, TW). Tile pixels outside a
     detection's box are 0, and every tile lies inside the image. ``group(det, oy, ox, TH, TW)``,
     when given, is called before the row bands of each group of detections: their tiles'
-    origins (K,) and size.
+    origins (K,) and size; the bands then follow in order, top to bottom, TB rows each (the
+    last one fewer), so a band's first row within the tiles is the rows written before it.
     """
     budget_elems = max(1, budget_bytes // _BYTES_PER_TILE_ELEM)
-    hc, wc = geo.hc.cpu().numpy(), geo.wc.cpu().numpy()
+    # One copy to the host for the plan (each .cpu() of a device tensor waits for the device).
     # ATen resizes small outputs with another kernel (other rounding): plan the two
     # kinds apart so that each tile runs one formula.
-    small = ((geo.h + geo.w) <= _SMALL_OUTPUT_SUM).cpu().numpy()
+    hc, wc, small = torch.stack((geo.hc, geo.wc, ((geo.h + geo.w) <= _SMALL_OUTPUT_SUM).to(geo.hc.dtype))).cpu().numpy()
+    plan = []
     for is_small in (True, False):
-        sel = np.flatnonzero(small == is_small)
-        for idx, th, tw, tb in plan_tiles(hc[sel], wc[sel], budget_elems):
-            det = torch.as_tensor(sel[idx], device=padded.device)
-            _paste_group(padded[det], geo.subset(det), image_size, det, th, tw, tb, is_small, write, fused, group)
+        sel = np.flatnonzero(small == int(is_small))
+        plan += [(is_small, sel[idx], th, tw, tb) for idx, th, tw, tb in plan_tiles(hc[sel], wc[sel], budget_elems)]
+    if not plan:
+        return
+    # Every group's detection indices in one transfer, sliced on the device.
+    dets = _to_device(np.concatenate([d for _, d, _, _, _ in plan]), padded.device)
+    start = 0
+    for is_small, d, th, tw, tb in plan:
+        det = dets[start : start + len(d)]
+        start += len(d)
+        _paste_group(padded[det], geo.subset(det), image_size, det, th, tw, tb, is_small, write, fused, group)
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> Tensor:
+    """Host array to ``device`` without waiting for the device: a plain copy to CUDA is
+    synchronous, a pinned one with non_blocking is queued on the stream (the caching host
+    allocator keeps the pinned block until the copy has run)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _axis(origin, offset, n, box_start, lo, hi, size, in_size, fma):
@@ -177,7 +199,9 @@ def _axis(origin, offset, n, box_start, lo, hi, size, in_size, fma):
     (mask probabilities are finite).
     """
     pos = origin[:, None] + torch.arange(offset, offset + n, device=origin.device)
-    scale = torch.tensor(float(in_size), device=origin.device) / size.to(torch.float32)
+    # float32 in_size / size as ATen divides; filled on the device, not copied from the host.
+    # (A Python scalar would not do: float / tensor is reciprocal() * float, another rounding.)
+    scale = torch.full((), float(in_size), dtype=torch.float32, device=origin.device) / size.to(torch.float32)
     i0, i1, l0, l1 = _source_index((pos - box_start[:, None]).to(torch.float32), scale[:, None], in_size, fma)
     inside = (pos >= lo[:, None]) & (pos < hi[:, None])
     zero = torch.zeros((), dtype=l0.dtype, device=l0.device)
@@ -317,23 +341,28 @@ def paste_masks_to_rle(
 
     Returns one ``{"size": [H, W], "counts": str}`` per detection, in order, byte-identical to
     ``pycocotools.mask.encode`` of ``paste_masks(masks, boxes, image_size, threshold=threshold)``;
-    with ``return_areas`` also their pixel counts (int64, like :func:`rle_area`). No full-size
-    mask is made, so the cost follows the boxes' area, not the image's:
+    with ``return_areas`` also their pixel counts (int64, equal to :func:`rle_area`, but summed
+    from the runs while encoding: no pycocotools on any device). No full-size mask is made, so
+    the cost follows the boxes' area, not the image's:
 
     * CPU tensors go to the C++ kernel ``torch.ops.mrcnn.paste_masks_rle``, which counts the
       runs of each box's columns as it computes them (one pass, no buffer);
     * other devices threshold each box tile there and bring only the positions where the
-      values change to the host (:mod:`mrcnn.rle`).
+      values change to the host (:mod:`mrcnn.rle`), in one copy.
     """
     masks, boxes, (H, W) = _prepare(masks, boxes, image_size)
     if masks.shape[0] == 0:
         return ([], np.zeros(0, dtype=np.int64)) if return_areas else []
-    if masks.device.type == "cpu":
+    if _uses_cpu_kernel(masks.device):
         rles, areas = _paste_rle_cpu(masks, boxes, (H, W), threshold)
     else:
-        rles = _paste_rle_tiles(masks, boxes, (H, W), threshold, tile_budget_bytes)
-        areas = rle_area(rles) if return_areas else None
+        rles, areas = _paste_rle_tiles(masks, boxes, (H, W), threshold, tile_budget_bytes, return_areas=True)
     return (rles, areas) if return_areas else rles
+
+
+def _uses_cpu_kernel(device: torch.device) -> bool:
+    # A seam: tests turn it off to run the other devices' tile path on CPU tensors.
+    return device.type == "cpu"
 
 
 def _paste_rle_cpu(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float):
@@ -346,8 +375,10 @@ def _paste_rle_cpu(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], th
 
 
 def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float,
-                     tile_budget_bytes: int) -> list[dict]:
-    """Box tiles thresholded on the masks' device; transitions to the host; strings in numpy."""
+                     tile_budget_bytes: int, *, return_areas: bool = False):
+    """Box tiles thresholded on the masks' device; transitions to the host; strings (and, with
+    ``return_areas``, areas from the same runs) in numpy. Host waits: the plan's copy, one
+    nonzero per group of tiles, the final copy."""
     H, W = image_size
     N = masks.shape[0]
     geo = _Geometry(boxes, masks.shape[-1], (H, W))
@@ -363,10 +394,13 @@ def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], 
 
     def group(det, oy, ox, th, tw):
         flush()
-        tile.update(det=det, oy=oy, ox=ox, bits=torch.zeros((len(det), tw, th), dtype=torch.bool, device=masks.device))
+        tile.update(det=det, oy=oy, ox=ox, bits=torch.zeros((len(det), tw, th), dtype=torch.bool, device=masks.device),
+                    row=0)
 
     def write(det, yy, xx, val):
-        b0 = int(yy[0, 0] - tile["oy"][0])  # the band's first row within the group's tiles
+        # The band's first row within the tiles, counted on the host (bands come in order):
+        # reading it back from yy would wait for the device once per band.
+        b0, tile["row"] = tile["row"], tile["row"] + val.shape[1]
         tile["bits"][:, :, b0 : b0 + val.shape[1]] = (val > threshold).transpose(1, 2)
 
     _paste_tiles(padded, geo, (H, W), write, tile_budget_bytes, _fused_for(masks.device), group)
@@ -375,14 +409,15 @@ def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], 
         det = torch.cat([d for d, _ in found])
         flat = torch.cat([f for _, f in found])
         order = torch.argsort(det * (H * W) + flat)  # by detection, then position
-        det, flat = det[order].cpu().numpy(), flat[order].cpu().numpy()
+        det, flat = torch.stack((det, flat))[:, order].cpu().numpy()  # one copy to the host
     else:
         det = flat = np.zeros(0, dtype=np.int64)
-    return rle_from_transitions(det, flat, N, (H, W))
+    return rle_from_transitions(det, flat, N, (H, W), return_areas=return_areas)
 
 
 def rle_area(rles: list[dict]) -> np.ndarray:
-    """Pixel counts of COCO RLE masks, as int64."""
+    """Pixel counts of COCO RLE masks, as int64, decoded by pycocotools (imported here only).
+    ``paste_masks_to_rle(..., return_areas=True)`` needs no pycocotools."""
     if not rles:
         return np.zeros((0,), dtype=np.int64)
     from pycocotools import mask as mask_util

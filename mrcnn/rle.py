@@ -48,15 +48,22 @@ def window_transitions(bits: Tensor, oy: Tensor, ox: Tensor, image_size: tuple[i
     seq[:, : TW * rows].view(K, TW, rows)[:, :, :TH] = bits
     change = seq.clone()
     change[:, 1:] ^= seq[:, :-1]
+    # A mask set at the image's last pixel changes "after" it (position H * W): not a position.
+    # Only the last two sequence entries can land there (flat grows with k); clear them before
+    # nonzero rather than select afterwards, as a boolean index would wait for the device again.
+    tail = [TW * rows - 1, TW * rows]
+    change[:, -2:] &= torch.stack([(ox + k // rows) * H + oy + k % rows < H * W for k in tail], 1)
     det, k = change.nonzero(as_tuple=True)
     flat = (ox[det] + torch.div(k, rows, rounding_mode="floor")) * H + oy[det] + k % rows
-    keep = flat < H * W  # a mask that ends set changes "after" the last pixel: not a position
-    return det[keep], flat[keep]
+    return det, flat
 
 
-def rle_from_transitions(det: np.ndarray, flat: np.ndarray, num_masks: int, image_size: tuple[int, int]) -> list[dict]:
+def rle_from_transitions(det: np.ndarray, flat: np.ndarray, num_masks: int, image_size: tuple[int, int], *,
+                         return_areas: bool = False):
     """COCO compressed RLE dicts ``{"size": [H, W], "counts": str}`` of ``num_masks`` masks from
-    their transitions (:func:`window_transitions`, sorted by mask then position)."""
+    their transitions (:func:`window_transitions`, sorted by mask then position). With
+    ``return_areas`` also their pixel counts (int64 (num_masks,)), from the runs themselves:
+    no decoding of the strings, no pycocotools."""
     H, W = image_size
     total = H * W
     det = np.asarray(det, dtype=np.int64)
@@ -75,7 +82,18 @@ def rle_from_transitions(det: np.ndarray, flat: np.ndarray, num_masks: int, imag
     first = last - per_mask  # first run of each mask starts at 0
     starts[first] = 0
     counts = ends - starts
-    return [{"size": [H, W], "counts": s} for s in _counts_to_strings(counts, lengths)]
+    rles = [{"size": [H, W], "counts": s} for s in _counts_to_strings(counts, lengths)]
+    return (rles, _areas(counts, lengths)) if return_areas else rles
+
+
+def _areas(counts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Set pixels per mask: runs alternate unset, set, unset, ... from each mask's first run, so
+    the area is the sum of its odd-indexed runs (what pycocotools' ``area`` adds up)."""
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths  # every mask has at least one run: strictly increasing
+    index = np.arange(len(counts)) - np.repeat(first, lengths)
+    return np.add.reduceat(np.where(index % 2 == 1, counts, 0), first).astype(np.int64, copy=False)
 
 
 def _counts_to_strings(counts: np.ndarray, lengths: np.ndarray) -> list[str]:

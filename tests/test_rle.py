@@ -1,10 +1,14 @@
 """Box-local COCO RLE (paste_masks_to_rle: the C++ kernel on CPU, the tile path elsewhere, and
 mrcnn.rle) against pycocotools on full-size masks."""
 
+import sys
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_util
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mrcnn import paste as paste_mod
 from mrcnn.paste import paste_masks, paste_masks_to_rle, rle_area
@@ -183,3 +187,105 @@ def test_counts_beyond_32_bits_read_back_by_pycocotools():
     coco = {"size": [H, W], "counts": rle["counts"].encode()}
     assert mask_util.area(coco) == 1
     assert mask_util.toBbox(coco).tolist() == [x, y, 1, 1]
+
+
+def test_tile_path_areas_need_no_pycocotools(monkeypatch):
+    """The tile path (what GPU tensors take; forced here on CPU tensors) returns the C++ kernel's
+    strings and areas, equal to pycocotools' area of its encoding, with pycocotools unimportable."""
+    g = torch.Generator().manual_seed(14)
+    compared = set_pixels = 0
+    for (H, W), budget in [((1, 1), None), ((29, 1), None), ((50, 70), None), ((97, 131), None), ((240, 320), 200_000)]:
+        n = 30
+        masks = torch.rand(n, 1, 28, 28, generator=g)
+        masks[:5], masks[5:8] = 1.0, 0.0  # full and empty masks
+        boxes = boxes_around(g, n, H, W)
+        want_rles, want_areas = paste_masks_to_rle(masks, boxes, (H, W), return_areas=True)  # the C++ kernel
+        ref = reference(masks, boxes, H, W)
+        dense = paste_masks(masks, boxes, (H, W), threshold=0.5)[:, 0]
+        kw = {} if budget is None else {"tile_budget_bytes": budget}  # a small budget: several row bands
+        with monkeypatch.context() as m:
+            m.setattr(paste_mod, "_uses_cpu_kernel", lambda device: False)
+            m.setattr(paste_mod, "_paste_rle_cpu", None)  # the C++ kernel's wrapper cannot be taken
+            m.setitem(sys.modules, "pycocotools", None)  # import pycocotools raises ImportError
+            m.setitem(sys.modules, "pycocotools.mask", None)
+            with pytest.raises(ImportError):
+                from pycocotools import mask  # noqa: F401  (the block holds)
+            rles, areas = paste_masks_to_rle(masks, boxes, (H, W), return_areas=True, **kw)
+        assert rles == want_rles and [r["counts"].encode() for r in rles] == [r["counts"] for r in ref]
+        assert areas.dtype == np.int64 and areas.shape == (n,)
+        assert np.array_equal(areas, want_areas)
+        assert np.array_equal(areas, mask_util.area(ref)) and np.array_equal(areas, dense.sum((1, 2)).numpy())
+        compared += len(areas)
+        set_pixels += int(areas.sum())
+    assert compared == 150 and set_pixels > 20_000
+
+
+def test_areas_from_transitions_against_brute_force():
+    rng = np.random.default_rng(1)
+    compared = 0
+    for _ in range(100):
+        H, W = int(rng.integers(1, 10)), int(rng.integers(1, 10))
+        th, tw, K = int(rng.integers(1, H + 1)), int(rng.integers(1, W + 1)), int(rng.integers(1, 4))
+        oy, ox = rng.integers(0, H - th + 1, K), rng.integers(0, W - tw + 1, K)
+        bits = rng.random((K, tw, th)) < rng.random()
+        det, flat = window_transitions(torch.from_numpy(bits), torch.from_numpy(oy), torch.from_numpy(ox), (H, W))
+        rles, areas = rle_from_transitions(det.numpy(), flat.numpy(), K, (H, W), return_areas=True)
+        assert rles == rle_from_transitions(det.numpy(), flat.numpy(), K, (H, W))
+        assert areas.dtype == np.int64 and areas.tolist() == bits.sum((1, 2)).tolist()
+        compared += K
+    assert compared >= 100
+    rles, areas = rle_from_transitions(np.zeros(0), np.zeros(0), 0, (3, 4), return_areas=True)
+    assert rles == [] and areas.shape == (0,) and areas.dtype == np.int64
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that, on a GPU, make the host wait for the device (or copy host data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.counts["value read back"] += 1  # int(t), t.item()
+        elif func is torch.ops.aten.lift_fresh.default:
+            self.counts["tensor from host data"] += 1  # torch.tensor / as_tensor: a copy to the device
+        elif func is torch.ops.aten.nonzero.default:
+            self.counts["nonzero"] += 1
+        elif func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.counts["boolean index"] += 1  # a nonzero inside
+        return func(*args, **(kwargs or {}))
+
+
+def test_tile_path_waits_for_the_device_once_per_group_not_per_band(monkeypatch):
+    """On CPU tensors, the ops that would be host syncs on a GPU: no value read back per row band,
+    no constants made from host data, one copy of indices to the device, two copies to the host,
+    one nonzero per group of tiles (the transitions' count)."""
+    g = torch.Generator().manual_seed(15)
+    H, W, n = 300, 400, 40
+    masks = torch.rand(n, 1, 28, 28, generator=g)
+    boxes = boxes_around(g, n, H, W)
+    boxes[:3] = torch.tensor([0.0, 0.0, W, H])  # whole-image boxes: one alone exceeds the budget, row bands
+    bands, groups, to_host = [], [], []
+    original_group, original_cpu = paste_mod._paste_group, torch.Tensor.cpu
+
+    def counting_group(padded, geo, image_size, det, th, tw, tb, *args):
+        groups.append(1)
+        bands.append(-(-th // tb))
+        return original_group(padded, geo, image_size, det, th, tw, tb, *args)
+
+    def counting_cpu(self, *args, **kwargs):
+        to_host.append(tuple(self.shape))
+        return original_cpu(self, *args, **kwargs)
+
+    m, b, size = paste_mod._prepare(masks, boxes, (H, W))
+    monkeypatch.setattr(paste_mod, "_paste_group", counting_group)
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    with _HostReads() as reads:
+        rles, areas = paste_mod._paste_rle_tiles(m, b, size, 0.5, 400_000, return_areas=True)
+    monkeypatch.undo()
+    assert sum(bands) > len(groups) > 2  # several groups, some of several bands
+    assert reads.counts == Counter({"nonzero": len(groups), "tensor from host data": 1}), reads.counts
+    assert len(to_host) == 2, to_host
+    want_rles, want_areas = paste_masks_to_rle(masks, boxes, (H, W), return_areas=True)
+    assert rles == want_rles and np.array_equal(areas, want_areas) and areas.sum() > 10_000
