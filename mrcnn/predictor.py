@@ -256,21 +256,24 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _finish(self, out: dict, image_size: tuple[int, int], output_size: tuple[int, int], raw: bool) -> dict:
-        boxes = out["boxes"].float()
+        boxes = out["boxes"].float().reshape(-1, 4)
         ry, rx = output_size[0] / image_size[0], output_size[1] / image_size[1]
         if output_size != image_size:
-            # The image was decoded downscaled: boxes (and keypoints) to full-size pixels, masks pasted there.
-            boxes = boxes * torch.tensor([rx, ry, rx, ry], dtype=torch.float32, device=boxes.device)
-        labels = out["labels"].to(torch.int64)
-        labels_np = labels.cpu().numpy()
+            # The image was decoded downscaled: boxes (and keypoints) to full-size pixels, masks
+            # pasted there. Python scalars: no host-to-device copy (which would wait), same bits.
+            boxes = torch.stack((boxes[:, 0] * rx, boxes[:, 1] * ry, boxes[:, 2] * rx, boxes[:, 3] * ry), 1)
+        # boxes, scores and labels in one copy to the host (labels < 2**24 are exact in float32)
+        host = torch.cat((boxes, out["scores"].float().reshape(-1, 1), out["labels"].float().reshape(-1, 1)), 1)
+        host = host.cpu().numpy()
+        labels_np = host[:, 5].astype(np.int64)
         if self.class_names is not None:
             names = label_names(labels_np, self.class_names)
         else:
             names = [str(int(v)) for v in labels_np]
         result = {
-            "boxes": boxes.cpu().numpy().astype(np.float32, copy=False).reshape(-1, 4),
-            "labels": labels_np.astype(np.int64, copy=False),
-            "scores": out["scores"].float().cpu().numpy().astype(np.float32, copy=False),
+            "boxes": np.ascontiguousarray(host[:, :4]),
+            "labels": labels_np,
+            "scores": np.ascontiguousarray(host[:, 4]),
             "label_names": names,
         }
         if "keypoints" in out:
@@ -284,7 +287,7 @@ class Predictor:
         """(N, K, 3) float32: x, y in output-size pixels (the model's times rx, ry) and the keypoint's score."""
         xy = out["keypoints"][..., :2].float()
         if (rx, ry) != (1.0, 1.0):
-            xy = xy * torch.tensor([rx, ry], dtype=torch.float32, device=xy.device)
+            xy = torch.stack((xy[..., 0] * rx, xy[..., 1] * ry), -1)  # scalars: no copy to the device
         return torch.cat([xy, out["keypoints_scores"].float()[..., None]], dim=-1).cpu().numpy()
 
     def _masks(self, masks: Tensor, boxes: Tensor, image_size, raw: bool):
