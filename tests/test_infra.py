@@ -1,9 +1,11 @@
 """Keeps infra/ honest: manifests parse and have the expected kinds, every `python -m jobs.X`
 command line in them (and in the runbook and README) runs an existing job with flags its
-parser accepts, the Dockerfile matches constraints.txt, and no credentials are written down.
+parser accepts, the Dockerfile matches constraints.txt, no credentials are written down, and
+bench/gpu_check.sh (the two GPU-machine calls) runs its logic in a dry run.
 
-Static checks only (no Docker engine, no Kubernetes, no Ray cluster): a few seconds, most
-of it importing the jobs (jobs.train imports torch).
+Static checks only (no Docker engine, no Kubernetes, no Ray cluster, no GPU): a few seconds, most
+of it importing the jobs (jobs.train imports torch), plus about half a minute for the two dry runs
+of bench/gpu_check.sh.
 """
 import argparse
 import contextlib
@@ -548,3 +550,80 @@ def test_credential_scan_finds_planted_secrets():
     assert secrets_in(f"aws_secret_access_key = {secret}")
     assert secrets_in(f"- {{name: X, value: {secret}}}")
     assert not secrets_in("image: 123456789012.dkr.ecr.us-west-2.amazonaws.com/mrcnn-batch:0.1.0")
+
+
+# ------------------------------------------------------------- bench/gpu_check.sh
+GPU_CHECK = os.path.join(ROOT, "bench", "gpu_check.sh")
+GPU_STEPS = {  # step -> what a dry run without a GPU reports: PASS (runs on a CPU) or SKIP (needs CUDA)
+    "check": {"wheels": "SKIP", "env": "PASS", "build": "BUILT", "tests-cuda-build": "PASS", "tests-ops": "SKIP",
+              "tests-model": "SKIP", "exif-nvjpeg": "SKIP", "sanitizer": "SKIP", "sync-count": "SKIP",
+              "bf16-check": "SKIP", "files": "PASS"},
+    "bench": {"wheels": "SKIP", "env": "PASS", "extension": "BUILT", "roi-align": "SKIP", "model": "SKIP",
+              "train-speed": "SKIP", "pipeline-640": "SKIP", "pipeline-12mp": "SKIP", "postprocess": "SKIP",
+              "bf16-speed": "SKIP", "files": "PASS"},
+}
+
+
+def _summary_rows(summary):
+    """{step: (status, budget, note)} of the summary's table (detail lines are indented)."""
+    rows = {}
+    for line in summary.splitlines():
+        m = re.match(r"([\w-]+)\s+(PASS|FAIL|SKIP)\s+([\d.]+)\s+(\d+)\s+(.*)$", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), int(m.group(4)), m.group(5))
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["check", "bench"])
+def test_gpu_check_dry_run_lists_every_step_and_fits_the_device_limits(mode, tmp_path):
+    import time
+
+    import torch
+
+    import mrcnn.ops
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_DEADLINE", None)
+    t0 = time.monotonic()
+    run = subprocess.run(["bash", GPU_CHECK, mode, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    took = time.monotonic() - t0
+    assert run.returncode == 0, f"gpu_check.sh {mode} --dry-run exited {run.returncode}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+    assert took < 60, f"the dry run took {took:.0f} s (CI budget: under a minute)"
+    summary = (out / "summary.txt").read_text()
+    assert run.stdout.rstrip().endswith(summary.rstrip()), "the summary is not the last thing printed"
+    rows = _summary_rows(summary)
+    assert list(rows) == list(GPU_STEPS[mode]), f"steps in the summary: {list(rows)}"
+    built = "PASS" if mrcnn.ops.WITH_CUDA else "SKIP"  # an extension with CUDA kernels is detected, not rebuilt
+    reason = "dry run" if torch.cuda.is_available() else "no CUDA device"
+    for step, expected in GPU_STEPS[mode].items():
+        status, _, note = rows[step]
+        assert status == (built if expected == "BUILT" else expected), f"{step}: {status} ({note})"
+        if expected == "SKIP" and step != "wheels":
+            assert note.startswith(reason), f"{step}: skipped for another reason: {note}"
+    budgets = int(re.search(r"budgets sum to (\d+) s", summary).group(1))
+    assert budgets == sum(b for _, b, _ in rows.values()) and budgets < 330, "step budgets must sum to < 330 s"
+    assert re.search(r"^RESULT: PASS", summary, re.M)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, f"{len(files)} files in OUT, at most 8 come back from the device: {files}"
+    assert all(p.parent == out for p in files)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files)
+
+
+def test_gpu_check_runs_whole_test_files():
+    # a -k filter over several files would drop whole tests unseen: -k only with one named file
+    text = re.sub(r"\\\n", " ", read(GPU_CHECK))
+    calls = [line for line in text.splitlines() if "pytest" in line and not line.lstrip().startswith("#")]
+    assert len(calls) >= 3
+    for line in calls:
+        line = line.split("pytest", 1)[1]  # pytest's own options (not timeout -k)
+        if re.search(r"(^|\s)-k(\s|=|$)", line):
+            files = re.findall(r"tests/test_\w+\.py", line)
+            assert len(files) == 1 and not re.search(r"\$\{?(files|@|\*)", line), f"-k over a file list: {line.strip()}"
+    # the groups of test files are whole files, and the CUDA-only EXIF test runs among them
+    groups = re.findall(r"run_step (tests-[\w-]+) \d+ \"tests_group \d ([^\"]+)\"", text)
+    assert {name for name, _ in groups} == {"tests-cuda-build", "tests-ops", "tests-model"}
+    listed = " ".join(files for _, files in groups).split()
+    assert all(re.fullmatch(r"tests/test_\w+\.py", f) for f in listed), listed
+    assert "tests/test_infer_sized_decode.py" in listed and "tests/test_roi_align_cuda.py" in listed
