@@ -9,6 +9,15 @@ import torch
 from torch import Tensor
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16/bfloat16 (autocast's head outputs), otherwise ``t`` itself.
+
+    Box geometry, scores, top-k and NMS run on these: bf16 has 8 significant bits, so coordinates
+    of 1024-2048 px would be rounded to 8 px steps. At fp32 nothing is copied or changed.
+    """
+    return t.float() if t.dtype == torch.float16 or t.dtype == torch.bfloat16 else t
+
+
 class BoxCoder:
     """Encodes boxes as (dx, dy, dw, dh) deltas relative to reference boxes, and decodes them back.
 
@@ -60,6 +69,8 @@ class BoxCoder:
         return pred_boxes
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        # reduced-precision codes are decoded in fp32, not the fp32 boxes rounded to the codes' dtype
+        rel_codes = full_precision(rel_codes)
         boxes = boxes.to(rel_codes.dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]

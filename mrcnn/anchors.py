@@ -15,7 +15,8 @@ class AnchorGenerator(nn.Module):
     ``sizes[i]`` and ``aspect_ratios[i]`` (height / width) give the cell anchors of level ``i``;
     each level gets ``len(sizes[i]) * len(aspect_ratios[i])`` anchors per location. Cell anchors are
     zero-centred and rounded to whole pixels; the stride of a level is the padded image size
-    divided (integer division) by the feature map size.
+    divided (integer division) by the feature map size. Anchors have the feature maps' dtype, but
+    at least float32: float16/bfloat16 (autocast) would round them by up to 4 px at 1024-2048 px.
     """
 
     def __init__(self, sizes=None, aspect_ratios=None):
@@ -74,7 +75,8 @@ class AnchorGenerator(nn.Module):
             )
         padded_size = image_list.tensors.shape[-2:]
         grid_sizes = [fm.shape[-2:] for fm in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # fp32 at least: in bf16, neighbouring stride-4 anchors beyond 1024 px would coincide
+        dtype, device = torch.promote_types(feature_maps[0].dtype, torch.float32), feature_maps[0].device
         strides = [
             [
                 torch.empty((), dtype=torch.int64, device=device).fill_(padded_size[0] // g[0]),

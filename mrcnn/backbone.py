@@ -8,15 +8,36 @@ import warnings
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from torch import nn
+import torch
+import torchvision
+from torch import nn, Tensor
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .weights_file import load_state_dict_file
+
+
+class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, state_dict keys and fp32 arithmetic) that keeps
+    float16/bfloat16 inputs in their dtype: its fp32 scale and shift would otherwise promote every
+    activation between autocast's convolutions to fp32 (and back), tripling the memory traffic."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # torchvision's operations, in its order, so fp32 results are bit-identical
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            scale, bias = scale.to(x.dtype), bias.to(x.dtype)
+        return x * scale + bias
+
 
 _RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101,
             "resnext101_32x8d": resnet.resnext101_32x8d}
@@ -87,7 +108,8 @@ def resnet_fpn_backbone(
         name: "resnet18", "resnet50", "resnet101" or "resnext101_32x8d".
         weights_backbone: path or fsspec URI of an ImageNet ResNet state_dict, loaded (strict) into
             the ResNet before the classifier is dropped.
-        norm_layer: normalisation in the ResNet (FrozenBatchNorm2d for v1 with pretrained weights).
+        norm_layer: normalisation in the ResNet (:class:`FrozenBatchNorm2d` for v1 with pretrained
+            weights; it keeps autocast's float16/bfloat16 activations in that dtype).
         trainable_layers: how many of layer4, layer3, layer2, layer1, conv1 (from the top) train.
         fpn_norm_layer: normalisation inside the FPN convs (v2 uses BatchNorm2d).
         out_channels: channels of every FPN level (torchvision's detectors: 256).

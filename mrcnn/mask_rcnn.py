@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 from torch import nn, Tensor
-from torchvision.ops import FrozenBatchNorm2d
 
 from .anchors import AnchorGenerator
 from .backbone import (
     DEFAULT_RETURNED_LAYERS,
+    FrozenBatchNorm2d,
     normalize_returned_layers,
     resnet_c4_backbone,
     resnet_c5_backbone,
@@ -56,6 +56,11 @@ class MaskRCNN(nn.Module):
     Train: ``model(images, targets)``, each target holding ``boxes`` float ``[G, 4]``, ``labels`` int64
     ``[G]`` and ``masks`` uint8 ``[G, H, W]``, returns the losses ``loss_classifier``, ``loss_box_reg``,
     ``loss_mask``, ``loss_objectness`` and ``loss_rpn_box_reg``.
+
+    Under ``torch.autocast`` (float16/bfloat16) convolutions and fc layers run in that dtype (the
+    FrozenBatchNorm ResNets keep their activations in it too), while anchors, box decoding, scores,
+    top-k, NMS, clipping, the boxes RoIAlign pools and the mask probabilities stay float32: outputs are
+    float32, and boxes are not rounded to bf16's 4-8 px steps at 1024-2048 px.
 
     The keyword arguments are torchvision's ``MaskRCNN`` ones (see its documentation), plus
     ``rpn_anchor_sizes`` / ``rpn_aspect_ratios`` (per FPN level; plain values, so checkpoints

@@ -2,6 +2,11 @@
 
 Features are pooled with our RoIAlign operators (``mrcnn.ops``); everything else follows
 torchvision.models.detection.roi_heads so that outputs and losses agree.
+
+Under autocast (float16/bfloat16) the heads' convolutions and fc layers run in that dtype; their
+outputs (class logits, box deltas, mask and keypoint logits) are cast to float32 where they leave
+the network, so softmax/sigmoid, box decoding, clipping, NMS, the boxes given to RoIAlign, mask
+probabilities and keypoints are fp32.
 """
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -11,7 +16,7 @@ from torch import nn, Tensor
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
-from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
 from .ops import roi_align
 
 DEFAULT_BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box coder's (wx, wy, ww, wh), torchvision's
@@ -451,6 +456,9 @@ class RoIHeads(nn.Module):
         box_features = self.box_roi_pool(features, proposals, image_shapes)
         box_features = self.box_head(box_features)
         class_logits, box_regression = self.box_predictor(box_features)
+        # fp32 under autocast: bf16 boxes are rounded by pixels, and batched_nms's per-class
+        # offsets (class id x max coordinate) in bf16 stop separating classes >= 20
+        class_logits, box_regression = full_precision(class_logits), full_precision(box_regression)
 
         result: list[dict[str, Tensor]] = []
         losses: dict[str, Tensor] = {}
@@ -474,7 +482,7 @@ class RoIHeads(nn.Module):
 
             mask_features = self.mask_roi_pool(features, mask_proposals, image_shapes)
             mask_features = self.mask_head(mask_features)
-            mask_logits = self.mask_predictor(mask_features)
+            mask_logits = full_precision(self.mask_predictor(mask_features))  # fp32 probabilities
 
             if self.training:
                 gt_masks = [t["masks"] for t in targets]
@@ -489,7 +497,7 @@ class RoIHeads(nn.Module):
         if self.has_keypoint():
             keypoint_proposals = pos_proposals if self.training else [r["boxes"] for r in result]
             keypoint_features = self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)
-            keypoint_logits = self.keypoint_predictor(self.keypoint_head(keypoint_features))
+            keypoint_logits = full_precision(self.keypoint_predictor(self.keypoint_head(keypoint_features)))
             if self.training:
                 gt_keypoints = [t["keypoints"] for t in targets]
                 losses["loss_keypoint"] = keypointrcnn_loss(keypoint_logits, keypoint_proposals, gt_keypoints,

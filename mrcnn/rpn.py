@@ -6,7 +6,7 @@ from torch import nn, Tensor
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
-from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
 from .anchors import AnchorGenerator
 from .image_list import ImageList
 
@@ -72,6 +72,8 @@ class RegionProposalNetwork(nn.Module):
     Per level: top ``pre_nms_top_n`` anchors by objectness logit. Then sigmoid, clip to the image,
     drop boxes smaller than 1e-3, drop scores below ``score_thresh``, NMS per level at ``nms_thresh``,
     and keep the best ``post_nms_top_n`` over all levels. The counts differ in training and eval.
+    Under autocast the head's convolutions run in float16/bfloat16, but its outputs are cast to
+    float32 and anchors are float32: decoding, top-k, sigmoid, clipping, NMS and the proposals are fp32.
     """
 
     def __init__(
@@ -198,6 +200,8 @@ class RegionProposalNetwork(nn.Module):
         num_images = len(anchors)
         num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # fp32 from here on under autocast: bf16 logits tie in top-k, bf16 boxes lose pixels
+        objectness, pred_bbox_deltas = full_precision(objectness), full_precision(pred_bbox_deltas)
         # proposals are not back-propagated through (as in Faster R-CNN)
         proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors)
         proposals = proposals.view(num_images, -1, 4)
