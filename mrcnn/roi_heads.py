@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
 from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
-from .ops import roi_align
+from .ops._registration import ops as raw_ops
 
 DEFAULT_BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box coder's (wx, wy, ww, wh), torchvision's
 
@@ -174,11 +174,14 @@ def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
 
 
 def project_masks_on_boxes(gt_masks: Tensor, boxes: Tensor, matched_idxs: Tensor, M: int) -> Tensor:
-    """Crop each matched GT mask to its proposal box and resample it to ``M x M`` (RoIAlign, scale 1)."""
+    """Crop each matched GT mask to its proposal box and resample it to ``M x M`` (RoIAlign, scale 1,
+    as ``roi_align(gt_masks, rois, (M, M), 1.0)``). The RoIs are ours (finite proposals, indices of
+    this image's masks), so the operator is called without the public function's value check,
+    which waits for the GPU once per image."""
     matched_idxs = matched_idxs.to(boxes)
     rois = torch.cat([matched_idxs[:, None], boxes], dim=1)
     gt_masks = gt_masks[:, None].to(rois)
-    return roi_align(gt_masks, rois, (M, M), 1.0)[:, 0]
+    return raw_ops.roi_align(gt_masks, rois, 1.0, M, M, -1, False)[:, 0]
 
 
 def maskrcnn_loss(mask_logits, proposals, gt_masks, gt_labels, mask_matched_idxs, kind: str = "sigmoid"):
