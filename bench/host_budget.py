@@ -12,8 +12,8 @@ like photos) on local disk are then run three ways, in this order:
   one thread (the job's own work per image, no Ray);
 * job: ``jobs.infer.pipeline.run_job`` as ``python -m jobs.infer`` runs it on an embedded Ray;
 * plain: the plain Ray Data pattern: ``read_binary_files`` -> ``map_batches`` decode (CPU
-  tasks) -> an actor pool calling the same Predictor and building the same rows ->
-  ``write_parquet``.
+  tasks, the job's decode) -> an actor pool calling the same Predictor (masks pasted at full
+  size) and building the same rows -> ``write_parquet``.
 
 For the two Ray runs a sampler reads every process's CPU time and title from /proc ten times a
 second and charges each interval to what the process was doing then (Ray names its workers
@@ -279,11 +279,11 @@ class _PlainModel:
         from jobs.infer import schema
 
         now = dt.datetime.now(dt.timezone.utc)
-        results = self.predictor(list(batch["image"]))
-        rows = [schema.ok_row(r, image_uri=str(u), source_etag=None, source_size=None, width=img.shape[1],
-                              height=img.shape[0], model_name="plain", checkpoint_sha256="0" * 64, run_id="plain",
-                              processed_at=now)
-                for u, img, r in zip(batch["path"], batch["image"], results)]
+        sizes = [(int(h), int(w)) for h, w in zip(batch["height"], batch["width"])]
+        results = self.predictor(list(batch["image"]), output_sizes=sizes)  # masks at full size, as the job's
+        rows = [schema.ok_row(r, image_uri=str(u), source_etag=None, source_size=None, width=w, height=h,
+                              model_name="plain", checkpoint_sha256="0" * 64, run_id="plain", processed_at=now)
+                for u, (h, w), r in zip(batch["path"], sizes, results)]
         return schema.rows_to_table(rows)
 
 
@@ -291,9 +291,11 @@ def _plain_decode(batch, model_input=None):
     from jobs.infer.execute.decode import decode_for_model
 
     images = np.empty(len(batch["bytes"]), dtype=object)
+    sizes = np.zeros((len(images), 2), dtype=np.int64)
     for i, data in enumerate(batch["bytes"]):
-        images[i] = decode_for_model(data, model_input)[0]
-    return {"path": batch["path"], "image": images}
+        images[i], (w, h) = decode_for_model(data, model_input)  # the job's decode: sized, full size kept
+        sizes[i] = h, w
+    return {"path": batch["path"], "image": images, "height": sizes[:, 0], "width": sizes[:, 1]}
 
 
 def plain(image_dir: str, out: str, batch: int, decode: str, detections: int) -> tuple[float, dict, int]:
