@@ -27,16 +27,12 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
     activation between autocast's convolutions to fp32 (and back), tripling the memory traffic."""
 
     def forward(self, x: Tensor) -> Tensor:
-        # torchvision's operations, in its order, so fp32 results are bit-identical
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
-            scale, bias = scale.to(x.dtype), bias.to(x.dtype)
-        return x * scale + bias
+        if x.dtype != torch.float16 and x.dtype != torch.bfloat16:
+            return super().forward(x)  # torchvision's own arithmetic: fp32 results bit-identical
+        # torchvision's scale and shift (in fp32, its order), then in the input's dtype
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale.to(x.dtype) + bias.to(x.dtype)
 
 
 _RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101,

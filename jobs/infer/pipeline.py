@@ -76,9 +76,9 @@ DEFAULT_MAX_CONCURRENT_READS = 512
 # Result rows a part file holds at most (a part holds one shard's rows of one batch), and the
 # write tasks at once: parts of a few hundred rows keep the PUTs few and the shard merges cheap.
 WRITE_BATCH_ROWS = 256
+WRITE_TASKS = 4
 # Calls a GPU model actor runs at once (model_actor_options).
 OVERLAPPED_CALLS = 2
-WRITE_TASKS = 4
 
 
 
