@@ -8,6 +8,10 @@ import math
 import torch
 from torch import Tensor
 
+# whose inference arithmetic a model reproduces, step for step: torchvision's detection models
+# (the default) or Detectron2's GeneralizedRCNN (its checkpoints, mrcnn.detectron2)
+CONVENTIONS = ("torchvision", "detectron2")
+
 
 def full_precision(t: Tensor) -> Tensor:
     """``t`` in float32 if it is float16/bfloat16 (autocast's head outputs), otherwise ``t`` itself.

@@ -1,7 +1,11 @@
 """Anchor boxes for the RPN: one set of cell anchors per feature level, tiled over its grid."""
+import math
+from typing import Optional, Sequence
+
 import torch
 from torch import nn, Tensor
 
+from ._utils import CONVENTIONS
 from .image_list import ImageList
 
 
@@ -17,10 +21,20 @@ class AnchorGenerator(nn.Module):
     zero-centred and rounded to whole pixels; the stride of a level is the padded image size
     divided (integer division) by the feature map size. Anchors have the feature maps' dtype, but
     at least float32: float16/bfloat16 (autocast) would round them by up to 4 px at 1024-2048 px.
+
+    ``convention="detectron2"`` makes Detectron2's anchors: cell anchors not rounded (computed in
+    float64, then float32) and ordered size-major (every aspect ratio of the first size, then the
+    next size), and each level's stride given (``strides``, the backbone's: 4..64 for the FPN) where
+    torchvision divides sizes (61, not 64, for an 800-px image's 13-cell stride-64 map).
     """
 
-    def __init__(self, sizes=None, aspect_ratios=None):
+    def __init__(self, sizes=None, aspect_ratios=None, *, convention: str = "torchvision",
+                 strides: Optional[Sequence[int]] = None):
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        if (strides is None) != (convention == "torchvision"):
+            raise ValueError("strides are given for (and only for) the detectron2 convention")
         if sizes is None:
             sizes = DEFAULT_SIZES
         if aspect_ratios is None:
@@ -35,7 +49,12 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"sizes ({len(sizes)} levels) and aspect_ratios ({len(aspect_ratios)}) must match")
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
-        self.cell_anchors = [self.generate_anchors(s, a) for s, a in zip(sizes, aspect_ratios)]
+        self.convention = convention
+        self.strides = None if strides is None else tuple(int(v) for v in strides)
+        if self.strides is not None and len(self.strides) != len(sizes):
+            raise ValueError(f"strides ({len(self.strides)}) and sizes ({len(sizes)} levels) must match")
+        make = self.generate_anchors if convention == "torchvision" else detectron2_cell_anchors
+        self.cell_anchors = [make(s, a) for s, a in zip(sizes, aspect_ratios)]
 
     @staticmethod
     def generate_anchors(scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")) -> Tensor:
@@ -77,13 +96,28 @@ class AnchorGenerator(nn.Module):
         grid_sizes = [fm.shape[-2:] for fm in feature_maps]
         # fp32 at least: in bf16, neighbouring stride-4 anchors beyond 1024 px would coincide
         dtype, device = torch.promote_types(feature_maps[0].dtype, torch.float32), feature_maps[0].device
+        given = self.strides or [None] * len(grid_sizes)
         strides = [
             [
-                torch.empty((), dtype=torch.int64, device=device).fill_(padded_size[0] // g[0]),
-                torch.empty((), dtype=torch.int64, device=device).fill_(padded_size[1] // g[1]),
+                torch.empty((), dtype=torch.int64, device=device).fill_(s or padded_size[0] // g[0]),
+                torch.empty((), dtype=torch.int64, device=device).fill_(s or padded_size[1] // g[1]),
             ]
-            for g in grid_sizes
+            for g, s in zip(grid_sizes, given)
         ]
         cell_anchors = [a.to(dtype=dtype, device=device) for a in self.cell_anchors]
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides, cell_anchors))
         return [anchors for _ in image_list.image_sizes]
+
+
+def detectron2_cell_anchors(sizes, aspect_ratios) -> Tensor:
+    """Detectron2's zero-centred cell anchors (DefaultAnchorGenerator.generate_cell_anchors): for
+    each size, for each aspect ratio h/w, w = sqrt(size^2 / ratio) and h = ratio * w in float64,
+    then float32; not rounded."""
+    anchors = []
+    for size in sizes:
+        area = float(size) ** 2.0
+        for ratio in aspect_ratios:
+            w = math.sqrt(area / float(ratio))
+            h = float(ratio) * w
+            anchors.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return torch.tensor(anchors, dtype=torch.float32)

@@ -35,6 +35,26 @@ class FrozenBatchNorm2d(torchvision.ops.FrozenBatchNorm2d):
         return x * scale.to(x.dtype) + bias.to(x.dtype)
 
 
+class Detectron2FrozenBatchNorm2d(FrozenBatchNorm2d):
+    """The same buffers and keys, with Detectron2's inference arithmetic: its FrozenBatchNorm2d
+    runs ``F.batch_norm(training=False)`` on inputs without gradients (one fused op, other
+    rounding than torchvision's ``x * scale + shift``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad or x.dtype != torch.float32:
+            return super().forward(x)
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              training=False, eps=self.eps)
+
+
+def move_stride_to_1x1(module: nn.Module) -> None:
+    """Detectron2's ``STRIDE_IN_1X1`` (the MSRA ResNets its own weights use): each strided
+    bottleneck downsamples in its first 1x1 convolution, not in the 3x3 (torchvision's)."""
+    for block in module.modules():
+        if isinstance(block, resnet.Bottleneck) and block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 _RESNETS = {"resnet18": resnet.resnet18, "resnet50": resnet.resnet50, "resnet101": resnet.resnet101,
             "resnext101_32x8d": resnet.resnext101_32x8d}
 
@@ -121,6 +141,8 @@ def resnet_fpn_backbone(
         in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
         backbone.fpn = FeaturePyramidNetwork(in_channels, out_channels, LastLevelMaxPool(), fpn_norm_layer)
         backbone.out_channels = out_channels
+    # layer k has stride 2^(k+1); 'pool' halves the last
+    backbone.feature_strides = [2 ** (k + 1) for k in returned_layers] + [2 ** (returned_layers[-1] + 2)]
     return backbone
 
 
@@ -134,6 +156,7 @@ class ResNetSingleMap(nn.Module):
         self.body = body
         self.lateral = lateral
         self.out_channels = out_channels
+        self.feature_strides = [16 if "layer4" not in dict(body.named_children()) else 32]
 
     def forward(self, x):
         features = self.body(x)

@@ -1,6 +1,7 @@
 """Loading and saving Mask R-CNN weights without unpickling code.
 
-Two file kinds are read, from local paths or fsspec URIs (``s3://...``):
+Two file kinds are read, from local paths or fsspec URIs (``s3://...``), besides Detectron2's
+(:mod:`mrcnn.detectron2`, which ``load_model`` and ``read_metadata`` hand them to):
 
 - a torchvision-style Mask R-CNN or Keypoint R-CNN ``state_dict`` of any registered architecture
   (``mrcnn.registry``), including the published COCO files, whose older key names are remapped on
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from . import detectron2
 from .coco_categories import default_keypoint_names, default_keypoint_skeleton
 from .registry import build_model, detect_architecture, list_models, settings_from_keys
 from .weights_file import load_state_dict_file
@@ -37,6 +39,11 @@ _EPS0_COCO_FILES = ("maskrcnn_resnet50_fpn_coco-bf2d0c1e", "keypointrcnn_resnet5
 _DEFAULT_EPS_COCO_FILES = ("keypointrcnn_resnet50_fpn_coco-9f466800",)
 
 
+
+
+def _no_config(path: str, config) -> None:
+    if config is not None:
+        raise ValueError(f"{path}: a model config is for Detectron2 checkpoints; this file is not one")
 
 
 def _is_our_format(obj: Any) -> bool:
@@ -225,10 +232,15 @@ def _check_plain(value: Any, where: str) -> None:
     raise TypeError(f"{where}: {type(value).__name__} is not a plain value (str, number, bool, None, list, dict)")
 
 
-def read_metadata(path) -> dict:
-    """Metadata of a checkpoint; for a plain torchvision state_dict, what can be inferred from its keys."""
+def read_metadata(path, config=None) -> dict:
+    """Metadata of a checkpoint; for a plain torchvision state_dict, what can be inferred from its keys;
+    for a Detectron2 checkpoint, what it and its ``config`` (a Detectron2 YAML) say."""
     path = os.fspath(path)
-    state_dict, metadata = _unwrap(load_state_dict_file(path), path)
+    obj = detectron2.read_weights(path)
+    if detectron2.is_detectron2_checkpoint(obj):
+        return detectron2.read_metadata(path, config, obj=obj)
+    _no_config(path, config)
+    state_dict, metadata = _unwrap(obj, path)
     if metadata:
         return {"format": FORMAT, **metadata}
     return _torchvision_metadata(state_dict, path)
@@ -255,16 +267,23 @@ def _torchvision_metadata(state_dict: dict, path: str) -> dict:
     }
 
 
-def load_model(path, **overrides) -> nn.Module:
+def load_model(path, config=None, **overrides) -> nn.Module:
     """Build the model a checkpoint describes and load its weights (strict).
 
-    Accepts our format and plain torchvision state_dicts. ``overrides`` are builder keyword arguments
-    (e.g. ``box_score_thresh=0.5``, ``min_size=640``) that replace the recorded ones. The result
-    has ``model.class_names`` (None if the file does not say), a keypoint model's
-    ``model.keypoint_names``, and ``model.checkpoint_metadata``.
+    Accepts our format, plain torchvision state_dicts and Detectron2's checkpoints (``.pth``
+    from its DetectionCheckpointer, the model zoo's ``.pkl``; :mod:`mrcnn.detectron2`), the latter
+    with ``config``, the Detectron2 YAML the model was trained with (default: Detectron2's
+    defaults). ``overrides`` are builder keyword arguments (e.g. ``box_score_thresh=0.5``,
+    ``min_size=640``) that replace the recorded ones. The result has ``model.class_names``
+    (None if the file does not say), a keypoint model's ``model.keypoint_names``, and
+    ``model.checkpoint_metadata``.
     """
     path = os.fspath(path)
-    state_dict, metadata = _unwrap(load_state_dict_file(path), path)
+    obj = detectron2.read_weights(path)
+    if detectron2.is_detectron2_checkpoint(obj):
+        return detectron2.load_detectron2_model(path, config, obj=obj, **overrides)
+    _no_config(path, config)
+    state_dict, metadata = _unwrap(obj, path)
     if metadata:
         architecture = metadata.get("architecture")
         kwargs = dict(metadata.get("builder_kwargs", {}))

@@ -10,10 +10,13 @@ from typing import Optional
 import torch
 from torch import nn, Tensor
 
+from ._utils import CONVENTIONS
 from .anchors import AnchorGenerator
 from .backbone import (
     DEFAULT_RETURNED_LAYERS,
+    Detectron2FrozenBatchNorm2d,
     FrozenBatchNorm2d,
+    move_stride_to_1x1,
     normalize_returned_layers,
     resnet_c4_backbone,
     resnet_c5_backbone,
@@ -34,7 +37,7 @@ from .roi_heads import (
     TwoMLPHead,
 )
 from .rpn import RegionProposalNetwork, RPNHead
-from .transform import MASK_OUTPUTS, GeneralizedRCNNTransform
+from .transform import MASK_OUTPUTS, Detectron2Transform, GeneralizedRCNNTransform
 
 __all__ = ["MaskRCNN", "mask_branch"]
 
@@ -69,6 +72,13 @@ class MaskRCNN(nn.Module):
     poolers' operator: ``roi_align_legacy``, torchvision's; ``roi_align``, ``roi_warp``,
     ``roi_pool``), ``mask_loss`` (``sigmoid`` per class, the paper's; ``softmax`` over classes)
     and ``mask_head_type`` (the default mask head: ``fcn``, four 3x3 convs; ``mlp``, fc layers).
+
+    ``convention="detectron2"`` (inference only) reproduces Detectron2's ``GeneralizedRCNN``
+    arithmetic for weights converted from its checkpoints (:mod:`mrcnn.detectron2`):
+    :class:`~mrcnn.transform.Detectron2Transform` (``input_format``, "BGR" by default, and
+    mean/std in 0..255 units), its anchors and RPN filtering, ROIAlignV2 (aligned, adaptive
+    sampling) with its level assignment, no tiny-box filter, its ``detector_postprocess`` and
+    grid_sample mask paste; ``rpn_min_size`` is its RPN.MIN_SIZE.
     """
 
     def __init__(
@@ -117,10 +127,20 @@ class MaskRCNN(nn.Module):
         roi_pooler: str = "roi_align_legacy",
         mask_loss: str = "sigmoid",
         mask_head_type: str = "fcn",
+        convention: str = "torchvision",
+        input_format: Optional[str] = None,
+        rpn_min_size: Optional[float] = None,
         # the mask branch: off in KeypointRCNN, which builds its keypoint branch instead
         _with_masks: bool = True,
     ):
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        detectron2 = convention == "detectron2"
+        if input_format is None:
+            input_format = "BGR" if detectron2 else "RGB"
+        if not detectron2 and (input_format != "RGB" or rpn_min_size is not None):
+            raise ValueError("input_format and rpn_min_size are settings of the detectron2 convention")
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone should have an out_channels attribute (channels of every feature map)")
         if not _with_masks:
@@ -136,7 +156,7 @@ class MaskRCNN(nn.Module):
         out_channels = backbone.out_channels
 
         if rpn_anchor_generator is None:
-            rpn_anchor_generator = AnchorGenerator(rpn_anchor_sizes, rpn_aspect_ratios)
+            rpn_anchor_generator = anchor_generator(rpn_anchor_sizes, rpn_aspect_ratios, convention, backbone)
         elif rpn_anchor_sizes is not None or rpn_aspect_ratios is not None:
             raise ValueError("give rpn_anchor_generator or rpn_anchor_sizes/rpn_aspect_ratios, not both")
         if rpn_head is None:
@@ -152,17 +172,19 @@ class MaskRCNN(nn.Module):
             dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
             rpn_nms_thresh,
             score_thresh=rpn_score_thresh,
+            convention=convention,
+            min_size=rpn_min_size,
         )
 
         if box_roi_pool is None:
-            box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2, pooler=roi_pooler)
+            box_roi_pool = roi_pool(["0", "1", "2", "3"], 7, roi_pooler, convention)
         if box_head is None:
             resolution = box_roi_pool.output_size[0]
             box_head = TwoMLPHead(out_channels * resolution**2, 1024)
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(1024, num_classes)
         if mask_roi_pool is None and _with_masks:
-            mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2, pooler=roi_pooler)
+            mask_roi_pool = roi_pool(["0", "1", "2", "3"], 14, roi_pooler, convention)
         if mask_head_type not in MASK_HEADS:
             raise ValueError(f"mask_head_type must be one of {MASK_HEADS}, got {mask_head_type!r}")
         if mask_head_type == "mlp":
@@ -192,6 +214,7 @@ class MaskRCNN(nn.Module):
             mask_head=mask_head,
             mask_predictor=mask_predictor,
             mask_loss=mask_loss,
+            convention=convention,
         )
 
         if image_mean is None:
@@ -199,7 +222,12 @@ class MaskRCNN(nn.Module):
         if image_std is None:
             image_std = [0.229, 0.224, 0.225]
         # same attribute order as torchvision's GeneralizedRCNN, so state_dicts line up key for key
-        self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean, image_std, size_divisible)
+        if detectron2:
+            self.transform = Detectron2Transform(min_size, max_size, image_mean, image_std, size_divisible,
+                                                 input_format)
+        else:
+            self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean, image_std, size_divisible)
+        self.convention = convention
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
@@ -235,6 +263,10 @@ class MaskRCNN(nn.Module):
         }
         switches = {"roi_pooler": roi_pooler, "mask_loss": mask_loss, "mask_head_type": mask_head_type}
         self.builder_kwargs.update({k: v for k, v in switches.items() if v != SWITCH_DEFAULTS[k]})
+        if detectron2:  # recorded only when set: older readers know the torchvision convention
+            self.builder_kwargs.update(convention=convention, input_format=input_format)
+            if rpn_min_size is not None:
+                self.builder_kwargs["rpn_min_size"] = float(rpn_min_size)
 
     # the RoI poolers the FPN builders make for fewer pyramid levels, and their output sizes
     ROI_POOL_SIZES = {"box_roi_pool": 7, "mask_roi_pool": 14}
@@ -326,6 +358,32 @@ class MaskRCNN(nn.Module):
         )
 
 
+def anchor_generator(sizes, aspect_ratios, convention: str, backbone: nn.Module) -> AnchorGenerator:
+    """The RPN's anchors; Detectron2's take the backbone's feature strides."""
+    if convention == "torchvision":
+        return AnchorGenerator(sizes, aspect_ratios)
+    return AnchorGenerator(sizes, aspect_ratios, convention=convention, strides=backbone.feature_strides)
+
+
+def roi_pool(names: list[str], size: int, pooler: str, convention: str) -> MultiScaleRoIAlign:
+    """An RoI pooler over feature maps ``names``: torchvision's (2 x 2 samples a bin) or
+    Detectron2's (adaptive sampling, its POOLER_SAMPLING_RATIO 0)."""
+    return MultiScaleRoIAlign(names, output_size=size, sampling_ratio=2 if convention == "torchvision" else 0,
+                              pooler=pooler, convention=convention)
+
+
+def _convention_settings(kwargs: dict, recipe: str) -> tuple[str, bool, type]:
+    """(convention, stride_in_1x1, frozen norm layer) of a builder's settings, taken out of them."""
+    convention = kwargs.get("convention", "torchvision")
+    stride_in_1x1 = bool(kwargs.pop("stride_in_1x1", False))
+    if convention == "detectron2":
+        if recipe not in ("v1", "c4"):
+            raise ValueError(f"the detectron2 convention is for the v1 FPN and C4 architectures, not the {recipe} recipe")
+        kwargs.setdefault("roi_pooler", "roi_align")  # its ROIAlignV2
+        return convention, stride_in_1x1, Detectron2FrozenBatchNorm2d
+    return convention, stride_in_1x1, FrozenBatchNorm2d
+
+
 # ---- the FPN architectures ------------------------------------------------------------------
 
 SMALL_CHANNELS = 128  # FPN and head width of maskrcnn_resnet18_fpn_small
@@ -362,12 +420,13 @@ def _fpn_builder(body: str, recipe: str, model_class=None):
               **kwargs) -> MaskRCNN:
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
         returned_layers = normalize_returned_layers(returned_layers)
+        convention, stride_in_1x1, frozen_norm = _convention_settings(kwargs, recipe)
         pooler = kwargs.get("roi_pooler", "roi_align_legacy")
         if len(returned_layers) < 4:
             # RoIs are pooled from the FPN levels the backbone has ('pool' is for the RPN only)
             names = [str(i) for i in range(len(returned_layers))]
             for key, size in model_class.ROI_POOL_SIZES.items():
-                kwargs.setdefault(key, MultiScaleRoIAlign(names, output_size=size, sampling_ratio=2, pooler=pooler))
+                kwargs.setdefault(key, roi_pool(names, size, pooler, convention))
         if recipe != "v1":
             # these build their own RPN head, which needs the anchor count
             anchor_generator = AnchorGenerator(kwargs.pop("rpn_anchor_sizes", None), kwargs.pop("rpn_aspect_ratios", None))
@@ -406,11 +465,15 @@ def _fpn_builder(body: str, recipe: str, model_class=None):
         else:
             # torchvision trains BatchNorm when starting from scratch and freezes it otherwise
             backbone = resnet_fpn_backbone(body, weights_backbone=weights_backbone,
-                                           norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
+                                           norm_layer=frozen_norm if is_trained else nn.BatchNorm2d,
                                            trainable_layers=trainable, returned_layers=returned_layers)
+        if stride_in_1x1:
+            move_stride_to_1x1(backbone)
         model = model_class(backbone, num_classes=num_classes, **kwargs)
         if returned_layers != DEFAULT_RETURNED_LAYERS:  # recorded only when set: older readers know the default
             model.builder_kwargs["returned_layers"] = returned_layers
+        if stride_in_1x1:
+            model.builder_kwargs["stride_in_1x1"] = True
         return model
 
     return build
@@ -495,18 +558,22 @@ def _single_map_builder(body: str, stage: int):
         if stage == 4 and kwargs.get("mask_head_type", "fcn") != "fcn":
             raise ValueError(f"{name}'s mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
-        norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+        convention, stride_in_1x1, frozen_norm = _convention_settings(kwargs, f"C{stage}" if stage == 5 else "c4")
+        norm_layer = frozen_norm if is_trained else nn.BatchNorm2d
         sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
         if all(isinstance(s, int) for s in sizes):
             sizes = [list(sizes)]  # a flat list: all of them on the one map
-        anchor_generator = AnchorGenerator(sizes, kwargs.pop("rpn_aspect_ratios", None))
-        if len(anchor_generator.sizes) != 1:
+        ratios = kwargs.pop("rpn_aspect_ratios", None)
+        if len(sizes) != 1:
             raise ValueError(f"{name} has one feature map: rpn_anchor_sizes should be one list of sizes, "
-                             f"got {len(anchor_generator.sizes)} levels")
+                             f"got {len(sizes)} levels")
         pooler = kwargs.get("roi_pooler", "roi_align_legacy")
         if stage == 4:
             backbone, res5 = resnet_c4_backbone(body, weights_backbone=weights_backbone, norm_layer=norm_layer,
                                                 trainable_layers=trainable)
+            if stride_in_1x1:
+                move_stride_to_1x1(backbone)
+                move_stride_to_1x1(res5)
             width = 2 * backbone.out_channels  # res5's output channels
             box_pooled = mask_pooled = C4_POOLED
             # the same res5 module (one set of weights, listed under both heads in the state_dict);
@@ -523,18 +590,22 @@ def _single_map_builder(body: str, stage: int):
                                           trainable_layers=trainable, out_channels=out, lateral_norm_layer=_group_norm)
             box_pooled, mask_pooled = C5_POOLED["box"], C5_POOLED["mask"]
             heads = MaskRCNN.small_second_stage(out, num_classes, kwargs)
+        generator = anchor_generator(sizes, ratios, convention, backbone)
         kwargs = {
             # Detectron's C4 proposal counts: the one level holds what the FPN spreads over five
             "rpn_pre_nms_top_n_train": 12000,
             "rpn_pre_nms_top_n_test": 6000,
-            "rpn_anchor_generator": anchor_generator,
-            "rpn_head": RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
-            "box_roi_pool": MultiScaleRoIAlign(["0"], output_size=box_pooled, sampling_ratio=2, pooler=pooler),
-            "mask_roi_pool": MultiScaleRoIAlign(["0"], output_size=mask_pooled, sampling_ratio=2, pooler=pooler),
+            "rpn_anchor_generator": generator,
+            "rpn_head": RPNHead(backbone.out_channels, generator.num_anchors_per_location()[0]),
+            "box_roi_pool": roi_pool(["0"], box_pooled, pooler, convention),
+            "mask_roi_pool": roi_pool(["0"], mask_pooled, pooler, convention),
             **heads,
             **kwargs,
         }
-        return MaskRCNN(backbone, num_classes=None, **kwargs)
+        model = MaskRCNN(backbone, num_classes=None, **kwargs)
+        if stride_in_1x1:  # recorded only when set: older readers know the default
+            model.builder_kwargs["stride_in_1x1"] = True
+        return model
 
     return build
 

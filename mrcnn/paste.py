@@ -38,7 +38,7 @@ from torch import Tensor
 from .ops._registration import ops
 from .rle import rle_from_transitions, window_transitions
 
-__all__ = ["paste_masks", "paste_masks_to_rle", "rle_area"]
+__all__ = ["paste_masks", "paste_masks_to_rle", "rle_area", "paste_masks_grid", "paste_masks_grid_to_rle"]
 
 # Torchvision's padding of the M x M mask before resizing (paste_masks_in_image(padding=1)).
 _PADDING = 1
@@ -424,3 +424,101 @@ def rle_area(rles: list[dict]) -> np.ndarray:
 
     encoded = [{"size": r["size"], "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]} for r in rles]
     return np.asarray(mask_util.area(encoded), dtype=np.int64).reshape(-1)
+
+
+# ---- Detectron2's paste ---------------------------------------------------------------------
+# Detectron2 (layers/mask_ops.py, paste_masks_in_image) pastes with grid_sample, not a resize:
+# image pixel (x, y) samples the M x M probabilities at ((x + 0.5 - x0) / (x1 - x0) * 2 - 1, ...)
+# (align_corners=False, zeros outside), within [floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1,
+# ceil(y1) + 1) clipped to the image, and a pixel is set when its value is >= the threshold.
+# Each pixel's value depends on its own coordinates only, so detections are computed together
+# in shared tiles (grouped as torchvision's paste above), each masked to its own window.
+
+_GRID_BYTES_PER_ELEM = 24  # grid (2 floats), sampled value, window mask, bits
+
+
+def _grid_windows(boxes: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(xs, ys, xe, ye) int64: each detection's window as Detectron2's CPU paste computes it."""
+    H, W = image_size
+    x0, y0, x1, y1 = boxes.unbind(1)
+    xs = (x0.floor() - 1).clamp(min=0).to(torch.int64)
+    ys = (y0.floor() - 1).clamp(min=0).to(torch.int64)
+    xe = (x1.ceil() + 1).clamp(max=W).to(torch.int64)
+    ye = (y1.ceil() + 1).clamp(max=H).to(torch.int64)
+    return xs, ys, torch.maximum(xe, xs), torch.maximum(ye, ys)
+
+
+def _paste_grid_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], budget_bytes: int,
+                      write: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], None]) -> None:
+    """Sample every detection over its window; ``write(det, oy, ox, rows, cols, values)`` gets a
+    band of a group's tiles: detection indices (K,), tile origins (K,), image rows (K, TB), image
+    columns (K, TW) and float32 values (K, TB, TW), 0 outside each detection's window."""
+    H, W = image_size
+    xs, ys, xe, ye = _grid_windows(boxes, image_size)
+    hc, wc = torch.stack((ye - ys, xe - xs)).cpu().numpy()
+    budget = max(1, budget_bytes // _GRID_BYTES_PER_ELEM)
+    for idx, th, tw, tb in plan_tiles(hc, wc, budget):
+        det = _to_device(idx, masks.device)
+        x0, y0, x1, y1 = (c[:, None] for c in boxes[det].unbind(1))
+        oy = ys[det].clamp(max=H - th)
+        ox = xs[det].clamp(max=W - tw)
+        cols = ox[:, None] + torch.arange(tw, device=masks.device)
+        gx = (cols.to(torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        col_in = (cols >= xs[det, None]) & (cols < xe[det, None])
+        for b0 in range(0, th, tb):
+            n = min(tb, th - b0)
+            rows = oy[:, None] + torch.arange(b0, b0 + n, device=masks.device)
+            gy = (rows.to(torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+            grid = torch.stack((gx[:, None, :].expand(-1, n, -1), gy[:, :, None].expand(-1, -1, tw)), dim=3)
+            val = F.grid_sample(masks[det, None], grid, align_corners=False)[:, 0]
+            row_in = (rows >= ys[det, None]) & (rows < ye[det, None])
+            val = torch.where(row_in[:, :, None] & col_in[:, None, :], val, torch.zeros((), device=val.device))
+            write(det, oy, ox, rows, cols, val, b0, th)
+
+
+def paste_masks_grid(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], *, threshold: Optional[float] = None,
+                     tile_budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES) -> Tensor:
+    """Detectron2's ``paste_masks_in_image``: float32 N x 1 x H x W values (0 outside each
+    detection's window), or with ``threshold`` the bool masks ``values >= threshold``, equal to
+    Detectron2's on CPU and (the thresholded ones) on CUDA."""
+    masks, boxes, (H, W) = _prepare(masks, boxes, image_size)
+    out = torch.zeros((masks.shape[0], H, W), dtype=torch.float32 if threshold is None else torch.bool,
+                      device=masks.device)
+
+    def write(det, oy, ox, rows, cols, val, b0, th):
+        out[det[:, None, None], rows[:, :, None], cols[:, None, :]] = val if threshold is None else val >= threshold
+
+    if masks.shape[0]:
+        _paste_grid_tiles(masks, boxes, (H, W), tile_budget_bytes, write)
+    return out[:, None]
+
+
+def paste_masks_grid_to_rle(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], *, threshold: float = 0.5,
+                            tile_budget_bytes: int = DEFAULT_TILE_BUDGET_BYTES, return_areas: bool = False):
+    """COCO compressed RLE of ``paste_masks_grid(masks, boxes, image_size, threshold=threshold)``,
+    byte-identical to ``pycocotools.mask.encode`` of it, from the detections' windows alone (as
+    :func:`paste_masks_to_rle`); with ``return_areas`` also their pixel counts."""
+    masks, boxes, (H, W) = _prepare(masks, boxes, image_size)
+    N = masks.shape[0]
+    found: list[tuple[Tensor, Tensor]] = []
+    tile: dict = {}
+
+    def write(det, oy, ox, rows, cols, val, b0, th):
+        if b0 == 0:
+            tile.update(bits=torch.zeros((len(det), cols.shape[1], th), dtype=torch.bool, device=masks.device))
+        tile["bits"][:, :, b0 : b0 + val.shape[1]] = (val >= threshold).transpose(1, 2)
+        if b0 + val.shape[1] == th:  # the group's last band
+            k, flat = window_transitions(tile.pop("bits"), oy, ox, (H, W))
+            found.append((det[k], flat))
+
+    if N:
+        _paste_grid_tiles(masks, boxes, (H, W), tile_budget_bytes, write)
+    if found:
+        det = torch.cat([d for d, _ in found])
+        flat = torch.cat([f for _, f in found])
+        order = torch.argsort(det * (H * W) + flat)
+        det, flat = torch.stack((det, flat))[:, order].cpu().numpy()
+    else:
+        det = flat = np.zeros(0, dtype=np.int64)
+    rles, areas = rle_from_transitions(det, flat, N, (H, W), return_areas=True)
+    return (rles, areas) if return_areas else rles

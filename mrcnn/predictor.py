@@ -22,12 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from .coco_categories import COCO_CATEGORY_NAMES, default_keypoint_names, label_names
-from .paste import paste_masks, paste_masks_to_rle, rle_area, rle_chunk_size
+from .paste import (paste_masks, paste_masks_grid, paste_masks_grid_to_rle, paste_masks_to_rle, rle_area,
+                    rle_chunk_size)
 
 __all__ = ["Predictor", "Started", "MASK_FORMATS", "native_bf16_cpu"]
 
 MASK_FORMATS = ("rle", "bool")
 MASK_THRESHOLD = 0.5
+# (to RLE, to bool) pastes of a model's convention: torchvision's resize (> threshold) or
+# Detectron2's grid_sample (>= threshold)
+PASTES = {"torchvision": (paste_masks_to_rle, paste_masks), "detectron2": (paste_masks_grid_to_rle, paste_masks_grid)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 
 
@@ -56,7 +60,7 @@ class Predictor:
     may differ) and returns, per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
     ``scores`` float32 (N,), ``label_names`` list[str], and for a mask model ``areas`` int64
     (N,) mask pixel counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being
-    probability > 0.5; for a keypoint model (Keypoint R-CNN) ``keypoints`` float32 (N, K, 3):
+    probability > 0.5 (>= 0.5 for a Detectron2 model, as Detectron2 pastes); for a keypoint model (Keypoint R-CNN) ``keypoints`` float32 (N, K, 3):
     x, y in pixels and the keypoint's score, in the order of ``predictor.keypoint_names``.
     """
 
@@ -94,6 +98,7 @@ class Predictor:
                 raise ValueError("max_detections must be >= 1 and the model must have roi_heads.detections_per_img")
             model.roi_heads.detections_per_img = int(max_detections)
         self.model = model
+        self.convention = getattr(model, "convention", "torchvision")  # whose mask paste (PASTES)
         self.num_classes = _num_classes(model)
         if class_names is None:
             class_names = getattr(model, "class_names", None)
@@ -111,15 +116,17 @@ class Predictor:
         self._threads = threading.local()
 
     @classmethod
-    def from_checkpoint(cls, path_or_uri, device=None, *, model_overrides: Optional[dict] = None, **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path_or_uri, device=None, *, config=None, model_overrides: Optional[dict] = None,
+                        **kwargs) -> "Predictor":
         """Load a checkpoint (local path or fsspec URI) with :func:`mrcnn.checkpoint.load_model`.
 
         Class names and the score threshold come from the checkpoint's metadata unless
-        given in ``kwargs``; ``model_overrides`` go to the model builder (e.g. ``min_size``).
+        given in ``kwargs``; ``config`` is a Detectron2 checkpoint's YAML config;
+        ``model_overrides`` go to the model builder (e.g. ``min_size``).
         """
         from .checkpoint import load_model
 
-        model = load_model(path_or_uri, **(model_overrides or {}))
+        model = load_model(path_or_uri, config, **(model_overrides or {}))
         kwargs.setdefault("class_names", getattr(model, "class_names", None))
         return cls(model, device=device, **kwargs)
 
@@ -295,11 +302,11 @@ class Predictor:
         with torch.autocast(self.device.type, enabled=False):
             if raw:
                 # N x 1 x 28 x 28 probabilities and boxes in image pixels: paste them here.
+                to_rle, to_bool = PASTES[self.convention]
                 if self.mask_format == "rle":
-                    mask_out, areas = paste_masks_to_rle(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD,
-                                                         return_areas=True)
+                    mask_out, areas = to_rle(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD, return_areas=True)
                 else:
-                    mask_out = paste_masks(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)[:, 0].cpu().numpy()
+                    mask_out = to_bool(masks.float(), boxes, image_size, threshold=MASK_THRESHOLD)[:, 0].cpu().numpy()
                     areas = mask_out.sum(axis=(1, 2), dtype=np.int64)
             else:
                 # torchvision already pasted float probabilities N x 1 x H x W.

@@ -16,7 +16,7 @@ from torch import nn, Tensor
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
-from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
+from ._utils import CONVENTIONS, BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
 from .ops._registration import ops as raw_ops
 
 DEFAULT_BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box coder's (wx, wy, ww, wh), torchvision's
@@ -315,8 +315,13 @@ class RoIHeads(nn.Module):
         keypoint_roi_pool: Optional[nn.Module] = None,
         keypoint_head: Optional[nn.Module] = None,
         keypoint_predictor: Optional[nn.Module] = None,
+        *,
+        convention: str = "torchvision",
     ):
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        self.convention = convention
         if mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
         self.mask_loss = mask_loss
@@ -407,7 +412,9 @@ class RoIHeads(nn.Module):
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         """Softmax, per-class decode, clip, drop background, score > thresh, drop tiny boxes,
-        per-class NMS, and keep the ``detections_per_img`` best."""
+        per-class NMS, and keep the ``detections_per_img`` best. ``convention="detectron2"``
+        (its ``fast_rcnn_inference``): RoIs with a non-finite box or score dropped first, and no
+        tiny-box filter."""
         device = class_logits.device
         num_classes = class_logits.shape[-1]
         boxes_per_image = [p.shape[0] for p in proposals]
@@ -418,6 +425,9 @@ class RoIHeads(nn.Module):
         for boxes, scores, image_shape in zip(
             pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
         ):
+            if self.convention == "detectron2":
+                valid = torch.isfinite(boxes).flatten(1).all(dim=1) & torch.isfinite(scores).all(dim=1)
+                boxes, scores = boxes[valid], scores[valid]
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
             labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
 
@@ -428,8 +438,9 @@ class RoIHeads(nn.Module):
 
             inds = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            if self.convention == "torchvision":
+                keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
             keep = keep[: self.detections_per_img]
             all_boxes.append(boxes[keep])

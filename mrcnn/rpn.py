@@ -6,7 +6,7 @@ from torch import nn, Tensor
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation, boxes as box_ops
 
-from ._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
+from ._utils import CONVENTIONS, BalancedPositiveNegativeSampler, BoxCoder, Matcher, full_precision
 from .anchors import AnchorGenerator
 from .image_list import ImageList
 
@@ -72,6 +72,9 @@ class RegionProposalNetwork(nn.Module):
     Per level: top ``pre_nms_top_n`` anchors by objectness logit. Then sigmoid, clip to the image,
     drop boxes smaller than 1e-3, drop scores below ``score_thresh``, NMS per level at ``nms_thresh``,
     and keep the best ``post_nms_top_n`` over all levels. The counts differ in training and eval.
+    ``convention="detectron2"`` filters as Detectron2's ``find_top_rpn_proposals``: non-finite
+    boxes and logits dropped, clip, keep boxes wider and taller than ``min_size`` (its MIN_SIZE,
+    default 0), NMS on the logits themselves (sigmoid can round distinct logits to one score).
     Under autocast the head's convolutions run in float16/bfloat16, but its outputs are cast to
     float32 and anchors are float32: decoding, top-k, sigmoid, clipping, NMS and the proposals are fp32.
     """
@@ -88,8 +91,14 @@ class RegionProposalNetwork(nn.Module):
         post_nms_top_n: dict[str, int],
         nms_thresh: float,
         score_thresh: float = 0.0,
+        *,
+        convention: str = "torchvision",
+        min_size: Optional[float] = None,
     ):
         super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        self.convention = convention
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -99,7 +108,7 @@ class RegionProposalNetwork(nn.Module):
         self._post_nms_top_n = post_nms_top_n
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
-        self.min_size = 1e-3
+        self.min_size = (1e-3 if convention == "torchvision" else 0.0) if min_size is None else float(min_size)
 
     def pre_nms_top_n(self) -> int:
         return self._pre_nms_top_n["training" if self.training else "testing"]
@@ -153,6 +162,8 @@ class RegionProposalNetwork(nn.Module):
         objectness = objectness[batch_idx, top_n_idx]
         levels = levels[batch_idx, top_n_idx]
         proposals = proposals[batch_idx, top_n_idx]
+        if self.convention == "detectron2":
+            return self._filter_detectron2(proposals, objectness, levels, image_shapes)
         objectness_prob = torch.sigmoid(objectness)
 
         final_boxes, final_scores = [], []
@@ -165,6 +176,20 @@ class RegionProposalNetwork(nn.Module):
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)
             keep = keep[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
+    def _filter_detectron2(self, proposals, logits, levels, image_shapes):
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, img_shape in zip(proposals, logits, levels, image_shapes):
+            valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
+            boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
+            size = boxes[:, 2:] - boxes[:, :2]
+            keep = ((size[:, 0] > self.min_size) & (size[:, 1] > self.min_size))
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
             final_boxes.append(boxes[keep])
             final_scores.append(scores[keep])
         return final_boxes, final_scores

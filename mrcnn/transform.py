@@ -1,18 +1,22 @@
 """Input normalisation, resizing and batching, and mapping detections back to the input images.
 
-Matches torchvision's GeneralizedRCNNTransform, so identical weights see identical tensors.
+:class:`GeneralizedRCNNTransform` matches torchvision's, so identical weights see identical
+tensors; :class:`Detectron2Transform` is Detectron2's ``DefaultPredictor`` input path and its
+``detector_postprocess``, for the models converted from its checkpoints.
 """
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn, Tensor
 from torch.nn import functional as F
 
 from .image_list import ImageList
-from .paste import paste_masks
+from .paste import paste_masks, paste_masks_grid
 
 MASK_OUTPUTS = ("probs", "binary", "raw")
+INPUT_FORMATS = ("RGB", "BGR")  # the channel order a model's first convolution reads
 
 
 def resize_image_and_masks(
@@ -162,3 +166,106 @@ class GeneralizedRCNNTransform(nn.Module):
             f"{self.__class__.__name__}(\n    Normalize(mean={self.image_mean}, std={self.image_std})\n"
             f"    Resize(min_size={self.min_size}, max_size={self.max_size}, mode='bilinear')\n)"
         )
+
+
+def detectron2_resized_size(h: int, w: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """(h, w) after Detectron2's ResizeShortestEdge: in float64, the short side to ``short_edge``
+    unless the long side would pass ``max_size``, then rounded half up."""
+    size = short_edge * 1.0
+    scale = size / min(h, w)
+    newh, neww = (size, scale * w) if h < w else (scale * h, size)
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+class Detectron2Transform(nn.Module):
+    """Detectron2's inference input and output path, step for step (``DefaultPredictor`` and
+    ``GeneralizedRCNN.inference``):
+
+    - the image as uint8 (float inputs in 0..1 are taken back to their uint8 values, exact for
+      the Predictor's ``x / 255``), resized by ``ResizeShortestEdge(min_size, max_size)`` with
+      Pillow's bilinear filter on the host (``min_size`` 0: not resized);
+    - float32 in the model's ``input_format`` channel order ("BGR" for Detectron2's own
+      weights), ``(x - image_mean) / image_std`` with mean and std in 0..255 units, zero-padded
+      at the bottom/right to a multiple of ``size_divisible`` (its backbone's: 32 for the FPN,
+      none, 0, for C4);
+    - ``detector_postprocess``: boxes scaled to the input size by Python-float ratios, clipped
+      to it, boxes with no width or height dropped, masks pasted by ``paste_masks_grid``
+      (grid_sample; "binary" is values >= 0.5).
+
+    Inference only: Detectron2-convention models are not trained here.
+    """
+
+    def __init__(self, min_size, max_size: int, image_mean: list[float], image_std: list[float],
+                 size_divisible: int = 32, input_format: str = "BGR"):
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
+        self.max_size = max_size
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.size_divisible = size_divisible
+        self.input_format = input_format
+
+    def forward(self, images: list[Tensor], targets=None) -> tuple[ImageList, None]:
+        if targets is not None or self.training:
+            raise ValueError("a Detectron2-convention model runs inference only (train with the torchvision recipe)")
+        resized = [self.resize(image, i) for i, image in enumerate(images)]
+        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        return ImageList(self.batch_images([self.normalize(img) for img in resized]), image_sizes), None
+
+    def resize(self, image: Tensor, index: int = 0) -> Tensor:
+        """The image's uint8 values resized on the host (Pillow, as Detectron2), back on its device as
+        float32 C x H x W in the model's channel order."""
+        from PIL import Image
+
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"images are expected to be 3 x H x W, got shape {list(image.shape)} at index {index}")
+        if image.is_floating_point():
+            image = (image * 255.0).round_().clamp_(0, 255)
+        hwc = image.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        h, w = hwc.shape[:2]
+        if self.min_size[-1] > 0:
+            newh, neww = detectron2_resized_size(h, w, self.min_size[-1], self.max_size)
+            hwc = np.asarray(Image.fromarray(np.ascontiguousarray(hwc)).resize((neww, newh), Image.BILINEAR))
+        chw = torch.from_numpy(hwc.astype("float32").transpose(2, 0, 1))
+        if self.input_format == "BGR":
+            chw = chw.flip(0)
+        return chw.to(image.device)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+        return (image - mean) / std
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        stride = max(1, self.size_divisible)  # Detectron2's C4 backbone asks for none (0)
+        height = -(-max(img.shape[1] for img in images) // stride) * stride
+        width = -(-max(img.shape[2] for img in images) // stride) * stride
+        batched = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for i, img in enumerate(images):
+            batched[i, :, : img.shape[1], : img.shape[2]].copy_(img)
+        return batched
+
+    def postprocess(self, result: list[dict[str, Tensor]], image_shapes, original_image_sizes,
+                    mask_output: str = "probs") -> list[dict[str, Tensor]]:
+        if mask_output not in MASK_OUTPUTS:
+            raise ValueError(f"mask_output must be one of {MASK_OUTPUTS}, got {mask_output!r}")
+        out = []
+        for pred, (h, w), (oh, ow) in zip(result, image_shapes, original_image_sizes):
+            boxes = pred["boxes"].clone()
+            boxes[:, 0::2] *= ow / w
+            boxes[:, 1::2] *= oh / h
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=ow)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=oh)
+            keep = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
+            pred = {k: v[keep] for k, v in pred.items()}
+            pred["boxes"] = boxes[keep]
+            if "masks" in pred and mask_output != "raw":
+                threshold = 0.5 if mask_output == "binary" else None
+                pred["masks"] = paste_masks_grid(pred["masks"], pred["boxes"], (oh, ow), threshold=threshold)
+            out.append(pred)
+        return out

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.utils import _pair
 
+from .._utils import CONVENTIONS
 from ._registration import ops
 from .roi_align import boxes_to_rois
 from .roi_warp import quantize_rois
@@ -27,20 +28,26 @@ POOLERS = ("roi_align_legacy", "roi_align", "roi_warp", "roi_pool")
 
 
 class LevelMapper:
-    """FPN level of each box, Eq. (1) of Lin et al. (2017), as torchvision computes it."""
+    """FPN level of each box, Eq. (1) of Lin et al. (2017), as torchvision computes it:
+    floor(4 + log2(s / 224) + 1e-6); with ``convention="detectron2"`` as Detectron2's
+    ``assign_boxes_to_levels``: floor(4 + log2(s / 224 + 1e-8))."""
 
     def __init__(self, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, convention: str = "torchvision"):
         self.k_min = k_min
         self.k_max = k_max
         self.s0 = canonical_scale
         self.lvl0 = canonical_level
         self.eps = eps
+        self.convention = convention
 
     def __call__(self, boxes: List[Tensor]) -> Tensor:
         cat = torch.cat(boxes, dim=0)
         s = torch.sqrt((cat[:, 2] - cat[:, 0]) * (cat[:, 3] - cat[:, 1]))
-        target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
+        if self.convention == "detectron2":
+            target = torch.floor(self.lvl0 + torch.log2(s / self.s0 + 1e-8))
+        else:
+            target = torch.floor(self.lvl0 + torch.log2(s / self.s0) + torch.tensor(self.eps, dtype=s.dtype))
         target = torch.clamp(target, min=self.k_min, max=self.k_max)
         return target.to(torch.int64) - self.k_min
 
@@ -59,8 +66,10 @@ def _symbolic_tracing() -> bool:
         return is_fx_symbolic_tracing()
 
 
-def _level_mapper(scales: List[float], canonical_scale: int, canonical_level: int) -> LevelMapper:
-    return LevelMapper(int(-_log2(scales[0])), int(-_log2(scales[-1])), canonical_scale, canonical_level)
+def _level_mapper(scales: List[float], canonical_scale: int, canonical_level: int,
+                  convention: str = "torchvision") -> LevelMapper:
+    return LevelMapper(int(-_log2(scales[0])), int(-_log2(scales[-1])), canonical_scale, canonical_level,
+                       convention=convention)
 
 
 # The three steps of the forward are leaves for torch.fx (as torchvision wraps its own), so
@@ -95,12 +104,12 @@ def _infer_scales(features: List[Tensor], image_shapes: List[Tuple[int, int]]) -
 @torch.fx.wrap
 def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], scales: List[float],
                           output_size: Tuple[int, int], sampling_ratio: int, canonical_scale: int,
-                          canonical_level: int, pooler: str) -> Tensor:
+                          canonical_level: int, pooler: str, convention: str = "torchvision") -> Tensor:
     rois = boxes_to_rois(boxes)
     ph, pw = output_size[0], output_size[1]
     levels: Optional[Tensor] = None
     if len(features) > 1:  # one map: every RoI is on level 0 (no level tensor is made)
-        levels = _level_mapper(scales, canonical_scale, canonical_level)(boxes)
+        levels = _level_mapper(scales, canonical_scale, canonical_level, convention)(boxes)
     if pooler == "roi_pool":
         if levels is None:
             return ops.roi_pool(features[0], rois.to(features[0].dtype), scales[0], ph, pw)[0]
@@ -126,16 +135,21 @@ class MultiScaleRoIAlign(nn.Module):
     forward(x: dict[str, Tensor], boxes: list[Tensor[L, 4]], image_shapes: list[(H, W)])
     returns (sum L, C, *output_size). Like torchvision, level scales are inferred from
     the first call's feature and image sizes. TorchScript compiles it; torch.fx sees one leaf call.
+    ``convention="detectron2"`` assigns levels as Detectron2's ROIPooler does (see LevelMapper).
     """
 
     __annotations__ = {"scales": Optional[List[float]], "map_levels": Optional[LevelMapper]}
 
     def __init__(self, featmap_names: List[str], output_size, sampling_ratio: int, *,
-                 canonical_scale: int = 224, canonical_level: int = 4, pooler: str = "roi_align_legacy"):
+                 canonical_scale: int = 224, canonical_level: int = 4, pooler: str = "roi_align_legacy",
+                 convention: str = "torchvision"):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"pooler must be one of {POOLERS}, got {pooler!r}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         self.pooler = pooler
+        self.convention = convention
         self.featmap_names = featmap_names
         self.sampling_ratio = sampling_ratio
         self.output_size: Tuple[int, int] = tuple(_pair(output_size))
@@ -152,11 +166,12 @@ class MultiScaleRoIAlign(nn.Module):
             # kept from the first call, as torchvision; a traced graph infers them on every call
             if not _symbolic_tracing():
                 self.scales = scales
-                self.map_levels = _level_mapper(scales, self.canonical_scale, self.canonical_level)
+                self.map_levels = _level_mapper(scales, self.canonical_scale, self.canonical_level, self.convention)
         return _multiscale_roi_align(features, boxes, scales, self.output_size, self.sampling_ratio,
-                                     self.canonical_scale, self.canonical_level, self.pooler)
+                                     self.canonical_scale, self.canonical_level, self.pooler, self.convention)
 
     def __repr__(self) -> str:
         pooler = "" if self.pooler == "roi_align_legacy" else f", pooler={self.pooler!r}"
+        pooler += "" if self.convention == "torchvision" else f", convention={self.convention!r}"
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "
                 f"output_size={self.output_size}, sampling_ratio={self.sampling_ratio}{pooler})")
