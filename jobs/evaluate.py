@@ -54,7 +54,7 @@ KEYPOINT_STAT_NAMES = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75",
 # COCO's per-keypoint OKS sigmas of its 17 person keypoints (pycocotools' default)
 COCO_KEYPOINT_SIGMAS = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]
 PRED_COLUMNS = ["image_uri", "width", "height", "status", "instances"]
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl")  # .pkl: a Detectron2 model zoo file
 
 
 def coco_from_dict(doc):
@@ -363,16 +363,20 @@ def format_report(result):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--gt", required=True, help="COCO annotation JSON (local or fsspec URI)")
-    p.add_argument("--pred", required=True, help="batch job Parquet output (file or folder), or a checkpoint (.pt/.pth/.ckpt)")
+    p.add_argument("--pred", required=True, help="batch job Parquet output (file or folder), or a checkpoint (.pt/.pth/.ckpt, or a Detectron2 .pkl)")
     p.add_argument("--out", help="write the metrics as JSON here (local or fsspec URI)")
     p.add_argument("--only-predicted", action="store_true", help="evaluate only the GT images that have an 'ok' prediction row")
     p.add_argument("--images-root", help="with a checkpoint: folder the GT file_names are relative to (default: the GT file's folder)")
     p.add_argument("--device", default="cpu", help="with a checkpoint: torch device")
+    p.add_argument("--model-config", help="with a Detectron2 checkpoint (.pth/.pkl): its YAML config "
+                                          "(default: Detectron2's defaults)")
     args = p.parse_args(argv)
     if args.pred.rstrip("/").endswith(CHECKPOINT_SUFFIXES):
         result = evaluate_checkpoint(args.gt, args.pred, images_root=args.images_root, device=args.device,
-                                     only_predicted=args.only_predicted)
+                                     only_predicted=args.only_predicted, config=args.model_config)
     else:
+        if args.model_config:
+            p.error("--model-config goes with a checkpoint in --pred, not with Parquet rows")
         result = evaluate_parquet(args.gt, args.pred, only_predicted=args.only_predicted)
     print(format_report(result))
     if args.out:

@@ -393,3 +393,57 @@ def test_pool_size_follows_the_cluster_unless_given():
     assert pool_size(JobConfig(**cfg, num_gpus_per_actor=1), {"CPU": 8.0}) == 1
     # an explicit --num-actors wins
     assert pool_size(JobConfig(**cfg, num_actors=3), {"CPU": 64.0}) == 3
+
+
+def test_a_detectron2_checkpoint_and_config_from_s3(ray_cluster, s3_bucket, capsys, tmp_path):
+    """A Detectron2 model zoo .pkl and its YAML config (with _BASE_ files beside it) on S3: the
+    rows equal Detectron2's own DefaultPredictor, and label names are COCO's, queryable by name."""
+    import s3fs
+
+    import _detectron2_fixture as fx
+
+    fs = s3fs.S3FileSystem()
+    weights = fx.write_checkpoint(fx.detectron2_state_dict("R50-FPN"), str(tmp_path), "pkl")
+    fs.put_file(weights, f"{s3_bucket}/models/model_final.pkl")
+    for name in ("mask_rcnn_R_50_FPN.yaml", "Base-RCNN-FPN.yaml", "small-test-size.yaml"):
+        fs.put_file(os.path.join(fx.HERE, name), f"{s3_bucket}/models/{name}")
+    files = {}
+    for name, rgb in fx.images().items():
+        if name == "portrait":  # the photo's own JPEG bytes: the job decodes what Detectron2 was given
+            with open(fx.PHOTO, "rb") as f:
+                data, key = f.read(), f"{name}.jpg"
+        else:
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="PNG")
+            data, key = buf.getvalue(), f"{name}.png"
+        fs.pipe_file(f"{s3_bucket}/in/{key}", data)
+        files[key] = name
+    out = f"s3://{s3_bucket}/out"
+    s = _job(capsys, "--input", f"s3://{s3_bucket}/in", "--output", out, "--weights",
+             f"s3://{s3_bucket}/models/model_final.pkl", "--model-config",
+             f"s3://{s3_bucket}/models/mask_rcnn_R_50_FPN.yaml", "--decode", "full", "--batch-size", "1")
+    assert (s["processed"], s["ok"], s["error"]) == (3, 3, 0)
+    rows = {files[r["image_uri"].rsplit("/", 1)[1]]: r for r in _rows(out, s["run_id"])}
+    by_image = {name: {"labels": [i["label"] for i in r["instances"]],
+                       "label_names": [i["label_name"] for i in r["instances"]],
+                       "boxes": [i["bbox"] for i in r["instances"]], "scores": [i["score"] for i in r["instances"]],
+                       "masks": [i["mask_rle"] for i in r["instances"]]} for name, r in rows.items()}
+    # channels-last CPU actors: equal up to float rounding
+    assert fx.assert_rows_equal_detectron2(by_image, "R50-FPN") == 300
+
+    import duckdb
+
+    fs_, root = resolve(out)
+    con = duckdb.connect()
+    con.register_filesystem(fs_)
+    q = "SELECT i.label_name, count(*) FROM (SELECT unnest(instances) AS i FROM read_parquet('{}')) GROUP BY ALL"
+    ref = fx.reference("R50-FPN")["images"]
+    from mrcnn import COCO_CATEGORY_NAMES
+    from mrcnn.detectron2 import coco_label_ids
+
+    expected = Counter(COCO_CATEGORY_NAMES[coco_label_ids()[c]] for r in ref.values() for c in r["classes"])
+    assert dict(con.sql(q.format(f"{out}/{protocol.VISIBLE_GLOB}")).fetchall()) == dict(expected)
+    with fs_.open(f"{root}/_runs/{s['run_id']}/manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["class_names_source"] == "coco"
+    assert manifest["params"]["model_config"].endswith("mask_rcnn_R_50_FPN.yaml")

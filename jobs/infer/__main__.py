@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="image prefix/directory or list file (s3://... or local)")
     p.add_argument("--output", required=True, help="output root (s3://... or local)")
-    p.add_argument("--weights", required=True, help="checkpoint path or URI")
+    p.add_argument("--weights", required=True,
+                   help="checkpoint path or URI: ours, a torchvision state_dict, or Detectron2's (.pth, zoo .pkl)")
+    p.add_argument("--model-config", default=None,
+                   help="a Detectron2 checkpoint's YAML config, _BASE_ files included (default: Detectron2's "
+                        "defaults); its test sizes, anchors, thresholds, pixel mean/std and input format apply")
+    p.add_argument("--class-names", default=None,
+                   help="file of class names for labels 1, 2, ... (one a line, or a JSON list), for a model "
+                        "whose file does not name its classes (default: the checkpoint's, COCO's for a COCO "
+                        "model, else the label numbers)")
     p.add_argument("--full", action="store_true", help="process every image, not only new or changed ones")
     p.add_argument("--num-actors", type=int, default=None,
                    help="model actors (default: as many as the cluster's GPUs, or CPUs, hold)")
@@ -95,7 +103,8 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
     if a.read_backoff < 0:
         p.error("--read-backoff must be >= 0")
     cfg = JobConfig(
-        input=a.input, output=a.output, weights=a.weights, full=a.full, num_actors=a.num_actors,
+        input=a.input, output=a.output, weights=a.weights, model_config=a.model_config, class_names=a.class_names,
+        full=a.full, num_actors=a.num_actors,
         num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
         batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
         images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,

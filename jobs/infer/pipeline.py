@@ -133,6 +133,8 @@ class JobConfig:
     input: str
     output: str
     weights: str
+    model_config: str | None = None  # a Detectron2 checkpoint's YAML config (None: Detectron2's defaults)
+    class_names: str | None = None  # a file of names for labels 1, 2, ... (None: the checkpoint's)
     full: bool = False
     num_actors: int | None = None  # None: sized from the cluster (pool_size)
     num_gpus_per_actor: float = 0.0
@@ -177,11 +179,13 @@ def settings_of(cfg: JobConfig) -> str | None:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    sha256: str
+    sha256: str  # the model's identity: the weights file's sha256, or that and its config and names'
     model_name: str
     model_input: tuple[int, int]  # (min_size, max_size) the model resizes images to
     keypoint_names: Optional[tuple[str, ...]] = None  # a keypoint model's, in the order of its outputs
     keypoint_skeleton: Optional[tuple[tuple[int, int], ...]] = None
+    class_names: Optional[tuple[str, ...]] = None  # from --class-names: one per label, the background first
+    class_names_source: str = "checkpoint"  # where label_name comes from: checkpoint, coco, file or numbered
 
     def file_metadata(self) -> dict:
         """Key-value metadata of every output file the model's rows go to."""
@@ -193,9 +197,13 @@ class CheckpointInfo:
         return out
 
 
-def checkpoint_identity(weights: str) -> CheckpointInfo:
-    """The checkpoint's sha256, model name and input size; fails fast on missing/corrupt weights."""
+def checkpoint_identity(weights: str, model_config: str | None = None, class_names: str | None = None) -> CheckpointInfo:
+    """The model's identity, name and input size; fails fast on missing/corrupt weights, config or
+    names. The identity is the weights file's sha256; with a Detectron2 config or a class names
+    file, the sha256 of that and of the settings the config resolves to and the names, so that
+    a run with another config or other names writes (and the next run plans) other results."""
     from mrcnn.checkpoint import read_metadata
+    from mrcnn.coco_categories import COCO_CATEGORY_NAMES
 
     try:
         fs, path = resolve(weights)
@@ -203,15 +211,50 @@ def checkpoint_identity(weights: str) -> CheckpointInfo:
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
-        meta = read_metadata(weights)
-    except FileNotFoundError:
-        raise InfraError(f"checkpoint not found: {weights}") from None
+        meta = read_metadata(weights, model_config)
+    except FileNotFoundError as e:
+        missing = model_config if model_config and model_config in str(e) else weights
+        raise InfraError(f"{'model config' if missing != weights else 'checkpoint'} not found: {missing}") from None
     except Exception as e:  # noqa: BLE001  (unreadable, not a checkpoint, no access)
         raise InfraError(f"cannot load checkpoint {weights}: {' '.join(str(e).split())}") from None
-    names, skeleton = meta.get("keypoint_names"), meta.get("keypoint_skeleton")
-    return CheckpointInfo(h.hexdigest(), str(meta.get("architecture")), model_input_size(meta),
-                          None if names is None else tuple(str(n) for n in names),
-                          None if skeleton is None else tuple((int(a), int(b)) for a, b in skeleton))
+    names = read_class_names(class_names, int(meta["num_classes"])) if class_names else None
+    sha = h.hexdigest()
+    if model_config or names:
+        described = {"weights": sha, "model": meta.get("builder_kwargs") if model_config else None, "class_names": names}
+        sha = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    if names:
+        source = "file"
+    elif meta.get("class_names"):
+        source = meta.get("class_names_source") or "checkpoint"
+    else:  # the Predictor's rule: COCO's names for a 91-class model, else the label numbers
+        source = "coco" if int(meta.get("num_classes") or 0) == len(COCO_CATEGORY_NAMES) else "numbered"
+    kp_names, skeleton = meta.get("keypoint_names"), meta.get("keypoint_skeleton")
+    return CheckpointInfo(sha, str(meta.get("architecture")), model_input_size(meta),
+                          None if kp_names is None else tuple(str(n) for n in kp_names),
+                          None if skeleton is None else tuple((int(a), int(b)) for a, b in skeleton),
+                          None if names is None else tuple(names), source)
+
+
+def read_class_names(uri: str, num_labels: int) -> list[str]:
+    """``--class-names``: a text file of one name per line for labels 1, 2, ... (the background,
+    label 0, has none), or a JSON list of them; the model's labels and the names must match."""
+    try:
+        fs, path = resolve(uri)
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise InfraError(f"class names file not found: {uri}") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = [str(n) for n in json.loads(text)]
+        except ValueError as e:
+            raise InfraError(f"{uri}: not a JSON list of names: {e}") from None
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != num_labels - 1:
+        raise InfraError(f"{uri}: {len(names)} class names, but the model has {num_labels - 1} labels (1.."
+                         f"{num_labels - 1}; the background has no name)")
+    return ["background"] + names
 
 
 def model_input_size(meta: dict) -> tuple[int, int]:
@@ -304,6 +347,8 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, c
         PredictorActor,
         fn_constructor_args=(cfg.weights,),
         fn_constructor_kwargs={
+            "model_config": cfg.model_config,
+            "class_names": list(ckpt.class_names) if ckpt.class_names else None,
             "model_name": ckpt.model_name,
             "checkpoint_sha256": ckpt.sha256,
             "run_id": run.run_id,
@@ -420,7 +465,7 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     run id until it has finished: a second run on the same output stops with LockedError.
     """
     settings = settings_of(cfg)
-    ckpt = checkpoint_identity(cfg.weights)
+    ckpt = checkpoint_identity(cfg.weights, cfg.model_config, cfg.class_names)
     _check_input(cfg.input)
     params = {
         "input": cfg.input,
@@ -430,6 +475,9 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
         "max_pixels": cfg.max_pixels,
         "max_aspect": cfg.max_aspect,
     }
+    for name in ("model_config", "class_names"):  # only when given: the resume of runs without them is unchanged
+        if getattr(cfg, name):
+            params[name] = getattr(cfg, name)
     if settings is not None:  # runs without settings keep the parameters (and so the resume) of before
         params["settings"] = settings
     lease = WriterLease(cfg.output, f"jobs.infer --input {cfg.input}", break_lock=cfg.break_lock)
@@ -514,7 +562,9 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
         plan_files, expected = write_shards_plan(run, retry_shards)
     lease.check()
     summary.finish().write(cfg.output)
-    keypoints = {"keypoint_names": list(ckpt.keypoint_names),
-                 "keypoint_skeleton": [list(p) for p in ckpt.keypoint_skeleton or ()]} if ckpt.keypoint_names else None
-    manifest = state.finish_run(run, keypoints)
+    extra = {"class_names_source": ckpt.class_names_source}
+    if ckpt.keypoint_names:
+        extra.update(keypoint_names=list(ckpt.keypoint_names),
+                     keypoint_skeleton=[list(p) for p in ckpt.keypoint_skeleton or ()])
+    manifest = state.finish_run(run, extra)
     return summary, manifest

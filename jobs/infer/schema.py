@@ -39,7 +39,8 @@ instances (list<struct>)  detections of an ok row ([] when there are none); null
     score (float32)           the keypoint's heatmap logit (COCO's evaluation treats a
                               keypoint as visible when it is > 0)
 model_name (string)       name of the model that produced the row
-checkpoint_sha256 (str)   SHA-256 (hex) of the checkpoint file
+checkpoint_sha256 (str)   SHA-256 (hex) of the checkpoint file; with ``--model-config`` or
+                          ``--class-names``, of it and of the settings and names those give
 settings (string)         the run's output settings that differ from the checkpoint's own, as
                           canonical JSON (``{"max_instances": 50, "precision": "fp16",
                           "score_thresh": 0.3}``, only the keys given); null = none given
@@ -129,7 +130,7 @@ SCHEMA = pa.schema(
         _f("error_kind", pa.string(), "why an error row failed: " + ", ".join(ERROR_KINDS)),
         _f("instances", pa.list_(INSTANCE_TYPE), "detections; [] if none, null on error"),
         _f("model_name", pa.string(), "model that produced the row"),
-        _f("checkpoint_sha256", pa.string(), "SHA-256 of the checkpoint file"),
+        _f("checkpoint_sha256", pa.string(), "SHA-256 of the checkpoint file (and of the model config and class names given with it)"),
         _f("settings", pa.string(), "output settings given to the run (JSON), null = the checkpoint's own"),
         _f("run_id", pa.string(), "run that wrote the row", nullable=False),
         _f("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced", nullable=False),

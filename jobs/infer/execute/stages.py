@@ -124,6 +124,8 @@ class PredictorActor:
         self,
         weights: str,
         *,
+        model_config: str | None = None,
+        class_names: list[str] | None = None,
         model_name: str,
         checkpoint_sha256: str,
         run_id: str,
@@ -145,8 +147,9 @@ class PredictorActor:
                                "neither: bf16 would be emulated, slower than fp32); use fp32")
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.predictor = Predictor.from_checkpoint(weights, device=device, score_thresh=score_thresh,
-                                                   max_detections=max_instances, precision=precision)
+        extra = {"class_names": class_names} if class_names else {}
+        self.predictor = Predictor.from_checkpoint(weights, device=device, config=model_config, score_thresh=score_thresh,
+                                                   max_detections=max_instances, precision=precision, **extra)
         settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision,
                                        decode=decode)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
