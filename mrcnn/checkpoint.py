@@ -237,7 +237,7 @@ def read_metadata(path, config=None) -> dict:
     for a Detectron2 checkpoint, what it and its ``config`` (a Detectron2 YAML) say."""
     path = os.fspath(path)
     obj = detectron2.read_weights(path)
-    if detectron2.is_detectron2_checkpoint(obj):
+    if detectron2.is_detectron2_checkpoint(obj) or detectron2.is_pickle_file(path):
         return detectron2.read_metadata(path, config, obj=obj)
     _no_config(path, config)
     state_dict, metadata = _unwrap(obj, path)
@@ -280,7 +280,7 @@ def load_model(path, config=None, **overrides) -> nn.Module:
     """
     path = os.fspath(path)
     obj = detectron2.read_weights(path)
-    if detectron2.is_detectron2_checkpoint(obj):
+    if detectron2.is_detectron2_checkpoint(obj) or detectron2.is_pickle_file(path):
         return detectron2.load_detectron2_model(path, config, obj=obj, **overrides)
     _no_config(path, config)
     state_dict, metadata = _unwrap(obj, path)

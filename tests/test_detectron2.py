@@ -146,3 +146,14 @@ def test_level_assignment_follows_detectron2_at_the_boundary():
     boxes = [torch.tensor([[0.0, 0.0, side, side], [0.0, 0.0, 50.0, 50.0], [0.0, 0.0, 400.0, 400.0]])]
     assert LevelMapper(2, 5, convention="detectron2")(boxes).tolist() == [0, 0, 2]
     assert LevelMapper(2, 5)(boxes).tolist() == [1, 0, 2]
+
+
+def test_files_of_other_kinds_are_refused_by_name(tmp_path):
+    lazy = tmp_path / "mask_rcnn_R_50_FPN_100ep_LSJ.py"
+    lazy.write_text("from detectron2.config import LazyCall as L\n")
+    with pytest.raises(ValueError, match="LazyConfig"):
+        read_config(lazy)
+    blobs = tmp_path / "R-50.pkl"  # a Caffe2 / Detectron1 file
+    blobs.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, protocol=2))
+    with pytest.raises(ValueError, match=r"R-50\.pkl: a Caffe2 / Detectron1 file"):
+        mrcnn.load_model(blobs)

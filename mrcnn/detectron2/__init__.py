@@ -22,8 +22,8 @@ from .config import Detectron2Config, check_weights, default_config, is_coco, mo
 from .convert import architecture_of, to_torchvision_layout
 from .files import is_pickle_file, read_weights, tensors
 
-__all__ = ["load_detectron2_model", "read_metadata", "is_detectron2_checkpoint", "read_config", "read_weights",
-           "coco_label_ids"]
+__all__ = ["load_detectron2_model", "read_metadata", "is_detectron2_checkpoint", "is_pickle_file", "read_config",
+           "read_weights", "coco_label_ids"]
 
 _D2_MARKERS = ("backbone.bottom_up.", "backbone.res", "proposal_generator.", "roi_heads.box_predictor.cls_score")
 
@@ -68,6 +68,9 @@ def _read(path, config, obj) -> _Checkpoint:
         obj = read_weights(path)
     model_dict = _model_dict(obj)
     if model_dict is None:
+        if isinstance(obj, dict) and "blobs" in obj:
+            raise ValueError(f"{path}: a Caffe2 / Detectron1 file (\"blobs\"), not supported: convert it with "
+                             "Detectron2 and save a Detectron2 checkpoint")
         raise ValueError(f"{path}: not a Detectron2 checkpoint (no \"model\" dict of Detectron2 weight names)")
     weights = {k.removeprefix("module."): v for k, v in tensors(model_dict, path).items()}
     architecture, kind = architecture_of(weights, path)
@@ -93,6 +96,7 @@ def read_metadata(path, config=None, *, obj: Any = None) -> dict:
     return {
         "format": "detectron2-pkl" if is_pickle_file(ck.path) else "detectron2",
         "architecture": ck.architecture,
+        # labels with the background: COCO's 91 for a COCO model, else the classes and the background
         "num_classes": max(ck.label_ids) + 1 if ck.label_ids else ck.weights["roi_heads.box_predictor.cls_score.weight"].shape[0],
         "class_names": ck.class_names,
         "class_names_source": "coco" if ck.label_ids is not None else None,

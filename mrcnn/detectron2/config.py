@@ -254,6 +254,9 @@ def _is_known(key: str) -> bool:
 def read_config(path) -> Detectron2Config:
     """A Detectron2 YAML config (local path or fsspec URI) over Detectron2's defaults."""
     path = os.fspath(path)
+    if path.endswith(".py"):
+        raise ValueError(f"{path}: a Detectron2 LazyConfig (Python code) is not read; give the YAML config "
+                         "the model was trained with")
     data, sources = _load_yaml(path, ())
     given = _flatten(data)
     unknown = sorted(k for k in given if not _is_known(k))
