@@ -36,15 +36,18 @@ def _checkpoint(arch, layout, tmp_path, state_dict=None):
 assert_rows_equal_detectron2 = fx.assert_rows_equal_detectron2
 
 
-@pytest.mark.parametrize("arch,layout", [("R50-FPN", "pth"), ("R50-FPN", "pkl"), ("R101-FPN", "pkl-numpy1"),
-                                         ("X101-FPN", "pth"), ("R50-C4", "pkl")])
-def test_detections_equal_detectron2s_predictor(arch, layout, tmp_path, r50_weights):
+# R50-FPN on all three images (portrait, landscape and upscaled), the others on one; the .pkl
+# layouts (numpy 2 names here, numpy 1 names for R101) are the job test's and R101's
+@pytest.mark.parametrize("arch,layout,images", [("R50-FPN", "pth", ("portrait", "landscape", "small")),
+                                                ("R101-FPN", "pkl-numpy1", ("portrait",)),
+                                                ("X101-FPN", "pth", ("landscape",)), ("R50-C4", "pkl", ("small",))])
+def test_detections_equal_detectron2s_predictor(arch, layout, images, tmp_path, r50_weights):
     path = _checkpoint(arch, layout, tmp_path, r50_weights if arch == "R50-FPN" else None)
     predictor = Predictor.from_checkpoint(path, "cpu", config=_config(arch), channels_last=False)
     assert predictor.model.convention == "detectron2"
-    rows = {name: predictor([image])[0] for name, image in fx.images().items()}
+    rows = {name: predictor([image])[0] for name, image in fx.images().items() if name in images}
     compared = assert_rows_equal_detectron2(rows, arch)
-    assert compared >= 3 * 50  # every image has detections (Detectron2's fixture: 50 or 100 each)
+    assert compared >= 50 * len(images)  # every image has detections (Detectron2's fixture: 50 or 100 each)
 
 
 def test_hostile_pickle_is_refused_without_running(tmp_path):
@@ -133,8 +136,7 @@ def test_converted_model_saves_and_reloads_in_our_format(tmp_path, r50_weights):
     mrcnn.save_checkpoint(model, ours, class_names=model.class_names)
     again = Predictor.from_checkpoint(ours, "cpu", channels_last=False)
     assert again.model.convention == "detectron2"
-    rows = {name: again([image])[0] for name, image in fx.images().items()}
-    assert assert_rows_equal_detectron2(rows, "R50-FPN") == 300
+    assert assert_rows_equal_detectron2({"small": again([fx.images()["small"]])[0]}, "R50-FPN") == 100
 
 
 def test_level_assignment_follows_detectron2_at_the_boundary():
