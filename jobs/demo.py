@@ -176,9 +176,9 @@ def train_progress(max_iters: int):
 
 
 def infer_progress(text: str):
-    # jobs.infer prints "jobs.infer: N/M images committed (T s)" after each committed shard
-    done = re.findall(r"jobs\.infer: (\d+)/(\d+) images committed", text)
-    return f"{done[-1][0]}/{done[-1][1]} images committed" if done else None
+    # jobs.infer prints "jobs.infer: C/M images committed, D done, R images/s, about T left (S s)"
+    lines = re.findall(r"jobs\.infer: (\d+/\d+ images committed, .*) \(\d+ s\)", text)
+    return lines[-1] if lines else None
 
 
 def summary_of(text: str) -> dict:

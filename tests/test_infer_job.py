@@ -108,9 +108,12 @@ def _job(capsys, *args):
     assert main(list(args)) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    # not a terminal: one progress line once planned and one per committed shard, ending at the total
-    progress = re.findall(r"^jobs\.infer: (\d+)/(\d+) images committed \(\d+ s\)$", captured.err, re.M)
-    assert progress[0] == ("0", str(summary["processed"])) and progress[-1] == (str(summary["processed"]),) * 2
+    # not a terminal: a progress line once planned, then as images get done and shards committed,
+    # ending with all of them committed and done
+    progress = re.findall(r"^jobs\.infer: (\d+)/(\d+) images committed, (\d+) done(?:, [\d.]+ images/s)?"
+                          r"(?:, about \d+ (?:s|min) left|, starting)? \(\d+ s\)$", captured.err, re.M)
+    n = str(summary["processed"])
+    assert progress[0] == ("0", n, "0") and progress[-1] == (n, n, n), captured.err[-2000:]
     return summary
 
 

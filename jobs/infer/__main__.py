@@ -129,9 +129,9 @@ def embedded_num_cpus() -> int:
 def init_ray() -> None:
     """Connect to RAY_ADDRESS (``ray job submit`` sets it) or start an embedded local Ray.
 
-    Ray's start-up banner and Ray Data's execution logs stay in Ray's log files (warnings
-    still show). On a terminal Ray Data draws its progress bars; elsewhere (a job's log, CI)
-    the job prints one progress line per committed shard instead (:class:`Progress`).
+    Ray's start-up banner, Ray Data's execution logs and its per-operator progress bars stay
+    in Ray's log files (warnings still show): the job shows its own progress in images
+    (:class:`Progress`), one line redrawn on a terminal, lines in a log.
     """
     import ray
 
@@ -145,8 +145,10 @@ def init_ray() -> None:
             ray.init(**quiet)
     import ray.data  # configures its loggers when imported: adjust them after that
 
-    # Ray Data draws bars when stdout is a terminal, else logs progress at INFO: on the console
-    # only warnings, while its log files (ray-data*.log) keep everything
+    # Ray Data draws bars when stdout is a terminal (off: Progress draws the job's line there),
+    # else logs progress at INFO: on the console only warnings, while its log files
+    # (ray-data*.log) keep everything
+    ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
@@ -155,16 +157,56 @@ def init_ray() -> None:
 
 
 class Progress:
-    """``jobs.infer: N/M images committed`` after each committed shard, with the time so far."""
+    """The run's progress for a person: images committed and done (their results written in part
+    files, not yet committed), the rate and the time left, as
+    ``jobs.infer: 24/50 images committed, 36 done, 3.1 images/s, about 5 s left (12 s)``.
 
-    def __init__(self, stream=None):
+    On a terminal one line redrawn in place (Ray Data's bars are off then, ``init_ray``); in a
+    log (a file, ``ray job submit``) a line after each commit and at most every ``every_s``
+    seconds while images get done."""
+
+    def __init__(self, stream=None, *, every_s: float = 10.0, tty: bool | None = None):
         self.stream = stream or sys.stderr
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.every_s = 0.5 if self.tty else every_s
         self.t0 = time.time()
+        self.t_plan = None  # the rate counts from the plan (the first call)
+        self.last = (-1, -1)  # (committed, done) last shown
+        self.last_t = 0.0
 
-    def __call__(self, done: int, total: int) -> None:
-        if sys.stdout.isatty():
-            return  # Ray Data's bars show it (it checks stdout too)
-        print(f"jobs.infer: {done}/{total} images committed ({time.time() - self.t0:.0f} s)", file=self.stream, flush=True)
+    def __call__(self, *, committed: int, done: int, total: int) -> None:
+        now = time.time()
+        if self.t_plan is None:
+            self.t_plan = now
+        if committed == self.last[0] and (done == self.last[1] or now - self.last_t < self.every_s):
+            return
+        self.last, self.last_t = (committed, done), now
+        line = self.line(committed, done, total, now - self.t0, now - self.t_plan)
+        if self.tty:
+            end = "\n" if committed >= total else ""
+            print(f"\r\x1b[K{line}", end=end, file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    @staticmethod
+    def line(committed: int, done: int, total: int, elapsed: float, since_plan: float) -> str:
+        rate = done / since_plan if since_plan > 0 and done else 0.0
+        if done >= total:
+            rest = ""
+        elif rate > 0:
+            rest = f", about {_duration((total - done) / rate)} left"
+        else:
+            rest = ", starting"
+        speed = f", {rate:.1f} images/s" if rate else ""
+        return f"jobs.infer: {committed}/{total} images committed, {done} done{speed}{rest} ({elapsed:.0f} s)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
 
 
 def main(argv=None) -> int:

@@ -404,8 +404,8 @@ def _commit_results(run: protocol.Run, parts, expected: dict[str, int], summary:
     a complete shard with storage failures is not committed but returned, by shard_id, for
     another pass. ``health`` sees every part as it is written and stops the run on an outage.
     ``may_commit()`` runs before each commit and raises when this run must stop committing;
-    ``progress(images)`` after each commit. The driver sees part rows only, never result rows
-    (``summary.part_rows`` counts them).
+    ``progress(done, committed)`` gets the images of each new part (done) and of each commit.
+    The driver sees part rows only, never result rows (``summary.part_rows`` counts them).
     """
     held = held or {}
     parts_of: dict[str, list[str]] = {}
@@ -425,6 +425,8 @@ def _commit_results(run: protocol.Run, parts, expected: dict[str, int], summary:
                 health.check()
             parts_of.setdefault(sid, []).append(part["part"])
             counts[sid] = counts.get(sid, 0) + part["rows"]
+            if progress is not None:
+                progress(part["rows"], 0)
             if counts[sid] < expected[sid]:
                 continue
             h = held.get(sid)
@@ -445,7 +447,7 @@ def _commit_results(run: protocol.Run, parts, expected: dict[str, int], summary:
             run.commit(sid)
             summary.add_shard(result["counts"])
             if progress is not None:
-                progress(result["counts"]["rows"])
+                progress(0, result["counts"]["rows"])
     if expected:
         raise RuntimeError(f"{len(expected)} shards got no complete results: {sorted(expected)[:3]}...")
     return deferred
@@ -458,8 +460,9 @@ def _output_error(output: str, e: Exception) -> InfraError:
 def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     """One invocation of the job (starts or resumes a run); returns (summary, manifest).
 
-    ``progress(images committed, images to process)`` is called once the plan is made and
-    after each committed shard.
+    ``progress(committed=, done=, total=)`` (images committed, images whose results are written
+    in part files, images to process) is called once the plan is made, as parts are written
+    and after each committed shard.
 
     The run holds the output's writer lease (``lock.WriterLease``) from before it picks its
     run id until it has finished: a second run on the same output stops with LockedError.
@@ -535,16 +538,18 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
         run.commit(sid)
     plan_files, expected = plan.files, plan.expected
     summary.add_plan(plan.stats)
-    total, committed = sum(expected.values()), 0
+    total, committed, done = sum(expected.values()), 0, 0
 
-    def committed_more(n: int) -> None:
-        nonlocal committed
-        committed += n
+    def committed_more(more_done: int, more_committed: int) -> None:
+        nonlocal committed, done
+        committed += more_committed
+        # a read retried in a later pass is done twice: never more than all
+        done = min(total, max(done + more_done, committed))
         if progress is not None:
-            progress(committed, total)
+            progress(committed=committed, done=done, total=total)
 
     if progress is not None:
-        progress(0, total)
+        progress(committed=0, done=0, total=total)
     health = StorageHealth(cfg.outage_window, cfg.outage_fraction, cfg.outage_min_failures)
     finalize = remote_finalize() or finalize_shard  # in a Ray task when Ray runs: rows stay off the driver
     held: dict[str, Deferred] = {}
