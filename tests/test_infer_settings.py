@@ -93,3 +93,31 @@ def test_predictor_refuses_an_unknown_precision_and_records_the_default():
         Predictor.from_checkpoint(WEIGHTS, device="cpu", precision="int8")
     p = Predictor.from_checkpoint(WEIGHTS, device="cpu", max_detections=3)
     assert p.precision == "fp32" and p.model.roi_heads.detections_per_img == 3
+
+
+def test_only_the_jobs_own_errors_exit_2_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """JobError (usage, infrastructure, outage, lease, run mismatch, duplicates) is exit 2 and
+    its message on one line, also when raised in a Ray task; anything else propagates (exit 1)."""
+    from ray.exceptions import RayTaskError
+
+    from jobs.infer import __main__ as cli
+    from jobs.infer.errors import InfraError, RunMismatchError
+
+    monkeypatch.setattr(cli, "init_ray", lambda: None)
+    argv = ["--input", "x", "--output", "y", "--weights", "z"]
+
+    def fails_with(error):
+        def run_job(cfg, progress=None):
+            raise error
+        monkeypatch.setattr(cli, "run_job", run_job)
+
+    fails_with(RunMismatchError("run r1 exists with different parameters:\n {...}"))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "jobs.infer: error: run r1 exists with different parameters: {...}\n"
+    in_task = RayTaskError("plan_rows", "Traceback (most recent call last):\n  ...\n", InfraError("storage gone"))
+    fails_with(in_task.as_instanceof_cause())
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "jobs.infer: error: storage gone\n"
+    fails_with(ValueError("a bug"))  # a builtin error is a bug, not a usage error
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(argv)

@@ -130,25 +130,27 @@ def test_progress_lines_say_done_committed_rate_and_time_left(monkeypatch):
 
     from jobs.infer import __main__ as cli
 
-    clock = iter([100.0, 100.0, 101.0, 111.0, 112.0, 120.0])
+    clock = iter([100.0, 105.0, 106.0, 116.0, 117.0, 125.0])
     monkeypatch.setattr(cli.time, "time", lambda: next(clock))
     log = io.StringIO()
     progress = cli.Progress(log, tty=False, every_s=10)  # t0 = 100
-    progress(committed=0, done=0, total=50)  # the plan
-    progress(committed=0, done=5, total=50)  # 1 s later: held back (10 s between done-only lines)
-    progress(committed=0, done=22, total=50)  # 11 s after the plan
-    progress(committed=20, done=22, total=50)  # a commit: always shown
+    progress(committed=0, done=0, total=50)  # the plan, at 105
+    progress(committed=0, done=5, total=50)  # the first results (106; held back): the rate counts from here
+    progress(committed=0, done=25, total=50)  # 10 s later: 2 images/s
+    progress(committed=20, done=25, total=50)  # a commit: always shown
     progress(committed=50, done=50, total=50)
     assert log.getvalue().splitlines() == [
-        "jobs.infer: 0/50 images committed, 0 done, starting (0 s)",
-        "jobs.infer: 0/50 images committed, 22 done, 2.0 images/s, about 14 s left (11 s)",
-        "jobs.infer: 20/50 images committed, 22 done, 1.8 images/s, about 15 s left (12 s)",
-        "jobs.infer: 50/50 images committed, 50 done, 2.5 images/s (20 s)",
+        "jobs.infer: 0/50 images committed, 0 done, starting (5 s)",
+        "jobs.infer: 0/50 images committed, 25 done, 2.0 images/s, about 12 s left (16 s)",
+        "jobs.infer: 20/50 images committed, 25 done, 1.8 images/s, about 14 s left (17 s)",
+        "jobs.infer: 50/50 images committed, 50 done, 2.4 images/s (25 s)",
     ]
     term = io.StringIO()
-    clock = iter([0.0, 0.0, 3.0])
+    clock = iter([0.0, 0.0, 2.0, 3.0])
     tty = cli.Progress(term, tty=True)
     tty(committed=0, done=0, total=4)
+    tty(committed=0, done=1, total=4)
     tty(committed=4, done=4, total=4)
     assert term.getvalue() == ("\r\x1b[Kjobs.infer: 0/4 images committed, 0 done, starting (0 s)"
-                               "\r\x1b[Kjobs.infer: 4/4 images committed, 4 done, 1.3 images/s (3 s)\n")
+                               "\r\x1b[Kjobs.infer: 0/4 images committed, 1 done (2 s)"
+                               "\r\x1b[Kjobs.infer: 4/4 images committed, 4 done, 3.0 images/s (3 s)\n")

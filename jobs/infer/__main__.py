@@ -18,10 +18,10 @@ import sys
 import time
 import warnings
 
-from jobs.infer.commit.lock import LockedError
 from jobs.infer.commit.protocol import DEFAULT_SHARD_SIZE
 from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
-from jobs.infer.pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, InfraError, JobConfig, run_job, settings_of
+from jobs.infer.errors import JobError
+from jobs.infer.pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, JobConfig, run_job, settings_of
 from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
 from jobs.storage import RetryPolicy
 
@@ -170,18 +170,22 @@ class Progress:
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.every_s = 0.5 if self.tty else every_s
         self.t0 = time.time()
-        self.t_plan = None  # the rate counts from the plan (the first call)
+        self.first_done = None  # (time, done) when the first results came: the rate counts from there,
+        # not from the plan (the model actors' start would weigh on it for the whole run)
         self.last = (-1, -1)  # (committed, done) last shown
         self.last_t = 0.0
 
     def __call__(self, *, committed: int, done: int, total: int) -> None:
         now = time.time()
-        if self.t_plan is None:
-            self.t_plan = now
+        if self.first_done is None and done:
+            self.first_done = (now, done)
         if committed == self.last[0] and (done == self.last[1] or now - self.last_t < self.every_s):
             return
         self.last, self.last_t = (committed, done), now
-        line = self.line(committed, done, total, now - self.t0, now - self.t_plan)
+        rate = None
+        if self.first_done is not None and now > self.first_done[0] and done > self.first_done[1]:
+            rate = (done - self.first_done[1]) / (now - self.first_done[0])
+        line = self.line(committed, done, total, now - self.t0, rate)
         if self.tty:
             end = "\n" if committed >= total else ""
             print(f"\r\x1b[K{line}", end=end, file=self.stream, flush=True)
@@ -189,14 +193,14 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
     @staticmethod
-    def line(committed: int, done: int, total: int, elapsed: float, since_plan: float) -> str:
-        rate = done / since_plan if since_plan > 0 and done else 0.0
+    def line(committed: int, done: int, total: int, elapsed: float, rate: float | None) -> str:
+        """``rate``: images done a second since the first results (None: not known yet)."""
         if done >= total:
             rest = ""
-        elif rate > 0:
+        elif rate:
             rest = f", about {_duration((total - done) / rate)} left"
         else:
-            rest = ", starting"
+            rest = ", starting" if not done else ""
         speed = f", {rate:.1f} images/s" if rate else ""
         return f"jobs.infer: {committed}/{total} images committed, {done} done{speed}{rest} ({elapsed:.0f} s)"
 
@@ -207,6 +211,12 @@ def _duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
+
+
+def _reason(e: JobError) -> str:
+    """The error's own message on one line; for one raised in a Ray task, without Ray's traceback."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError's
+    return " ".join(str(cause if isinstance(cause, JobError) else e).split())
 
 
 def main(argv=None) -> int:
@@ -221,8 +231,8 @@ def main(argv=None) -> int:
         started = True
     try:
         summary, manifest = run_job(cfg, progress=Progress())
-    except (InfraError, LockedError, ValueError, PermissionError, FileNotFoundError) as e:
-        print(f"jobs.infer: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except JobError as e:  # the contract's errors; anything else is a bug: its traceback, exit 1
+        print(f"jobs.infer: error: {_reason(e)}", file=sys.stderr)
         return 2
     finally:
         if started:

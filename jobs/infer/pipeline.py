@@ -40,7 +40,8 @@ from typing import Optional
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.commit.lock import LockedError, WriterLease
+from jobs.infer.commit.lock import WriterLease
+from jobs.infer.errors import InfraError, LockedError, StorageOutage, UsageError
 from jobs.infer.commit.summary import RunSummary
 from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
 from jobs.infer.execute.parts import finalize_shard, remote_finalize, write_parts
@@ -80,14 +81,6 @@ WRITE_TASKS = 4
 # Calls a GPU model actor runs at once (model_actor_options).
 OVERLAPPED_CALLS = 2
 
-
-
-class InfraError(RuntimeError):
-    """A failure of the job's environment (storage, weights), not of one image."""
-
-
-class StorageOutage(InfraError):
-    """Most reads are failing in the store itself: the run stops instead of writing error rows."""
 
 
 class StorageHealth:
@@ -162,16 +155,16 @@ class JobConfig:
 def settings_of(cfg: JobConfig) -> str | None:
     """The run's ``settings`` (rows, run parameters, incremental planning); checks them first."""
     if cfg.score_thresh is not None and not 0.0 <= cfg.score_thresh <= 1.0:
-        raise ValueError(f"--score-thresh must be in [0, 1], got {cfg.score_thresh}")
+        raise UsageError(f"--score-thresh must be in [0, 1], got {cfg.score_thresh}")
     if cfg.max_instances is not None and cfg.max_instances < 1:
-        raise ValueError(f"--max-instances must be >= 1, got {cfg.max_instances}")
+        raise UsageError(f"--max-instances must be >= 1, got {cfg.max_instances}")
     if cfg.decode not in DECODE_MODES:
-        raise ValueError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {cfg.decode!r}")
+        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {cfg.decode!r}")
     if cfg.precision is not None:
         if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+            raise UsageError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
         if cfg.precision == "fp16" and cfg.num_gpus_per_actor <= 0:
-            raise ValueError("--precision fp16 needs GPU actors (--num-gpus-per-actor > 0); CPU actors run "
+            raise UsageError("--precision fp16 needs GPU actors (--num-gpus-per-actor > 0); CPU actors run "
                              "fp32 or bf16")
     return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
                                precision=cfg.precision, decode=cfg.decode)

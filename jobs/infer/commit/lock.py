@@ -27,14 +27,11 @@ import time
 import uuid
 
 from jobs.storage import create_exclusive, join, read_json, resolve, write_atomic
+from jobs.infer.errors import LockedError  # noqa: F401  (raised here; imported from here too)
 
 LOCK_NAME = "_writer.json"
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
-
-
-class LockedError(RuntimeError):
-    """Another live run holds the output's writer lease."""
 
 
 def _process_start(pid: int) -> str | None:

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.infer import schema
+from jobs.infer.errors import RunMismatchError
 from jobs.storage import SourceObject, create_exclusive, is_local, join, read_json, resolve, write_atomic
 
 STAGING_DIR = "_staging"
@@ -362,9 +363,9 @@ def begin_run(output_uri: str, params: Mapping[str, Any], *, run_id: str | None 
         match = [r for r in runs if r.run_id == run_id]
         if match:
             if match[0].fingerprint != fp:
-                raise ValueError(f"run {run_id} exists with different parameters: {match[0].params}")
+                raise RunMismatchError(f"run {run_id} exists with different parameters: {match[0].params}")
             if match[0].finished:
-                raise ValueError(f"run {run_id} already finished")
+                raise RunMismatchError(f"run {run_id} already finished")
             return Run(output_uri, run_id, resumed=True, params=params)
     else:
         for r in reversed(runs):

@@ -39,6 +39,7 @@ from urllib.parse import unquote_plus
 import pyarrow as pa
 
 from jobs.storage import RetryPolicy, SourceObject, call_with_retries, normalize_etag, resolve
+from jobs.infer.errors import UsageError
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "ORC", "Parquet")
@@ -47,7 +48,7 @@ _CSV_TO_COLUMN = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_t
                   "IsDeleteMarker": "is_delete_marker"}
 
 
-class InventoryError(ValueError):
+class InventoryError(UsageError):
     """The inventory report cannot be used as it is (its reason says what is wrong)."""
 
 

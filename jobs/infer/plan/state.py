@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
+from jobs.infer.errors import DuplicateRowsError
 from jobs.infer.tasks import run_tasks
 from jobs.storage import join, read_json, resolve, write_atomic
 
@@ -236,7 +237,7 @@ def _refuse_repeats(run_id: Optional[str], results: list[dict]) -> None:
     repeated = sum(r["repeated"] for r in results)
     if repeated:
         example = next(r["example"] for r in results if r["repeated"])
-        raise RuntimeError(f"run {run_id}: {repeated} images have more than one committed row (e.g. {example})")
+        raise DuplicateRowsError(f"run {run_id}: {repeated} images have more than one committed row (e.g. {example})")
 
 
 def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEFAULT_BUCKETS) -> StateVersion:
