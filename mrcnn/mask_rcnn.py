@@ -558,7 +558,7 @@ def _single_map_builder(body: str, stage: int):
         if stage == 4 and kwargs.get("mask_head_type", "fcn") != "fcn":
             raise ValueError(f"{name}'s mask head is res5 and a deconvolution: mask_head_type must be 'fcn'")
         trainable = validate_trainable_layers(is_trained, trainable_backbone_layers)
-        convention, stride_in_1x1, frozen_norm = _convention_settings(kwargs, f"C{stage}" if stage == 5 else "c4")
+        convention, stride_in_1x1, frozen_norm = _convention_settings(kwargs, f"c{stage}")
         norm_layer = frozen_norm if is_trained else nn.BatchNorm2d
         sizes = kwargs.pop("rpn_anchor_sizes", None) or C4_ANCHOR_SIZES
         if all(isinstance(s, int) for s in sizes):

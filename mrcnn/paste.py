@@ -405,6 +405,13 @@ def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], 
 
     _paste_tiles(padded, geo, (H, W), write, tile_budget_bytes, _fused_for(masks.device), group)
     flush()
+    return _rles_of(found, N, (H, W), return_areas)
+
+
+def _rles_of(found: list[tuple[Tensor, Tensor]], num_masks: int, image_size: tuple[int, int], return_areas: bool):
+    """The RLEs (and areas) of ``num_masks`` masks from their windows' transitions, (detection
+    indices, flat positions) per window: sorted on the device, one copy to the host."""
+    H, W = image_size
     if found:
         det = torch.cat([d for d, _ in found])
         flat = torch.cat([f for _, f in found])
@@ -412,7 +419,7 @@ def _paste_rle_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], 
         det, flat = torch.stack((det, flat))[:, order].cpu().numpy()  # one copy to the host
     else:
         det = flat = np.zeros(0, dtype=np.int64)
-    return rle_from_transitions(det, flat, N, (H, W), return_areas=return_areas)
+    return rle_from_transitions(det, flat, num_masks, (H, W), return_areas=return_areas)
 
 
 def rle_area(rles: list[dict]) -> np.ndarray:
@@ -450,9 +457,10 @@ def _grid_windows(boxes: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, T
 
 def _paste_grid_tiles(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], budget_bytes: int,
                       write: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], None]) -> None:
-    """Sample every detection over its window; ``write(det, oy, ox, rows, cols, values)`` gets a
-    band of a group's tiles: detection indices (K,), tile origins (K,), image rows (K, TB), image
-    columns (K, TW) and float32 values (K, TB, TW), 0 outside each detection's window."""
+    """Sample every detection over its window; ``write(det, oy, ox, rows, cols, values, b0, th)``
+    gets a band of a group's tiles: detection indices (K,), tile origins (K,), image rows (K, TB),
+    image columns (K, TW), float32 values (K, TB, TW), 0 outside each detection's window, the
+    band's first row within the tiles and the tiles' height (bands come top to bottom)."""
     H, W = image_size
     xs, ys, xe, ye = _grid_windows(boxes, image_size)
     hc, wc = torch.stack((ye - ys, xe - xs)).cpu().numpy()
@@ -513,12 +521,4 @@ def paste_masks_grid_to_rle(masks: Tensor, boxes: Tensor, image_size: tuple[int,
 
     if N:
         _paste_grid_tiles(masks, boxes, (H, W), tile_budget_bytes, write)
-    if found:
-        det = torch.cat([d for d, _ in found])
-        flat = torch.cat([f for _, f in found])
-        order = torch.argsort(det * (H * W) + flat)
-        det, flat = torch.stack((det, flat))[:, order].cpu().numpy()
-    else:
-        det = flat = np.zeros(0, dtype=np.int64)
-    rles, areas = rle_from_transitions(det, flat, N, (H, W), return_areas=True)
-    return (rles, areas) if return_areas else rles
+    return _rles_of(found, N, (H, W), return_areas)

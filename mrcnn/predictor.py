@@ -60,7 +60,8 @@ class Predictor:
     may differ) and returns, per image, ``boxes`` float32 (N, 4) x0 y0 x1 y1 in pixels, ``labels`` int64 (N,),
     ``scores`` float32 (N,), ``label_names`` list[str], and for a mask model ``areas`` int64
     (N,) mask pixel counts and ``masks`` (RLE dicts or bool (N, H, W)), masks being
-    probability > 0.5 (>= 0.5 for a Detectron2 model, as Detectron2 pastes); for a keypoint model (Keypoint R-CNN) ``keypoints`` float32 (N, K, 3):
+    probability > 0.5 (>= 0.5 for a Detectron2 model, as Detectron2 pastes); for a keypoint
+    model (Keypoint R-CNN) ``keypoints`` float32 (N, K, 3):
     x, y in pixels and the keypoint's score, in the order of ``predictor.keypoint_names``.
     """
 

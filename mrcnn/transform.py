@@ -128,7 +128,7 @@ class GeneralizedRCNNTransform(nn.Module):
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Zero-pad every image at the bottom/right to the batch maximum, rounded up to ``size_divisible``."""
-        stride = float(self.size_divisible)
+        stride = float(max(1, self.size_divisible))  # 0: no rounding (Detectron2's C4 backbone)
         channels = max(img.shape[0] for img in images)
         height = int(math.ceil(float(max(img.shape[1] for img in images)) / stride) * stride)
         width = int(math.ceil(float(max(img.shape[2] for img in images)) / stride) * stride)
@@ -180,7 +180,7 @@ def detectron2_resized_size(h: int, w: int, short_edge: int, max_size: int) -> t
     return int(newh + 0.5), int(neww + 0.5)
 
 
-class Detectron2Transform(nn.Module):
+class Detectron2Transform(GeneralizedRCNNTransform):
     """Detectron2's inference input and output path, step for step (``DefaultPredictor`` and
     ``GeneralizedRCNN.inference``):
 
@@ -195,19 +195,15 @@ class Detectron2Transform(nn.Module):
       to it, boxes with no width or height dropped, masks pasted by ``paste_masks_grid``
       (grid_sample; "binary" is values >= 0.5).
 
-    Inference only: Detectron2-convention models are not trained here.
+    Inference only: Detectron2-convention models are not trained here. Normalising and padding
+    are GeneralizedRCNNTransform's (the same operations as Detectron2's).
     """
 
     def __init__(self, min_size, max_size: int, image_mean: list[float], image_std: list[float],
                  size_divisible: int = 32, input_format: str = "BGR"):
-        super().__init__()
+        super().__init__(min_size, max_size, image_mean, image_std, size_divisible)
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-        self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
-        self.max_size = max_size
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.size_divisible = size_divisible
         self.input_format = input_format
 
     def forward(self, images: list[Tensor], targets=None) -> tuple[ImageList, None]:
@@ -235,20 +231,6 @@ class Detectron2Transform(nn.Module):
         if self.input_format == "BGR":
             chw = chw.flip(0)
         return chw.to(image.device)
-
-    def normalize(self, image: Tensor) -> Tensor:
-        mean = torch.tensor(self.image_mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-        return (image - mean) / std
-
-    def batch_images(self, images: list[Tensor]) -> Tensor:
-        stride = max(1, self.size_divisible)  # Detectron2's C4 backbone asks for none (0)
-        height = -(-max(img.shape[1] for img in images) // stride) * stride
-        width = -(-max(img.shape[2] for img in images) // stride) * stride
-        batched = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-        for i, img in enumerate(images):
-            batched[i, :, : img.shape[1], : img.shape[2]].copy_(img)
-        return batched
 
     def postprocess(self, result: list[dict[str, Tensor]], image_shapes, original_image_sizes,
                     mask_output: str = "probs") -> list[dict[str, Tensor]]:

@@ -204,11 +204,15 @@ def checkpoint_identity(weights: str, model_config: str | None = None, class_nam
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
+    except FileNotFoundError:
+        raise InfraError(f"checkpoint not found: {weights}") from None
+    except Exception as e:  # noqa: BLE001  (no access, storage failing)
+        raise InfraError(f"cannot load checkpoint {weights}: {' '.join(str(e).split())}") from None
+    try:
         meta = read_metadata(weights, model_config)
-    except FileNotFoundError as e:
-        missing = model_config if model_config and model_config in str(e) else weights
-        raise InfraError(f"{'model config' if missing != weights else 'checkpoint'} not found: {missing}") from None
-    except Exception as e:  # noqa: BLE001  (unreadable, not a checkpoint, no access)
+    except FileNotFoundError as e:  # the model config or one of its _BASE_ files: the message names it
+        raise InfraError(" ".join(str(e).split())) from None
+    except Exception as e:  # noqa: BLE001  (unreadable, not a checkpoint, a config refused)
         raise InfraError(f"cannot load checkpoint {weights}: {' '.join(str(e).split())}") from None
     names = read_class_names(class_names, int(meta["num_classes"])) if class_names else None
     sha = h.hexdigest()

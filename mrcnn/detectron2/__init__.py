@@ -73,26 +73,26 @@ def _read(path, config, obj) -> _Checkpoint:
                              "Detectron2 and save a Detectron2 checkpoint")
         raise ValueError(f"{path}: not a Detectron2 checkpoint (no \"model\" dict of Detectron2 weight names)")
     weights = {k.removeprefix("module."): v for k, v in tensors(model_dict, path).items()}
-    architecture, kind = architecture_of(weights, path)
+    found = architecture_of(weights, path)
     if isinstance(config, Detectron2Config):
         cfg = config
     else:
-        cfg = read_config(config) if config is not None else default_config(kind)
+        cfg = read_config(config) if config is not None else default_config(found.kind)
     where = cfg.sources[0] if cfg.sources else f"{path} (with Detectron2's default config)"
-    settings = model_settings(cfg, kind, where)
-    body = "backbone.bottom_up." if kind == "fpn" else "backbone."
-    conv2 = weights[body + "res2.0.conv2.weight"]
-    classes = weights["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1
-    check_weights(cfg, depth=101 if architecture.startswith(("maskrcnn_resnet101", "maskrcnn_resnext101")) else 50,
-                  groups=conv2.shape[0] // conv2.shape[1], num_classes=classes,
+    settings = model_settings(cfg, found.kind, where)
+    check_weights(cfg, depth=found.depth, groups=found.groups,
+                  num_classes=weights["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1,
                   agnostic_boxes=weights["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 4,
                   agnostic_masks=weights["roi_heads.mask_head.predictor.weight"].shape[0] == 1, where=where)
-    return _Checkpoint(path, weights, architecture, cfg, settings, coco_label_ids() if is_coco(cfg) else None)
+    return _Checkpoint(path, weights, found.name, cfg, settings, coco_label_ids() if is_coco(cfg) else None)
 
 
 def read_metadata(path, config=None, *, obj: Any = None) -> dict:
     """What a Detectron2 checkpoint and its config say (as :func:`mrcnn.checkpoint.read_metadata`)."""
-    ck = _read(path, config, obj)
+    return _metadata(_read(path, config, obj))
+
+
+def _metadata(ck: _Checkpoint) -> dict:
     return {
         "format": "detectron2-pkl" if is_pickle_file(ck.path) else "detectron2",
         "architecture": ck.architecture,
@@ -122,5 +122,5 @@ def load_detectron2_model(path, config=None, *, obj: Any = None, **overrides) ->
     except RuntimeError as e:
         raise ValueError(f"{ck.path}: Detectron2 weights do not fit {architecture}: {str(e).splitlines()[0]}") from None
     model.class_names = ck.class_names
-    model.checkpoint_metadata = read_metadata(path, ck.config, obj={"model": ck.weights})
+    model.checkpoint_metadata = _metadata(ck)
     return model

@@ -10,7 +10,7 @@ so the model writes the labels a torchvision COCO model writes.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -21,8 +21,18 @@ _NORM = ("weight", "bias", "running_mean", "running_var")
 ABSENT_LOGIT = -1e4  # a label no class of the model takes: softmax gives it exactly 0
 
 
-def architecture_of(d2: dict[str, Tensor], path: str) -> tuple[str, str]:
-    """(our architecture name, "fpn" or "c4") of a Detectron2 Mask R-CNN state_dict."""
+class Found(NamedTuple):
+    """What a Detectron2 Mask R-CNN state_dict is: our architecture name, "fpn" or "c4", and its
+    ResNet's depth and groups (what its config must say)."""
+
+    name: str
+    kind: str
+    depth: int
+    groups: int
+
+
+def architecture_of(d2: dict[str, Tensor], path: str) -> Found:
+    """Which architecture a Detectron2 Mask R-CNN state_dict is (refused unless supported)."""
     if any(k.startswith("backbone.bottom_up.") for k in d2):
         kind, body = "fpn", "backbone.bottom_up."
     elif "roi_heads.res5.0.conv1.weight" in d2:
@@ -45,7 +55,7 @@ def architecture_of(d2: dict[str, Tensor], path: str) -> tuple[str, str]:
                          "supported: R50, R101 and X101-32x8d FPN, and R50-C4")
     if groups > 1 and conv2.shape[1] != 8:
         raise ValueError(f"{path}: ResNeXt-101 with {conv2.shape[1]} channels a group; supported: 32x8d")
-    return name, kind
+    return Found(name, kind, depth, groups)
 
 
 def _resnet_key(rest: str) -> Optional[str]:
@@ -108,7 +118,7 @@ def to_torchvision_layout(d2: dict[str, Tensor], path: str,
     if d2 and all(k.startswith("module.") for k in d2):  # saved from a DistributedDataParallel wrapper
         d2 = {k[len("module."):]: v for k, v in d2.items()}
     d2 = {k: v for k, v in d2.items() if not _NOT_WEIGHTS.match(k)}
-    name, kind = architecture_of(d2, path)
+    found = architecture_of(d2, path)
     # Detectron2's FrozenBatchNorm of files without running statistics (Caffe2-converted): mean 0, var 1
     for key in [k for k in d2 if k.endswith(".norm.weight")]:
         base = key[: -len("weight")]
@@ -117,7 +127,7 @@ def to_torchvision_layout(d2: dict[str, Tensor], path: str,
     ours: dict[str, Tensor] = {}
     unused = []
     for key, value in d2.items():
-        targets = _our_keys(key, kind)
+        targets = _our_keys(key, found.kind)
         if not targets:
             unused.append(key)
         for target in targets:
@@ -126,7 +136,7 @@ def to_torchvision_layout(d2: dict[str, Tensor], path: str,
         raise ValueError(f"{path}: {len(unused)} Detectron2 weights this Mask R-CNN has no place for, e.g. "
                          f"{sorted(unused)[:5]}")
     num_labels = _classes_to_torchvision(ours, path, label_ids)
-    return name, ours, num_labels
+    return found.name, ours, num_labels
 
 
 def _classes_to_torchvision(sd: dict[str, Tensor], path: str, label_ids: Optional[Sequence[int]]) -> int:
