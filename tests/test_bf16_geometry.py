@@ -338,3 +338,27 @@ def test_frozen_batchnorm_keeps_the_autocast_dtype(frozen_pair, dtype):
     assert {"Conv2d", "FrozenBatchNorm2d", "ReLU", "Bottleneck", "MaxPool2d"} <= kinds
     # 53 norm layers, 53 convs, 49 ReLU calls, 16 blocks, 4 stages, 4 downsample branches, maxpool, the body
     assert len(outputs) == 53 + 53 + 49 + 16 + 4 + 4 + 1 + 4
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_roi_pool_pooler_keeps_fp32_corners(levels, dtype):
+    # RoIPool rounds box corners to the grid; in bf16/fp16 a 1333-px coordinate is off by up to 4 px
+    # before that rounding. The pooler must pool the reduced-precision features with fp32 boxes.
+    g = torch.Generator().manual_seed(0)
+    names = [f"p{i}" for i in range(levels)]
+    feats = OrderedDict((n, torch.randn(1, 8, 200 >> i, 334 >> i, generator=g).to(dtype)) for i, n in enumerate(names))
+    xy = torch.rand(400, 2, generator=g) * torch.tensor([1200.0, 700.0])
+    wh = 8 + torch.rand(400, 2, generator=g) * 120
+    boxes = [torch.cat([xy, xy + wh], dim=1)]
+    pooler = MultiScaleRoIAlign(names, 7, 2, pooler="roi_pool")
+    out = pooler(feats, boxes, [IMAGE])
+    assert out.dtype == dtype and out.shape == (400, 8, 7, 7)
+    # the reference: the same values pooled in fp32 from fp32 boxes (a maximum is exact in any dtype)
+    ref = MultiScaleRoIAlign(names, 7, 2, pooler="roi_pool")(
+        OrderedDict((n, f.float()) for n, f in feats.items()), boxes, [IMAGE])
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0)
+    # non-vacuous: boxes rounded to the reduced dtype pool other cells for many of the 400 RoIs
+    rounded = MultiScaleRoIAlign(names, 7, 2, pooler="roi_pool")(
+        OrderedDict((n, f.float()) for n, f in feats.items()), [b.to(dtype).float() for b in boxes], [IMAGE])
+    assert (rounded != ref).flatten(1).any(dim=1).sum() >= 50

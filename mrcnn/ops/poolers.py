@@ -111,12 +111,16 @@ def _multiscale_roi_align(features: List[Tensor], boxes: List[Tensor], scales: L
     if len(features) > 1:  # one map: every RoI is on level 0 (no level tensor is made)
         levels = _level_mapper(scales, canonical_scale, canonical_level, convention)(boxes)
     if pooler == "roi_pool":
+        # RoIPool computes its bins in the input's dtype: under bf16/fp16 that rounds corners by
+        # several cells, so it pools fp32 features (a max picks values, the result is exact).
+        dtype = features[0].dtype
+        work = torch.float32 if dtype == torch.bfloat16 or dtype == torch.float16 else dtype
         if levels is None:
-            return ops.roi_pool(features[0], rois.to(features[0].dtype), scales[0], ph, pw)[0]
+            return ops.roi_pool(features[0].to(work), rois.to(work), scales[0], ph, pw)[0].to(dtype)
         out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
         for level, feature in enumerate(features):
             idx = torch.where(levels == level)[0]
-            out[idx] = ops.roi_pool(feature, rois[idx].to(feature.dtype), scales[level], ph, pw)[0]
+            out[idx] = ops.roi_pool(feature.to(work), rois[idx].to(work), scales[level], ph, pw)[0].to(dtype)
         return out
     aligned = pooler == "roi_align"
     if pooler == "roi_warp":  # corners in cells of each RoI's level: the kernel's scales are 1
