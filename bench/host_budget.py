@@ -212,6 +212,7 @@ def stages(paths: list[str], batch: int, decode: str, detections: int) -> tuple[
     import pyarrow.parquet as pq
     import torch
 
+    from jobs.infer import schema
     from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
     from jobs.infer.pipeline import model_input_size
     from mrcnn.checkpoint import read_metadata
@@ -219,7 +220,8 @@ def stages(paths: list[str], batch: int, decode: str, detections: int) -> tuple[
     torch.set_num_threads(1)
     install_stand_in(detections)
     actor = PredictorActor(WEIGHTS, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
-                           device="cpu", micro_batch=batch, num_threads=1, decode=decode)
+                           device="cpu", micro_batch=batch, num_threads=1,
+                           settings=schema.settings_key(decode=decode))
     model_input = model_input_size(read_metadata(WEIGHTS)) if decode == "sized" else None
     kw = {"model_input": model_input, "jpeg_on_device": decode == "device"}
     with tempfile.TemporaryDirectory() as out:
@@ -250,7 +252,8 @@ def _init_ray(detections: int) -> None:
 def job(image_dir: str, out: str, batch: int, decode: str, detections: int) -> tuple[float, dict, int]:
     import ray
 
-    from jobs.infer.pipeline import JobConfig, run_job
+    from jobs.infer.config import JobConfig
+    from jobs.infer.pipeline import run_job
 
     _init_ray(detections)
     try:

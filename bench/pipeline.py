@@ -134,7 +134,8 @@ def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor
     import ray
 
     from jobs.infer.__main__ import embedded_num_cpus
-    from jobs.infer.pipeline import JobConfig, pool_size, run_job
+    from jobs.infer.config import JobConfig
+    from jobs.infer.pipeline import pool_size, run_job
 
     # the embedded cluster of `python -m jobs.infer`
     ray.init(num_cpus=embedded_num_cpus(), include_dashboard=False, log_to_driver=False)

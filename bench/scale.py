@@ -146,7 +146,8 @@ def _manifest(root: str) -> str:
 
 
 def _plan(run, manifest: str, out: str):
-    from jobs.infer.plan import planner, state
+    from jobs.infer.commit import state
+    from jobs.infer.plan import planner
 
     return planner.make_plan(run, manifest, state.current(out), checkpoint_sha256="c" * 64, full=False)
 
@@ -167,7 +168,7 @@ def phase_first(p: dict, n: int) -> dict:
 
 def phase_fold(p: dict, n: int) -> dict:
     from jobs.infer.commit import protocol
-    from jobs.infer.plan import state
+    from jobs.infer.commit import state
 
     _ray()
     base = rss_mb()
@@ -232,9 +233,9 @@ def phase_nightly(p: dict, n: int) -> dict:
 
     from jobs.infer import pipeline
     from jobs.infer.commit import protocol
-    from jobs.infer.commit.summary import RunSummary
+    from jobs.infer.summary import RunSummary
     from jobs.infer.execute.parts import remote_finalize, write_parts
-    from jobs.infer.plan import state
+    from jobs.infer.commit import state
 
     _ray()
     base = rss_mb()

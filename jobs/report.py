@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from jobs import render
 from jobs.infer.commit import protocol
-from jobs.infer.commit.summary import read_summary
+from jobs.infer.summary import read_summary
 from jobs.infer.schema import SCHEMA
 from jobs.storage import join, resolve, write_atomic
 

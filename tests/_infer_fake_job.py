@@ -19,10 +19,12 @@ from pycocotools import mask as mask_utils
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.commit.summary import RunSummary
+from jobs.infer.summary import RunSummary
 from jobs.infer.execute.decode import DecodeError, decode_image
-from jobs.infer.plan import planner, state
-from jobs.storage import ReadError, SourceObject, read_object, resolve
+from jobs.infer.commit import state
+from jobs.infer.plan import planner
+from jobs.infer.schema import PLAN_SCHEMA, SourceObject
+from jobs.storage import ReadError, read_object, resolve
 
 MODEL = "fake-maskrcnn"
 
@@ -86,7 +88,7 @@ def _plan_shards(output_uri, files):
     for path in files:
         table = state.read_table(fs, path)
         items: dict[str, list] = {}
-        for uri, etag, size, error, kind, shard_id in zip(*(table.column(c).to_pylist() for c in planner.PLAN_SCHEMA.names)):
+        for uri, etag, size, error, kind, shard_id in zip(*(table.column(c).to_pylist() for c in PLAN_SCHEMA.names)):
             items.setdefault(shard_id, []).append(SourceObject(uri, etag, None if size == -1 else size, error, kind))
         for shard_id, objs in items.items():
             yield protocol.Shard(shard_id, tuple(objs))

@@ -12,8 +12,9 @@ import pyarrow.dataset as pads
 from jobs.infer import schema
 from jobs.infer.commit.protocol import committed_files
 from jobs.infer.plan.planner import PlanStats
-from jobs.infer.plan.state import legacy_error_kind
-from jobs.storage import SourceObject, resolve
+from jobs.infer.commit.state import legacy_error_kind
+from jobs.infer.schema import SourceObject
+from jobs.storage import resolve
 
 
 class StateEntry(NamedTuple):

@@ -75,12 +75,9 @@ def in_process_dataset(monkeypatch):
     actors = {}
 
     def build(cfg, plan_files, *, run, ckpt, pass_no=1):
-        key = (run.run_id, ckpt.sha256, cfg.score_thresh, cfg.max_instances, cfg.precision, cfg.decode)
-        if key not in actors:
-            actors[key] = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256,
-                                         run_id=run.run_id, micro_batch=cfg.batch_size, score_thresh=cfg.score_thresh,
-                                         max_instances=cfg.max_instances, precision=cfg.precision,
-                                         decode=cfg.decode)
+        key = (run.run_id, ckpt.sha256, cfg.settings)
+        if key not in actors:  # the job's actor, but on this process's torch threads
+            actors[key] = PredictorActor(cfg.weights, **{**pipeline.actor_kwargs(cfg, ckpt, run), "num_threads": None})
         actor = actors[key]
         fs, _ = resolve(cfg.output)
 

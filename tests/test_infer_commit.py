@@ -22,9 +22,11 @@ from PIL import Image
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.plan import planner, state
+from jobs.infer.commit import state
+from jobs.infer.plan import planner
 from jobs.infer.plan.listing import list_inputs
-from jobs.storage import SourceObject, resolve
+from jobs.infer.schema import SourceObject
+from jobs.storage import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _infer_fake_job import run_job  # noqa: E402
@@ -139,7 +141,7 @@ def items(n, prefix="s3://b/k"):
 
 def test_shards_are_content_defined_and_survive_removal_of_committed_shards():
     objs = items(600)
-    shards = list(protocol.make_shards(objs, checkpoint_sha256=CKPT, target_size=20))
+    shards = list(planner.make_shards(objs, checkpoint_sha256=CKPT, target_size=20))
     sizes = [len(s.items) for s in shards]
     assert sum(sizes) == 600 and [o for s in shards for o in s.items] == objs
     assert all(10 <= n <= 40 for n in sizes[:-1]), sizes
@@ -147,7 +149,7 @@ def test_shards_are_content_defined_and_survive_removal_of_committed_shards():
     # A resumed run plans without the shards already committed: the others are unchanged.
     committed = {1, 4, 5, len(shards) - 2}
     remaining = [o for i, s in enumerate(shards) if i not in committed for o in s.items]
-    again = list(protocol.make_shards(remaining, checkpoint_sha256=CKPT, target_size=20))
+    again = list(planner.make_shards(remaining, checkpoint_sha256=CKPT, target_size=20))
     assert [s.shard_id for s in again] == [s.shard_id for i, s in enumerate(shards) if i not in committed]
 
 
@@ -155,19 +157,19 @@ def test_shards_resynchronise_after_new_items_appear_in_the_listing():
     # New objects listed between a kill and the rerun change only the shards around them,
     # so the staged shards elsewhere are still reused (fixed-size chunks would all shift).
     objs = items(600)
-    before = [s.shard_id for s in protocol.make_shards(objs, checkpoint_sha256=CKPT, target_size=20)]
+    before = [s.shard_id for s in planner.make_shards(objs, checkpoint_sha256=CKPT, target_size=20)]
     inserted = objs[:100] + items(3, "s3://b/new") + objs[100:]
-    after = [s.shard_id for s in protocol.make_shards(inserted, checkpoint_sha256=CKPT, target_size=20)]
+    after = [s.shard_id for s in planner.make_shards(inserted, checkpoint_sha256=CKPT, target_size=20)]
     kept = len(set(before) & set(after))
     assert kept >= len(before) - 3, (kept, len(before))
 
 
 def test_shard_id_depends_on_content_and_checkpoint_not_order():
     a = items(5)
-    assert protocol.shard_id_for(a, CKPT) == protocol.shard_id_for(a[::-1], CKPT)
-    assert protocol.shard_id_for(a, CKPT) != protocol.shard_id_for(a, "b" * 64)
+    assert planner.shard_id_for(a, CKPT) == planner.shard_id_for(a[::-1], CKPT)
+    assert planner.shard_id_for(a, CKPT) != planner.shard_id_for(a, "b" * 64)
     changed = a[:4] + [SourceObject(a[4].image_uri, "other-etag", a[4].source_size)]
-    assert protocol.shard_id_for(a, CKPT) != protocol.shard_id_for(changed, CKPT)
+    assert planner.shard_id_for(a, CKPT) != planner.shard_id_for(changed, CKPT)
 
 
 # ------------------------------------------------------------------ a clean run
@@ -389,7 +391,7 @@ def _rows(run, objs):
 def test_stage_rejects_rows_that_do_not_match_the_shard(tmp_path):
     run = protocol.begin_run(str(tmp_path / "out"), {})
     objs = items(3, "file:///x/")
-    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
+    shard = protocol.Shard(planner.shard_id_for(objs, CKPT), tuple(objs))
     with pytest.raises(ValueError, match="one row per shard item"):
         run.stage(shard, _rows(run, objs[:2]))
     with pytest.raises(ValueError, match="one row per shard item"):
@@ -397,7 +399,7 @@ def test_stage_rejects_rows_that_do_not_match_the_shard(tmp_path):
     assert not run.is_staged(shard)
     run.stage(shard, _rows(run, objs))
     assert run.is_staged(shard)
-    other = protocol.Shard(protocol.shard_id_for(objs, "b" * 64), tuple(objs))
+    other = protocol.Shard(planner.shard_id_for(objs, "b" * 64), tuple(objs))
     assert not run.is_staged(other)
     # A torn staged file is not taken for a staged shard.
     path = run.staged_path(shard.shard_id)
@@ -410,7 +412,7 @@ def test_finish_refuses_an_image_committed_twice(tmp_path):
     run = protocol.begin_run(out, {})
     objs = items(3, "file:///x/")
     for group in (objs[:2], objs[1:]):
-        shard = protocol.Shard(protocol.shard_id_for(group, CKPT), tuple(group))
+        shard = protocol.Shard(planner.shard_id_for(group, CKPT), tuple(group))
         run.stage(shard, _rows(run, group))
         run.commit(shard.shard_id)
     with pytest.raises(RuntimeError, match="1 images have more than one committed row"):
@@ -424,7 +426,7 @@ def test_staged_files_are_invisible_to_readers(tmp_path):
     out = str(tmp_path / "out")
     run = protocol.begin_run(out, {})
     objs = items(3, "file:///x/")
-    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
+    shard = protocol.Shard(planner.shard_id_for(objs, CKPT), tuple(objs))
     run.stage(shard, _rows(run, objs))
     assert Path(run.staged_path(shard.shard_id)).exists()
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 0

@@ -23,12 +23,12 @@ from PIL import Image
 
 from jobs.infer import pipeline
 from jobs.infer.commit import protocol
-from jobs.infer.commit.summary import read_summary
+from jobs.infer.summary import read_summary
 from jobs.storage import RetryPolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
-FAST_RETRY = RetryPolicy(attempts=3, base_s=0.01, cap_s=0.05)
+FAST_RETRY = RetryPolicy(attempts=3, base_s=0.01)
 
 
 def _put_inputs(bucket, n, *, corrupt=()):
@@ -50,7 +50,7 @@ def _put_inputs(bucket, n, *, corrupt=()):
 
 def _config(bucket, out, **kw):
     defaults = dict(input=f"s3://{bucket}/in/", output=str(out), weights=WEIGHTS, images_per_shard=4, batch_size=2,
-                    read_retry=FAST_RETRY)
+                    read_attempts=FAST_RETRY.attempts, read_backoff=FAST_RETRY.base_s)
     return pipeline.JobConfig(**{**defaults, **kw})
 
 

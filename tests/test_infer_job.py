@@ -381,7 +381,8 @@ def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_s
 
 
 def test_pool_size_follows_the_cluster_unless_given():
-    from jobs.infer.pipeline import JobConfig, pool_size
+    from jobs.infer.config import JobConfig
+    from jobs.infer.pipeline import pool_size
 
     cfg = dict(input="in", output="out", weights="w.pt")
     # CPU actors: one per CPU after the decode stage's share

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.infer.commit import protocol
-from jobs.infer.plan import listing, planner, state
+from jobs.infer.commit import state
+from jobs.infer.plan import listing, planner
 from jobs.infer.plan.inventory import iter_inventory
 from jobs.infer.plan.listing import list_inputs
-from jobs.storage import IMAGE_EXTENSIONS, RetryPolicy, list_prefix
+from jobs.infer.plan.sources import list_prefix
 from test_infer_inventory import _listed, _rows, _s3, write_inventory
 
 # Keys chosen so that a common prefix sorts between objects of its own level ("a.jpg" < "a/" <
@@ -22,7 +23,6 @@ from test_infer_inventory import _listed, _rows, _s3, write_inventory
 TREE = ["a.jpg", "a/1.jpg", "a/2/x.png", "a/2/y.png", "a-b/c.jpg", "a0.jpg", "a b/ñandú.jpg", "b/", "b/c/d/e/f.jpg",
         "b/c/d/g.jpg", "b/c/h.jpg", "b/i.jpg", "ü/x.jpg", "z.jpg", "zz/", "zz/0.jpg", "zz/1.jpg", "zz/2.jpg",
         "zz/3/4.jpg"]
-EXTS = frozenset(IMAGE_EXTENSIONS)
 OUTSIDE = ["arch.jpg", "arch2/x.jpg", "archive/y.jpg"]
 
 
@@ -62,14 +62,12 @@ def test_a_split_prefix_is_the_serial_listing_in_its_order(s3_bucket, monkeypatc
     assert _flat(parts) == serial  # the same objects, etags, sizes, in the same order
 
 
-def test_serial_without_ray(s3_bucket):
+def _in_tasks(parts):
+    """Each part listed by a Ray task, as the planner's listing tasks list them; in part order."""
     import ray
 
-    assert not ray.is_initialized()  # runs before this module starts its Ray
-    _put(s3_bucket, ["p/a/1.jpg", "p/b/2.jpg"])
-    assert not listing.can_list_in_parallel(f"s3://{s3_bucket}/p")
-    assert [o.image_uri for o in list_inputs(f"s3://{s3_bucket}/p", list_tasks=8)] == [
-        f"s3://{s3_bucket}/p/a/1.jpg", f"s3://{s3_bucket}/p/b/2.jpg"]
+    task = ray.remote(lambda part: list(listing.part_objects(part)))
+    return [o for objects in ray.get([task.remote(p) for p in parts]) for o in objects]
 
 
 def test_listing_in_tasks_gives_the_serial_listing(s3_bucket, ray_workers, monkeypatch):
@@ -80,12 +78,10 @@ def test_listing_in_tasks_gives_the_serial_listing(s3_bucket, ray_workers, monke
     real_split = listing.split_prefix
     monkeypatch.setattr(listing, "split_prefix", lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1])
     for list_tasks in (1, 4, 64):
-        assert list(list_inputs(uri, list_tasks=list_tasks)) == serial
+        assert _in_tasks(listing.input_parts(uri, list_tasks=list_tasks)) == serial
     assert len(serial) == 17
     # split as asked, each prefix part listed by a task: one level (6 prefixes), then three
     assert [sum(p.prefix is not None for p in parts) for parts in splits] == [6, 6, 1]
-    # tasks in flight bounded by one: the same order still
-    assert list(listing._ordered(listing.input_parts(uri, list_tasks=64), EXTS, RetryPolicy(), max_in_flight=1)) == serial
 
 
 def test_levels_too_flat_to_split_are_listed_whole(s3_bucket, monkeypatch):
@@ -105,7 +101,7 @@ def test_a_flat_prefix_is_listed_by_the_split_alone(s3_bucket, ray_workers, monk
     monkeypatch.setattr(listing, "CHUNK", 4)
     parts = listing.split_prefix(f"s3://{s3_bucket}/flat")
     assert [p.prefix for p in parts] == [None] and len(parts[0].objects) == 25
-    assert list(list_inputs(f"s3://{s3_bucket}/flat", list_tasks=8)) == list(list_prefix(f"s3://{s3_bucket}/flat"))
+    assert _in_tasks(listing.input_parts(f"s3://{s3_bucket}/flat", list_tasks=8)) == list(list_prefix(f"s3://{s3_bucket}/flat"))
 
 
 @pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
@@ -118,8 +114,7 @@ def test_inventory_data_files_read_in_tasks_give_the_serial_read(s3_bucket, ray_
     assert len(serial) == 17
     parts = listing.input_parts(manifest, list_tasks=4)
     assert [p.inventory[1].uri for p in parts] == [f.uri for f in parts[0].inventory[0].files] and len(parts) == 3
-    assert list(listing._ordered(parts, EXTS, RetryPolicy(), max_in_flight=1)) == serial
-    assert list(list_inputs(manifest, list_tasks=4)) == list(list_inputs(manifest))
+    assert _in_tasks(parts) == serial == list(list_inputs(manifest))
 
 
 def test_planning_in_tasks_gives_the_same_shards_whatever_the_listing(s3_bucket, ray_workers, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from jobs.infer import pipeline
 from jobs.infer.commit import protocol
-from jobs.infer.commit.summary import read_summary
+from jobs.infer.summary import read_summary
 from jobs.infer.execute import parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Incremental state as a table and planning by hash bucket (jobs/infer/plan/state.py, jobs/infer/plan/planner.py).
+"""Incremental state as a table and planning by hash bucket (jobs/infer/commit/state.py, jobs/infer/plan/planner.py).
 
 The bucketed plan is compared with today's driver-side planner (tests/_plan_reference.py: the
 committed-state dict and the per-object loop) on the same committed outputs and listings.
@@ -16,9 +16,10 @@ import pytest
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.plan import planner, state
+from jobs.infer.commit import state
+from jobs.infer.plan import planner
 from jobs.infer.plan.planner import PlanStats, group_buckets, listed_table, plan_rows
-from jobs.storage import SourceObject
+from jobs.infer.schema import SourceObject
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _plan_reference import committed_state, plan_work  # noqa: E402

@@ -14,6 +14,8 @@ from _infer_fake_job import run_job  # noqa: E402
 from test_infer_commit import CKPT, _local_write, input_files, png  # noqa: E402
 
 from jobs.infer.commit import protocol  # noqa: E402
+from jobs.infer.plan.planner import shard_id_for  # noqa: E402
+from jobs.infer.schema import SourceObject  # noqa: E402
 
 
 @pytest.mark.slow
@@ -32,8 +34,8 @@ def test_spark_reads_committed_rows_and_latest_per_image(tmp_path):
     run2, _ = run_job(str(inp), out, CKPT)
     # An uncommitted staged shard of a third run must stay invisible.
     run3 = protocol.begin_run(out, {"other": 1})
-    objs = [protocol.SourceObject(f"file:///x/{i}.jpg", "e", 1) for i in range(3)]
-    shard = protocol.Shard(protocol.shard_id_for(objs, CKPT), tuple(objs))
+    objs = [SourceObject(f"file:///x/{i}.jpg", "e", 1) for i in range(3)]
+    shard = protocol.Shard(shard_id_for(objs, CKPT), tuple(objs))
     from test_infer_commit import _rows
     run3.stage(shard, _rows(run3, objs))
 

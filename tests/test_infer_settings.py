@@ -29,6 +29,11 @@ def test_settings_key_is_canonical_and_null_without_settings():
     (["--max-instances", "0"], "--max-instances must be >= 1"),
     (["--precision", "fp16"], "fp16 needs GPU actors"),
     (["--precision", "int8"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--max-aspect", "0.5"], "--max-aspect must be >= 1"),
+    (["--list-tasks", "-1"], "--list-tasks must be >= 0"),
+    (["--num-cpus-per-actor", "0"], "--num-cpus-per-actor must be > 0"),
+    (["--read-backoff", "-1"], "--read-backoff must be >= 0"),
 ])
 def test_bad_settings_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -38,6 +43,27 @@ def test_bad_settings_are_usage_errors(argv, message, capsys):
     assert cfg.precision == "fp16"
     cfg = parse_args(["--input", "x", "--output", "y", "--weights", "z", "--precision", "bf16"])  # CPU actors
     assert cfg.precision == "bf16"
+
+
+def test_each_setting_is_declared_once_and_checked_from_python_too():
+    """The command line is JobConfig's fields: a flag for each (with its default), nothing else
+    but --report and --help; a config made in Python fails the same checks."""
+    import dataclasses
+
+    from jobs.infer.__main__ import build_parser
+    from jobs.infer.config import JobConfig
+    from jobs.infer.errors import UsageError
+
+    fields = [f for f in dataclasses.fields(JobConfig) if f.metadata["flag"]]
+    flags = {o for a in build_parser()._actions for o in a.option_strings}
+    assert len(fields) >= 24 and flags == {"--" + f.name.replace("_", "-") for f in fields} | {"--report", "-h", "--help"}
+    minimal = dict(input="x", output="y", weights="z")
+    assert parse_args(["--input", "x", "--output", "y", "--weights", "z"]) == JobConfig(**minimal)
+    with pytest.raises(UsageError, match="--images-per-shard must be >= 1, got 0"):
+        JobConfig(**minimal, images_per_shard=0)
+    with pytest.raises(UsageError, match="--decode must be one of sized, full, device"):
+        JobConfig(**minimal, decode="gpu")
+    assert JobConfig(**minimal, score_thresh=0.3, decode="full").settings == '{"decode": "full", "score_thresh": 0.3}'
 
 
 def test_cpu_actors_take_bf16_where_the_cpu_has_native_bf16(monkeypatch):

@@ -201,7 +201,7 @@ def test_jpegs_decoded_by_the_actor_give_the_rows_of_the_cpu_decode(tmp_path):
     assert [im.shape[0] for im in on_device["image"]] == [0, 0, 240, 0, 240]
     assert list(zip(on_device["width"], on_device["height"]))[:2] == [(320, 240), (240, 320)]
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
-                           decode="device")
+                           settings=schema.settings_key(decode="device"))
     device_rows = actor(on_device).to_pylist()
     assert actor.jpeg_fallbacks == 0  # both JPEGs sent to the actor were decoded by decode_jpeg
     cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
@@ -252,7 +252,7 @@ def test_nvjpeg_on_a_gpu_actor_finds_what_the_cpu_decode_finds(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(_jpeg(scenes[0])[:5000])
     uris.append(str(tmp_path / "cut.jpg"))
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=2,
-                           device="cuda", precision="fp32", decode="device")
+                           device="cuda", precision="fp32", settings=schema.settings_key(decode="device"))
     gpu = actor(decode_batch(plan_batch(uris), jpeg_on_device=True)).to_pylist()
     cpu = actor(decode_batch(plan_batch(uris), model_input=None)).to_pylist()
     assert [r["status"] for r in gpu] == ["ok"] * 4 + ["error"] and gpu[4]["error"] == cpu[4]["error"]
@@ -301,7 +301,7 @@ def test_every_exif_orientation_decoded_on_the_device_gives_the_rows_of_the_cpu_
     on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
     assert all(len(b) > 0 for b in on_device["jpeg"])
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
-                           decode="device")
+                           settings=schema.settings_key(decode="device"))
     device_rows = actor(on_device).to_pylist()
     assert actor.jpeg_fallbacks == 0
     cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()
@@ -349,7 +349,7 @@ def test_a_truncated_jpeg_is_an_error_row_on_the_device_path_too(tmp_path):
     on_device = decode_batch(plan_batch(uris), jpeg_on_device=True)
     assert [len(b) > 0 for b in on_device["jpeg"]] == [False] * 4 + [True] * 2
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
-                           decode="device")
+                           settings=schema.settings_key(decode="device"))
     device_rows = actor(on_device).to_pylist()
     full_rows = actor(decode_batch(plan_batch(uris), model_input=None)).to_pylist()
     assert actor.jpeg_fallbacks == 0
@@ -380,7 +380,7 @@ def test_a_jpeg_the_device_decoder_refuses_is_decoded_by_pillow(tmp_path, monkey
         pixels = img.permute(1, 2, 0).numpy() if isinstance(img, torch.Tensor) else img
         assert np.array_equal(pixels, decode_image(data))
     actor = PredictorActor(WEIGHTS, model_name="m", checkpoint_sha256="0" * 64, run_id="r", micro_batch=4,
-                           decode="device")
+                           settings=schema.settings_key(decode="device"))
     device_rows = actor(decode_batch(plan_batch(uris), jpeg_on_device=True)).to_pylist()
     assert actor.jpeg_fallbacks == 1
     cpu_rows = actor(decode_batch(plan_batch(uris))).to_pylist()

@@ -10,7 +10,9 @@ import pytest
 
 from jobs import storage
 from jobs.infer.plan.listing import list_inputs
-from jobs.storage import ReadError, SourceObject
+from jobs.infer.plan import sources
+from jobs.infer.schema import SourceObject
+from jobs.storage import ReadError
 
 
 def make_tree(root):
@@ -37,7 +39,7 @@ def make_tree(root):
 
 def test_local_listing_uris_sizes_etags(tmp_path):
     files = make_tree(tmp_path)
-    got = list(storage.list_prefix(str(tmp_path)))
+    got = list(sources.list_prefix(str(tmp_path)))
     assert len(got) == len(files)
     by_uri = {o.image_uri: o for o in got}
     for rel, data in files.items():
@@ -52,10 +54,10 @@ def test_local_listing_uris_sizes_etags(tmp_path):
 def test_local_etag_changes_when_file_is_rewritten(tmp_path):
     p = tmp_path / "x.jpg"
     p.write_bytes(b"1234")
-    before = next(storage.list_prefix(str(tmp_path)))
+    before = next(sources.list_prefix(str(tmp_path)))
     os.utime(p, ns=(1_000_000_000, 1_000_000_000))
     p.write_bytes(b"5678")  # same size, new mtime
-    after = next(storage.list_prefix(str(tmp_path)))
+    after = next(sources.list_prefix(str(tmp_path)))
     assert before.image_uri == after.image_uri and before.source_size == after.source_size == 4
     assert before.source_etag != after.source_etag
 
@@ -78,7 +80,7 @@ def test_local_listing_is_lazy(tmp_path, monkeypatch):
         return real(path)
 
     monkeypatch.setattr(os, "scandir", counting)
-    gen = storage.list_prefix(str(tmp_path))
+    gen = sources.list_prefix(str(tmp_path))
     assert isinstance(gen, types.GeneratorType)
     assert calls == []  # nothing listed before the first item is asked for
     first = next(gen)
@@ -90,7 +92,7 @@ def test_local_listing_is_lazy(tmp_path, monkeypatch):
 
 def test_missing_local_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="input directory not found"):
-        list(storage.list_prefix(str(tmp_path / "nope")))
+        list(sources.list_prefix(str(tmp_path / "nope")))
 
 
 def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
@@ -107,7 +109,7 @@ def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
     for name, opener in (("inputs.txt", open), ("inputs.txt.gz", gzip.open)):
         with opener(tmp_path / name, "wt") as f:
             f.write("\n".join(lines) + "\n")
-        uris = storage.iter_list_file(str(tmp_path / name))
+        uris = sources.iter_list_file(str(tmp_path / name))
         assert isinstance(uris, types.GeneratorType)
         assert list(uris) == [l for l in lines if l and not l.startswith("#")]
         got = list(list_inputs(str(tmp_path / name)))
@@ -128,7 +130,7 @@ def test_list_file_streams_uris_and_stats_them_in_order(tmp_path):
 def test_stat_uris_is_lazy_over_an_endless_input(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"x")
     endless = (str(tmp_path / "x.jpg") for _ in itertools.count())
-    first = list(itertools.islice(storage.stat_uris(endless, concurrency=4), 5))
+    first = list(itertools.islice(sources.stat_uris(endless, concurrency=4), 5))
     assert [o.source_size for o in first] == [1] * 5
 
 
@@ -144,10 +146,10 @@ def test_read_object_limits_and_errors(tmp_path):
 
 
 def test_normalize_etag():
-    assert storage.normalize_etag('"abc"') == "abc"
-    assert storage.normalize_etag('W/"abc-3"') == "abc-3"
-    assert storage.normalize_etag("") is None
-    assert storage.normalize_etag(None) is None
+    assert sources.normalize_etag('"abc"') == "abc"
+    assert sources.normalize_etag('W/"abc-3"') == "abc-3"
+    assert sources.normalize_etag("") is None
+    assert sources.normalize_etag(None) is None
 
 
 # ------------------------------------------------------------------ S3 (moto)
@@ -182,7 +184,7 @@ def test_s3_listing_streams_pages_with_etags_and_sizes(s3_bucket, monkeypatch):
         return real(method, **kw)
 
     monkeypatch.setattr(fs, "call_s3", counting)
-    gen = storage.list_prefix(f"s3://{s3_bucket}/imgs", page_size=10)
+    gen = sources.list_prefix(f"s3://{s3_bucket}/imgs", page_size=10)
     assert isinstance(gen, types.GeneratorType)
     first = next(gen)
     assert len(pages) == 1  # first item after one request, before the listing finishes
@@ -328,7 +330,7 @@ def test_read_object_rides_out_throttling_through_a_faulty_proxy(faulty_s3):
     proxy.reset()
     proxy.down = True  # listing pages fail as unavailable too, after their retries
     with pytest.raises(OSError) as e:
-        list(storage.list_prefix(f"s3://{bucket}/a", retry=storage.RetryPolicy(attempts=2, base_s=0.01)))
+        list(sources.list_prefix(f"s3://{bucket}/a", retry=storage.RetryPolicy(attempts=2, base_s=0.01)))
     assert storage.classify_storage_error(e.value) == "unavailable"
     proxy.reset()
-    assert [o.image_uri for o in storage.list_prefix(f"s3://{bucket}/a")] == [uri]
+    assert [o.image_uri for o in sources.list_prefix(f"s3://{bucket}/a")] == [uri]

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.infer.commit import protocol
-from jobs.infer.commit.summary import read_summary
+from jobs.infer.summary import read_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _infer_fake_job import run_job  # noqa: E402

@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from jobs import render, report
 from jobs.infer import schema
-from jobs.infer.commit.summary import RunSummary
+from jobs.infer.summary import RunSummary
 from jobs.infer.execute.decode import decode_image
 
 NAMES = {1: "cat", 2: "dog", 3: "bird"}

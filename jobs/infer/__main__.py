@@ -18,68 +18,17 @@ import sys
 import time
 import warnings
 
-from jobs.infer.commit.protocol import DEFAULT_SHARD_SIZE
-from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from jobs.infer.config import JobConfig, add_arguments, from_arguments
 from jobs.infer.errors import JobError
-from jobs.infer.pipeline import DECODE_MODES, DEFAULT_MAX_CONCURRENT_READS, JobConfig, run_job, settings_of
-from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS as DEFAULT_LIST_TASKS
-from jobs.storage import RetryPolicy
+from jobs.infer.pipeline import run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of every :class:`JobConfig` setting (``config.py`` declares them), and
+    ``--report``, which is not part of the run's parameters: adding it to a rerun still resumes
+    the run."""
     p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="image prefix/directory or list file (s3://... or local)")
-    p.add_argument("--output", required=True, help="output root (s3://... or local)")
-    p.add_argument("--weights", required=True,
-                   help="checkpoint path or URI: ours, a torchvision state_dict, or Detectron2's (.pth, zoo .pkl)")
-    p.add_argument("--model-config", default=None,
-                   help="a Detectron2 checkpoint's YAML config, _BASE_ files included (default: Detectron2's "
-                        "defaults); its test sizes, anchors, thresholds, pixel mean/std and input format apply")
-    p.add_argument("--class-names", default=None,
-                   help="file of class names for labels 1, 2, ... (one a line, or a JSON list), for a model "
-                        "whose file does not name its classes (default: the checkpoint's, COCO's for a COCO "
-                        "model, else the label numbers)")
-    p.add_argument("--full", action="store_true", help="process every image, not only new or changed ones")
-    p.add_argument("--num-actors", type=int, default=None,
-                   help="model actors (default: as many as the cluster's GPUs, or CPUs, hold)")
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="GPUs per actor; 0 = CPU actors")
-    p.add_argument("--num-cpus-per-actor", type=float, default=1.0,
-                   help="CPUs per actor (torch threads on CPU; one replica per core outruns one replica on many)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per model call")
-    p.add_argument("--score-thresh", type=float, default=None,
-                   help="keep instances scoring above this (default: the checkpoint's own threshold)")
-    p.add_argument("--max-instances", type=int, default=None,
-                   help="instances kept per image, the highest scores (default: the checkpoint's own)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="the model's arithmetic (default: bf16 on GPU actors, fp32 on CPU actors; bf16 on CPU "
-                        "actors needs AVX512_BF16 or AMX, fp16 a GPU). Like the three flags here, changing it "
-                        "gives every image a new result: the next run reprocesses all")
-    p.add_argument("--decode", choices=DECODE_MODES, default="sized",
-                   help="sized (default): a JPEG over twice the model's input is decoded DCT-downscaled to at "
-                        "least that input (rows and masks stay full-size); full: every image at full size; "
-                        "device: the model actor decodes JPEGs on its device (nvJPEG on GPU actors) and the "
-                        "CPU tasks only read bytes. An output setting like --precision")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    p.add_argument("--max-aspect", type=float, default=DEFAULT_MAX_ASPECT)
-    p.add_argument("--images-per-shard", type=int, default=DEFAULT_SHARD_SIZE, help="target rows per output file")
-    p.add_argument("--read-attempts", type=int, default=RetryPolicy.attempts,
-                   help="tries per read, listing page and stat while the store answers as unavailable "
-                        "(throttling, 5xx, timeouts, connection errors)")
-    p.add_argument("--read-backoff", type=float, default=RetryPolicy.base_s,
-                   help="seconds: retry i waits a random time up to min(%(default)s * 2**i, 30)")
-    p.add_argument("--list-tasks", type=int, default=DEFAULT_LIST_TASKS,
-                   help="list an S3 prefix split on its common prefixes into about this many parts, and an "
-                        "inventory's data files one per part, in Ray tasks; 0 lists the whole input in one task")
-    p.add_argument("--max-concurrent-reads", type=int, default=DEFAULT_MAX_CONCURRENT_READS,
-                   help="decode tasks at once, cluster-wide: each reads one object at a time, so this caps the "
-                        "GETs in flight (the default stays within S3's 5,500 GET/s of a partitioned prefix "
-                        "at 100 ms per GET)")
-    p.add_argument("--passes", type=int, default=JobConfig.passes,
-                   help="passes over the images whose reads still failed in storage; the last pass "
-                        "commits them as error rows that the next run plans again")
-    p.add_argument("--run-id", default=None, help="resume or create this run id")
-    p.add_argument("--break-lock", action="store_true",
-                   help="take the output's writer lease over at once (only when the run holding it is gone)")
+    add_arguments(p)
     p.add_argument("--report", action="store_true",
                    help="when the run finishes, write its HTML report to OUTPUT/_runs/<run_id>/report.html")
     return p
@@ -87,37 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> JobConfig:
     p = build_parser()
-    return _config(p, p.parse_args(argv))
-
-
-def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
-    # --report is not part of the run's parameters: adding it to a rerun still resumes the run.
-    for name in ("num_actors", "batch_size", "images_per_shard", "max_pixels", "read_attempts", "passes",
-                 "max_concurrent_reads"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.list_tasks < 0:
-        p.error("--list-tasks must be >= 0")
-    if a.num_gpus_per_actor < 0 or a.num_cpus_per_actor <= 0:
-        p.error("--num-gpus-per-actor must be >= 0 and --num-cpus-per-actor > 0")
-    if a.read_backoff < 0:
-        p.error("--read-backoff must be >= 0")
-    cfg = JobConfig(
-        input=a.input, output=a.output, weights=a.weights, model_config=a.model_config, class_names=a.class_names,
-        full=a.full, num_actors=a.num_actors,
-        num_gpus_per_actor=a.num_gpus_per_actor, num_cpus_per_actor=a.num_cpus_per_actor,
-        batch_size=a.batch_size, max_pixels=a.max_pixels, max_aspect=a.max_aspect,
-        images_per_shard=a.images_per_shard, run_id=a.run_id, break_lock=a.break_lock,
-        read_retry=RetryPolicy(attempts=a.read_attempts, base_s=a.read_backoff), passes=a.passes,
-        max_concurrent_reads=a.max_concurrent_reads, list_tasks=a.list_tasks,
-        score_thresh=a.score_thresh, max_instances=a.max_instances, precision=a.precision,
-        decode=a.decode,
-    )
-    try:
-        settings_of(cfg)  # the output settings' checks, as usage errors before Ray starts
-    except ValueError as e:
-        p.error(str(e))
-    return cfg
+    return from_arguments(p, p.parse_args(argv))
 
 
 def embedded_num_cpus() -> int:
@@ -222,7 +141,7 @@ def _reason(e: JobError) -> str:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    cfg = _config(p, args)
+    cfg = from_arguments(p, args)
     import ray
 
     started = False

@@ -5,7 +5,7 @@ Flow (the same as ``tests/_infer_fake_job.py``, with the model in Ray Data):
 1. ``begin_run`` (resumes the same command's unfinished run), fold a killed attempt's commits
    into the state table (``state.fold``), and plan by hash bucket in Ray tasks
    (``planner.make_plan``): the listing and the state meet bucket by bucket, and the plan is
-   written as Parquet files of items with their shard (``planner.PLAN_SCHEMA``). The driver
+   written as Parquet files of items with their shard (``schema.PLAN_SCHEMA``). The driver
    holds paths and a shard_id -> item count map, never an object or a state row.
 2. Shards already staged by a killed attempt are committed at once.
 3. ``read_parquet(plan)`` -> ``map_batches(decode_batch)`` (CPU tasks; ``num_cpus``
@@ -39,17 +39,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 from jobs.infer import schema
-from jobs.infer.commit import protocol
+from jobs.infer.commit import protocol, state
 from jobs.infer.commit.lock import WriterLease
-from jobs.infer.errors import InfraError, LockedError, StorageOutage, UsageError
-from jobs.infer.commit.summary import RunSummary
-from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+from jobs.infer.config import JobConfig
+from jobs.infer.errors import InfraError, LockedError, StorageOutage
 from jobs.infer.execute.parts import finalize_shard, remote_finalize, write_parts
 from jobs.infer.execute.stages import PredictorActor, decode_batch
-from jobs.infer.plan import state
-from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS
-from jobs.infer.plan.planner import SHARD_COLUMN, ListingError, make_plan, write_shards_plan
-from jobs.storage import RetryPolicy, SourceObject, describe_error, resolve
+from jobs.infer.plan.planner import ListingError, make_plan, write_shards_plan
+from jobs.infer.schema import SHARD_COLUMN, SourceObject
+from jobs.infer.summary import RunSummary
+from jobs.storage import describe_error, resolve
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +68,6 @@ BLOCK_BATCHES = 4
 DECODE_TASK_RETRIES = 4
 ACTOR_RESTARTS = 8
 ACTOR_TASK_RETRIES = -1
-# Cap on decode tasks running at once, cluster-wide. A task reads one object at a time, so
-# this bounds the GETs in flight: S3 serves at least 5,500 GET/HEAD per second per partitioned
-# prefix, and at its typical 100-200 ms per small-object GET, 512 readers stay at about
-# 2,500-5,000 GET/s, within one partition's rate before any decoding time is counted.
-DEFAULT_MAX_CONCURRENT_READS = 512
 # Result rows a part file holds at most (a part holds one shard's rows of one batch), and the
 # write tasks at once: parts of a few hundred rows keep the PUTs few and the shard merges cheap.
 WRITE_BATCH_ROWS = 256
@@ -113,61 +107,6 @@ class StorageHealth:
             raise StorageOutage(
                 f"storage failing: {self.failures} of the last {n} images could not be read ({self.example}); "
                 "their rows were not committed: run the same command again once the store answers")
-
-
-# How images are decoded: large JPEGs DCT-downscaled to the model's input in the CPU tasks
-# (sized), everything at full size in the CPU tasks (full), or JPEGs by the model actor on its
-# device, nvJPEG on a GPU (device; the CPU tasks only read bytes and check headers).
-DECODE_MODES = ("sized", "full", "device")
-
-
-@dataclass
-class JobConfig:
-    input: str
-    output: str
-    weights: str
-    model_config: str | None = None  # a Detectron2 checkpoint's YAML config (None: Detectron2's defaults)
-    class_names: str | None = None  # a file of names for labels 1, 2, ... (None: the checkpoint's)
-    full: bool = False
-    num_actors: int | None = None  # None: sized from the cluster (pool_size)
-    num_gpus_per_actor: float = 0.0
-    num_cpus_per_actor: float = 1.0
-    batch_size: int = 4
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_aspect: float = DEFAULT_MAX_ASPECT
-    images_per_shard: int = protocol.DEFAULT_SHARD_SIZE
-    run_id: str | None = None
-    decode_cpus: float = 0.5
-    max_concurrent_reads: int = DEFAULT_MAX_CONCURRENT_READS
-    list_tasks: int = DEFAULT_TARGET_PARTS  # listing parts for Ray tasks (listing.py); 0: on the driver
-    score_thresh: float | None = None  # output settings; None: the checkpoint's own
-    max_instances: int | None = None
-    precision: str | None = None  # fp32, bf16 (CPU actors too), fp16 (GPU); None: bf16 on GPU, fp32 on CPU
-    decode: str = "sized"  # sized, full or device (DECODE_MODES; an output setting)
-    break_lock: bool = False
-    read_retry: RetryPolicy = RetryPolicy()  # per read, listing page and stat
-    passes: int = 2  # pipeline passes over images whose reads failed in storage
-    outage_window: int = 200  # StorageHealth's settings
-    outage_fraction: float = 0.5
-    outage_min_failures: int = 10
-
-
-def settings_of(cfg: JobConfig) -> str | None:
-    """The run's ``settings`` (rows, run parameters, incremental planning); checks them first."""
-    if cfg.score_thresh is not None and not 0.0 <= cfg.score_thresh <= 1.0:
-        raise UsageError(f"--score-thresh must be in [0, 1], got {cfg.score_thresh}")
-    if cfg.max_instances is not None and cfg.max_instances < 1:
-        raise UsageError(f"--max-instances must be >= 1, got {cfg.max_instances}")
-    if cfg.decode not in DECODE_MODES:
-        raise UsageError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {cfg.decode!r}")
-    if cfg.precision is not None:
-        if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise UsageError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-        if cfg.precision == "fp16" and cfg.num_gpus_per_actor <= 0:
-            raise UsageError("--precision fp16 needs GPU actors (--num-gpus-per-actor > 0); CPU actors run "
-                             "fp32 or bf16")
-    return schema.settings_key(score_thresh=cfg.score_thresh, max_instances=cfg.max_instances,
-                               precision=cfg.precision, decode=cfg.decode)
 
 
 @dataclass(frozen=True)
@@ -309,6 +248,26 @@ def decode_kwargs(cfg: JobConfig, ckpt: CheckpointInfo) -> dict:
             "jpeg_on_device": cfg.decode == "device"}
 
 
+def actor_kwargs(cfg: JobConfig, ckpt: CheckpointInfo, run: protocol.Run) -> dict:
+    """PredictorActor's keyword arguments for this run (the weights file is its one argument)."""
+    use_gpu = cfg.num_gpus_per_actor > 0
+    return {
+        "model_config": cfg.model_config,
+        "class_names": list(ckpt.class_names) if ckpt.class_names else None,
+        "model_name": ckpt.model_name,
+        "checkpoint_sha256": ckpt.sha256,
+        "run_id": run.run_id,
+        "device": "cuda" if use_gpu else "cpu",
+        "micro_batch": cfg.batch_size,
+        "num_threads": None if use_gpu else max(1, int(cfg.num_cpus_per_actor)),
+        "score_thresh": cfg.score_thresh,
+        "max_instances": cfg.max_instances,
+        "precision": cfg.precision,
+        "settings": cfg.settings,
+        "overlap": use_gpu,
+    }
+
+
 def model_actor_options(size: int, *, overlap: bool) -> dict:
     """map_batches options of the model actor pool. With ``overlap`` (GPU actors) each actor runs
     two calls at once in two threads: the Predictor serialises their forwards, so one call's host
@@ -343,21 +302,7 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, c
     return ds.map_batches(
         PredictorActor,
         fn_constructor_args=(cfg.weights,),
-        fn_constructor_kwargs={
-            "model_config": cfg.model_config,
-            "class_names": list(ckpt.class_names) if ckpt.class_names else None,
-            "model_name": ckpt.model_name,
-            "checkpoint_sha256": ckpt.sha256,
-            "run_id": run.run_id,
-            "device": "cuda" if use_gpu else "cpu",
-            "micro_batch": cfg.batch_size,
-            "num_threads": None if use_gpu else max(1, int(cfg.num_cpus_per_actor)),
-            "score_thresh": cfg.score_thresh,
-            "max_instances": cfg.max_instances,
-            "precision": cfg.precision,
-            "decode": cfg.decode,
-            "overlap": use_gpu,
-        },
+        fn_constructor_kwargs=actor_kwargs(cfg, ckpt, run),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_gpus=cfg.num_gpus_per_actor,
@@ -464,7 +409,7 @@ def run_job(cfg: JobConfig, progress=None) -> tuple[RunSummary, dict]:
     The run holds the output's writer lease (``lock.WriterLease``) from before it picks its
     run id until it has finished: a second run on the same output stops with LockedError.
     """
-    settings = settings_of(cfg)
+    settings = cfg.settings
     ckpt = checkpoint_identity(cfg.weights, cfg.model_config, cfg.class_names)
     _check_input(cfg.input)
     params = {
@@ -526,7 +471,7 @@ def _run_holding_lease(cfg: JobConfig, params: dict, lease: WriterLease, ckpt: C
         raise _output_error(cfg.output, e) from None
     try:
         plan = make_plan(run, cfg.input, version, checkpoint_sha256=ckpt.sha256, full=cfg.full,
-                         settings=settings_of(cfg), target_size=cfg.images_per_shard, list_tasks=cfg.list_tasks,
+                         settings=cfg.settings, target_size=cfg.images_per_shard, list_tasks=cfg.list_tasks,
                          retry=cfg.read_retry)
     except ListingError as e:
         raise InfraError(f"input not found: {e}" if e.missing else f"cannot list input {cfg.input}: {e}") from None

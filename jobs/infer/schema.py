@@ -10,7 +10,7 @@ Columns (``SCHEMA`` carries the same text as field metadata, key ``description``
 image_uri (string)        canonical URI of the source image (``s3://b/k``, ``gs://...``,
                           ``file:///abs/path``); never null
 source_etag (string)      opaque change token of the source (S3 ETag without quotes; local
-                          files ``mtime_ns-size``, see ``storage.py``); null if not known
+                          files ``mtime_ns-size``, see ``plan/sources.py``); null if not known
 source_size (int64)       source size in bytes; null if not known (e.g. missing object)
 width, height (int32)     size of the decoded image after EXIF orientation; null when the
                           image could not be decoded and the header gave no size
@@ -57,10 +57,42 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+# ------------------------------------------------------------------ the plan: what the job reads
+
+@dataclass(frozen=True, slots=True)
+class SourceObject:
+    """One input: canonical URI, change token and size (None when unknown), under the names of
+    the output's columns for them (the plan files and the result rows use the same).
+
+    ``error`` is set when the object could not even be stat'ed (e.g. a list-file entry
+    that does not exist), with its error kind in ``error_kind``; the job turns such items
+    into error rows (or, for a storage kind, tries to read them anyway).
+    """
+
+    image_uri: str
+    source_etag: str | None
+    source_size: int | None
+    error: str | None = None
+    error_kind: str | None = None
+
+
+SHARD_COLUMN = "shard_id"
+# an image in the plan and the batches, under its output columns' names (source_size -1: unknown)
+PLAN_ITEM_COLUMNS = ("image_uri", "source_etag", "source_size")
+# The plan: what the pipeline reads (the output's column names, and the shard)
+PLAN_SCHEMA = pa.schema(
+    [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
+     ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
+)
+
+
+# ------------------------------------------------------------------ the rows: what the job writes
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

@@ -1,6 +1,6 @@
 """Run one function over many argument tuples: in Ray tasks when Ray is running, else in order here.
 
-Planning and the state table (``plan/planner.py``, ``plan/state.py``) split their work into independent
+Planning and the state table (``plan/planner.py``, ``commit/state.py``) split their work into independent
 pieces (a listing part, a hash bucket, a group of committed files); each piece's result is a
 small summary (paths and counts), so the driver gathers the results and never the rows.
 """

@@ -20,10 +20,10 @@ Exactly one row per image per run, across kills and reruns:
 
 * a rerun of the same command resumes the newest unfinished run with the same parameters
   (same run_id), instead of starting a new one;
-* planning (``plan/planner.py``, against the state table of ``plan/state.py``) drops images that already
+* planning (``plan/planner.py``, against the state table of ``state.py``) drops images that already
   have a committed row in that run, so no image is written twice in a run, whatever was
   listed again;
-* shards are cut by content (:func:`make_shards`): the cut after an item depends only on
+* shards are cut by content (``planner.make_shards``): the cut after an item depends only on
   that item's URI and its position inside its shard, so removing whole committed shards
   from the plan leaves every other shard exactly as before (same shard_id: a shard staged
   before the kill is committed as is instead of being recomputed), and objects that
@@ -34,7 +34,7 @@ Exactly one row per image per run, across kills and reruns:
 
 Across runs an image has one row per run that processed it; "the latest result per
 image" is the row with the greatest (processed_at, run_id), see DESIGN.md for the DuckDB
-and Spark queries. The state table (``plan/state.py``) keeps that same latest row per image for
+and Spark queries. The state table (``state.py``) keeps that same latest row per image for
 incremental planning.
 
 One writer per output root at a time: ``pipeline.run_job`` holds the output's writer
@@ -51,21 +51,21 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.errors import RunMismatchError
-from jobs.storage import SourceObject, create_exclusive, is_local, join, read_json, resolve, write_atomic
+from jobs.infer.schema import SourceObject
+from jobs.storage import create_exclusive, is_local, join, read_json, resolve, write_atomic
 
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
 PARTITION_KEY = "run_id"
 SUCCESS_NAME = "_SUCCESS"
 VISIBLE_GLOB = f"{PARTITION_KEY}=*/part-*.parquet"  # also the DuckDB glob (never matches _staging)
-DEFAULT_SHARD_SIZE = 1000
 
 # Called as STEP_HOOK(step_name, detail) after each durable step; tests raise (or kill
 # the process) here to simulate a crash at that point. None in production.
@@ -97,46 +97,6 @@ def new_run_id(now: _dt.datetime | None = None) -> str:
 class Shard:
     shard_id: str
     items: tuple[SourceObject, ...]
-
-
-def shard_id_for(items: Iterable[SourceObject], checkpoint_sha256: str) -> str:
-    """Hash of the shard's sorted (uri, etag, size) and the checkpoint: same work, same name."""
-    h = hashlib.sha256(checkpoint_sha256.encode() + b"\n")
-    for uri, etag, size in sorted((o.image_uri, o.source_etag or "", -1 if o.source_size is None else o.source_size) for o in items):
-        h.update(f"{uri}\t{etag}\t{size}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def _is_cut(uri: str, modulus: int) -> bool:
-    digest = hashlib.blake2b(uri.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % modulus == 0
-
-
-def make_shards(
-    items: Iterable[SourceObject], *, checkpoint_sha256: str, target_size: int = DEFAULT_SHARD_SIZE
-) -> Iterator[Shard]:
-    """Group planned items into shards of about ``target_size`` (between half and double).
-
-    Content-defined cuts: a shard ends after an item whose URI hash hits 1 in
-    (target_size - min) once the shard holds at least ``target_size // 2`` items, or at
-    ``2 * target_size`` items. Both depend only on the shard's own items, so dropping whole
-    committed shards from the input (a resumed run) leaves the other shards unchanged, and
-    inserting items disturbs only the shards next to them.
-    """
-    if target_size < 1:
-        raise ValueError("target_size must be >= 1")
-    min_size = max(1, target_size // 2)
-    max_size = 2 * target_size
-    modulus = max(1, target_size - min_size)
-    cur: list[SourceObject] = []
-    for obj in items:
-        cur.append(obj)
-        n = len(cur)
-        if n >= max_size or (n >= min_size and _is_cut(obj.image_uri, modulus)):
-            yield Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
-            cur = []
-    if cur:
-        yield Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
 
 
 # ------------------------------------------------------------------ committed files

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.plan.planner import SHARD_COLUMN
-from jobs.storage import SourceObject, write_atomic
+from jobs.infer.schema import SHARD_COLUMN, SourceObject
+from jobs.storage import write_atomic
 
 PART_SCHEMA = pa.schema([
     (SHARD_COLUMN, pa.string()), ("part", pa.string()), ("rows", pa.int64()),

@@ -20,7 +20,7 @@ import pyarrow as pa
 from jobs.infer import schema
 from jobs.infer.execute.decode import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DecodeError, decode_for_model,
                                        decode_jpegs_on_device, inspect_jpeg)
-from jobs.infer.plan.planner import PLAN_ITEM_COLUMNS, SHARD_COLUMN
+from jobs.infer.schema import PLAN_ITEM_COLUMNS, SHARD_COLUMN
 from jobs.storage import NO_RETRIES, ReadError, RetryPolicy, read_object
 
 # Stand-in image for rows that failed before the model: keeps the column a 3-d uint8 tensor.
@@ -111,9 +111,10 @@ class PredictorActor:
 
     The returned table has the output schema (:data:`schema.SCHEMA`) plus ``shard_id``.
     ``micro_batch`` bounds how many images go through one model call; ``score_thresh``,
-    ``max_instances`` and ``precision`` override the checkpoint's (see ``Predictor``) and are
-    recorded in every row's ``settings``, with ``decode`` (the decode mode of the run: the
-    decode stage's choice, and with "device" JPEG bytes in a ``jpeg`` column for the actor). On CPU,
+    ``max_instances`` and ``precision`` override the checkpoint's (see ``Predictor``); every row
+    records the run's ``settings`` as the driver computed them (``JobConfig.settings``: those
+    three and the decode mode). With ``--decode device`` the batches carry the JPEG bytes in a
+    ``jpeg`` column, which the actor decodes on its device. On CPU,
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
     unless told otherwise, which would waste the CPUs the actor reserved). With ``overlap``
     (default: on a GPU) micro-batches' host work runs beside the next forward, within a call
@@ -135,7 +136,7 @@ class PredictorActor:
         score_thresh: float | None = None,
         max_instances: int | None = None,
         precision: str | None = None,
-        decode: str = "sized",
+        settings: str | None = None,
         overlap: bool | None = None,
     ):
         import torch
@@ -150,8 +151,6 @@ class PredictorActor:
         extra = {"class_names": class_names} if class_names else {}
         self.predictor = Predictor.from_checkpoint(weights, device=device, config=model_config, score_thresh=score_thresh,
                                                    max_detections=max_instances, precision=precision, **extra)
-        settings = schema.settings_key(score_thresh=score_thresh, max_instances=max_instances, precision=precision,
-                                       decode=decode)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
         # GPU actors run two calls at once (pipeline.model_actor_options): the Predictor

@@ -17,7 +17,7 @@
 
 Inventories of versioned buckets list every version: only the latest version of each key
 that is not a delete marker is an input. The ETag and size are what listing reports (the
-inventory's ETag is unquoted, :func:`storage.normalize_etag` makes both the same), so
+inventory's ETag is unquoted, :func:`sources.normalize_etag` makes both the same), so
 switching an output from prefix listing to inventory input reprocesses nothing. Each data
 file is checked against its manifest MD5 before use. A report made by copying one elsewhere
 (another bucket, a local folder) works too: data files are looked up next to the manifest
@@ -38,8 +38,10 @@ from urllib.parse import unquote_plus
 
 import pyarrow as pa
 
-from jobs.storage import RetryPolicy, SourceObject, call_with_retries, normalize_etag, resolve
 from jobs.infer.errors import UsageError
+from jobs.infer.plan.sources import normalize_etag
+from jobs.infer.schema import SourceObject
+from jobs.storage import RetryPolicy, call_with_retries, resolve
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("CSV", "ORC", "Parquet")

@@ -1,22 +1,21 @@
-"""The batch job's inputs (:func:`list_inputs`), listed in parallel Ray tasks in the serial order.
+"""The batch job's inputs as parts that tasks list independently (:func:`input_parts`), and the
+serial listing (:func:`list_inputs`) they add up to, object for object and in its order.
 
 Two inputs grow with the archive. An S3 prefix is listed 1,000 keys a call, one page after
 the other (about an hour per 10 million keys); an S3 Inventory report is a set of data
-files. Here Ray tasks read them and stream their objects back in chunks while the driver
-takes them in order, never holding more than the chunks of the tasks in flight:
+files. The planner's listing tasks (``planner.scatter_part``) each list one part:
 
 * An S3 prefix is split on its delimiter-level common prefixes, breadth first, until there
   are ``target_parts`` prefixes or ``max_depth`` levels have been split; each prefix left is
   listed whole (no delimiter) by one task, and the objects sitting directly at a split level
   come with the split's own listing. The keys under one common prefix are one contiguous
   range of the sorted key space, so the parts taken in key order are exactly the serial
-  listing: the same objects in the same order, hence the same shards (cut by content, in
-  listing order) and the same resumes.
+  listing: the same objects in the same order.
 * An inventory report's data files are read one per task, in the manifest's order.
 
 A flat prefix (no common prefix under it) has nothing to split: the split's own listing is
-the serial one. Local directories and other filesystems are listed serially (no network
-round trips to hide), and so is everything when Ray is not initialised.
+the serial one. List files, local directories and other filesystems are one part, listed
+serially (no network round trips to hide).
 """
 
 from __future__ import annotations
@@ -24,18 +23,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from jobs.storage import (IMAGE_EXTENSIONS, RetryPolicy, SourceObject, call_with_retries, has_extension, is_list_file,
-                       iter_list_file, list_prefix, normalize_etag, resolve, stat_uris, walk_s3)
+from jobs.infer.plan.sources import (IMAGE_EXTENSIONS, has_extension, is_list_file, iter_list_file, list_prefix,
+                                     normalize_etag, stat_uris, walk_s3)
+from jobs.infer.schema import SourceObject
+from jobs.storage import RetryPolicy, call_with_retries, resolve
 
 DEFAULT_TARGET_PARTS = 64  # prefixes to split into: a few per CPU of a small cluster
 DEFAULT_MAX_DEPTH = 3  # delimiter levels split at most
-MAX_TASKS_IN_FLIGHT = 32  # tasks listing ahead of the part the driver is taking
 CHUNK = 1000  # objects per streamed chunk (one S3 page)
 # Objects the split may hold on the driver (those sitting directly at the levels it splits). A
 # level holding more is not split but listed whole by one task: a flat prefix of millions of
 # keys streams as it would serially, after a probe of at most this many keys.
 MAX_SPLIT_OBJECTS = 100_000
-TASK_RETRIES = 3  # a lost worker's listing task runs again (its chunks are not repeated)
 
 
 @dataclass(frozen=True)
@@ -168,51 +167,8 @@ def chunks(objects: Iterable[SourceObject], size: int) -> Iterator[list[SourceOb
         yield chunk
 
 
-def part_task(part: Part, extensions: frozenset, retry: RetryPolicy, chunk: int) -> Iterator[list[SourceObject]]:
-    """The inputs of one part, ``chunk`` at a time (a Ray streaming task)."""
-    yield from chunks(part_objects(part, extensions=extensions, retry=retry), chunk)
-
-
-def _ordered(parts: list[Part], extensions: frozenset, retry: RetryPolicy,
-             max_in_flight: int = MAX_TASKS_IN_FLIGHT) -> Iterator[SourceObject]:
-    """The inputs of ``parts`` in order; a part with objects of its own is taken here, the others
-    are listed by streaming tasks started at most ``max_in_flight`` parts before the driver
-    reaches them."""
-    import ray
-
-    remote = ray.remote(num_returns="streaming", max_retries=TASK_RETRIES)(part_task)
-    running: dict[int, Any] = {}  # part index -> the streaming generator of its task
-    next_start = 0
-    for i, part in enumerate(parts):
-        while next_start < len(parts) and next_start <= i + max_in_flight:
-            if not parts[next_start].objects:
-                running[next_start] = remote.remote(parts[next_start], extensions, retry, CHUNK)
-            next_start += 1
-        if part.objects:
-            yield from part_objects(part, extensions=extensions, retry=retry)
-            continue
-        for ref in running.pop(i):
-            yield from ray.get(ref)
-
-
-def can_list_in_parallel(uri: str) -> bool:
-    """True when ``uri`` is an S3 prefix or an inventory report and Ray is running."""
-    try:
-        import ray
-    except ImportError:
-        return False
-    if not ray.is_initialized():
-        return False
-    from jobs.infer.plan.inventory import is_manifest
-
-    if is_manifest(uri):
-        return True
-    fs, _ = resolve(uri)
-    return _is_s3(fs)
-
-
 def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
-                retry: RetryPolicy = RetryPolicy(), list_tasks: int = 0) -> Iterator[SourceObject]:
+                retry: RetryPolicy = RetryPolicy()) -> Iterator[SourceObject]:
     """The job's inputs for ``--input``.
 
     * an S3 Inventory report's ``manifest.json`` (:mod:`inventory`): the current objects it
@@ -222,16 +178,13 @@ def list_inputs(uri: str, *, extensions: Iterable[str] = IMAGE_EXTENSIONS,
     * a directory / key prefix: the objects whose extension is in ``extensions``
       (case-insensitive); other files (sidecar JSON, READMEs) are not inputs.
 
-    ``retry`` applies to listing pages and stats. ``list_tasks`` > 0 lists an S3 prefix split
-    into about that many parts, and an inventory's data files, in Ray tasks when Ray is running
-    (the same objects in the same order).
+    ``retry`` applies to listing pages and stats. This is the serial listing; the job lists the
+    :func:`input_parts` of its input in tasks (``planner.scatter_part``), which together are
+    the same objects in the same order.
     """
     exts = frozenset(e.lower() for e in extensions)
     from jobs.infer.plan import inventory  # it builds on this module's storage helpers
 
-    if list_tasks > 0 and can_list_in_parallel(uri):
-        yield from _ordered(input_parts(uri, list_tasks=list_tasks, retry=retry), exts, retry)
-        return
     if inventory.is_manifest(uri):
         listed: Iterable[SourceObject] = inventory.iter_inventory(uri, retry=retry)
     elif is_list_file(uri):

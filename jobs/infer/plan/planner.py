@@ -11,7 +11,7 @@
    (:func:`group_buckets`: a nightly run that plans a few images still makes full shards;
    objects this run committed before a kill count, so a resume groups as its first attempt), and
    one task per group (:func:`shard_group`) cuts them into content-defined shards
-   (``protocol.make_shards``), notes the shards a killed attempt already staged, and writes the
+   (:func:`make_shards`), notes the shards a killed attempt already staged, and writes the
    others' items to ``plan-<id>/plan-bNNNN.parquet`` (``PLAN_SCHEMA``).
 4. The driver gathers paths, counts and a shard_id -> item count map: never an object.
 
@@ -31,6 +31,7 @@ kill is committed as it is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -41,11 +42,13 @@ import pyarrow.compute as pc
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
+from jobs.infer.commit.state import (STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket,
+                                    write_table)
 from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
-from jobs.infer.plan.state import (STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket,
-                                   write_table)
+from jobs.infer.plan.sources import IMAGE_EXTENSIONS
+from jobs.infer.schema import PLAN_SCHEMA, SHARD_COLUMN, SourceObject
 from jobs.infer.tasks import run_tasks
-from jobs.storage import IMAGE_EXTENSIONS, RetryPolicy, SourceObject, describe_error, join, resolve
+from jobs.storage import RetryPolicy, describe_error, join, resolve
 
 LISTING_CHUNK = 100_000  # listed objects a listing task holds before writing them out by bucket
 # A listed object: the plan's columns, and its place in the listing (the first of repeats is kept)
@@ -53,14 +56,47 @@ LISTED_SCHEMA = pa.schema(
     [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
      ("error_kind", pa.string()), ("listing_order", pa.int64())]
 )
-SHARD_COLUMN = "shard_id"
-# an image in the plan and the batches, under its output columns' names (source_size -1: unknown)
-PLAN_ITEM_COLUMNS = ("image_uri", "source_etag", "source_size")
-# The plan: what the pipeline reads (the output's column names, and the shard)
-PLAN_SCHEMA = pa.schema(
-    [("image_uri", pa.string()), ("source_etag", pa.string()), ("source_size", pa.int64()), ("error", pa.string()),
-     ("error_kind", pa.string()), (SHARD_COLUMN, pa.string())]
-)
+DEFAULT_SHARD_SIZE = 1000  # images a shard holds, about (between half and double)
+
+
+def shard_id_for(items: Iterable[SourceObject], checkpoint_sha256: str) -> str:
+    """Hash of the shard's sorted (uri, etag, size) and the checkpoint: same work, same name."""
+    h = hashlib.sha256(checkpoint_sha256.encode() + b"\n")
+    for uri, etag, size in sorted((o.image_uri, o.source_etag or "", -1 if o.source_size is None else o.source_size) for o in items):
+        h.update(f"{uri}\t{etag}\t{size}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _is_cut(uri: str, modulus: int) -> bool:
+    digest = hashlib.blake2b(uri.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % modulus == 0
+
+
+def make_shards(
+    items: Iterable[SourceObject], *, checkpoint_sha256: str, target_size: int = DEFAULT_SHARD_SIZE
+) -> Iterator[protocol.Shard]:
+    """Group planned items into shards of about ``target_size`` (between half and double).
+
+    Content-defined cuts: a shard ends after an item whose URI hash hits 1 in
+    (target_size - min) once the shard holds at least ``target_size // 2`` items, or at
+    ``2 * target_size`` items. Both depend only on the shard's own items, so dropping whole
+    committed shards from the input (a resumed run) leaves the other shards unchanged, and
+    inserting items disturbs only the shards next to them.
+    """
+    if target_size < 1:
+        raise ValueError("target_size must be >= 1")
+    min_size = max(1, target_size // 2)
+    max_size = 2 * target_size
+    modulus = max(1, target_size - min_size)
+    cur: list[SourceObject] = []
+    for obj in items:
+        cur.append(obj)
+        n = len(cur)
+        if n >= max_size or (n >= min_size and _is_cut(obj.image_uri, modulus)):
+            yield protocol.Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
+            cur = []
+    if cur:
+        yield protocol.Shard(shard_id_for(cur, checkpoint_sha256), tuple(cur))
 
 
 @dataclass
@@ -267,7 +303,7 @@ def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, 
     expected: dict[str, int] = {}
     staged: dict[str, dict] = {}
     shard_ids: list[str] = []
-    for shard in protocol.make_shards(_items(planned), checkpoint_sha256=checkpoint_sha256, target_size=target_size):
+    for shard in make_shards(_items(planned), checkpoint_sha256=checkpoint_sha256, target_size=target_size):
         if run.is_staged(shard):
             staged[shard.shard_id] = run.staged_counts(shard.shard_id)
             shard_ids += [""] * len(shard.items)  # left out of the plan
@@ -284,7 +320,7 @@ def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, 
 
 def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, checkpoint_sha256: str, full: bool,
               settings: Optional[str] = None, retry_errors: bool = False,
-              target_size: int = protocol.DEFAULT_SHARD_SIZE, list_tasks: int = DEFAULT_TARGET_PARTS,
+              target_size: int = DEFAULT_SHARD_SIZE, list_tasks: int = DEFAULT_TARGET_PARTS,
               extensions: Iterable[str] = IMAGE_EXTENSIONS, retry: RetryPolicy = RetryPolicy()) -> Plan:
     """List ``input_uri`` and plan the run against the state ``version``, in tasks when Ray runs.
 

@@ -4,7 +4,7 @@ Incremental planning needs, for every image ever committed, its latest row's cha
 (etag, size, checkpoint, settings) and status. Read from every committed file into one dict
 on the driver, that grows with the archive (1.8 s per 100k images, ~200 bytes each); here it
 is a table kept next to the output, brought up to date by a *fold* and read bucket by bucket
-by the planning tasks (``planner.py``)::
+by the planning tasks (``plan/planner.py``)::
 
     OUT/_state/current.json                        {"generation": ..., "buckets": B, "rows": N}
     OUT/_state/<generation>/bucket-NNNN.parquet    the state rows of one bucket, sorted by image_uri
