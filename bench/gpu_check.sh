@@ -286,7 +286,7 @@ EOF
 
 # Tests that need Ray (deselected by name where Ray is absent; the device has none): they run the
 # job's driver (jobs.infer.pipeline.run_job imports ray.exceptions), through tests/conftest.py's
-# in_process_dataset.
+# run_in_process fixture (execution.InProcess).
 RAY_TESTS="tests/test_infer_sized_decode.py::test_the_decode_mode_is_an_output_setting
 tests/test_infer_sized_decode.py::test_device_decode_through_the_job"
 export RAY_TESTS

@@ -100,7 +100,7 @@ def _busy_fraction(prof, wall_us: float) -> float:
 
 
 def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> None:
-    """The actor as the job calls a GPU actor (``pipeline.model_actor_options``): Ray-sized
+    """The actor as the job calls a GPU actor (``execution.model_actor_options``): Ray-sized
     batches of one micro-batch, from OVERLAPPED_CALLS threads at once (Ray's threaded actor),
     against one call at a time without overlap; images/s and the GPU busy fraction."""
     from concurrent.futures import ThreadPoolExecutor
@@ -108,7 +108,7 @@ def actor_overlap(weights: str, uris: list[str], batch: int, device: str) -> Non
     from torch.profiler import ProfilerActivity, profile
 
     from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
-    from jobs.infer.pipeline import OVERLAPPED_CALLS
+    from jobs.infer.execution import OVERLAPPED_CALLS
 
     actor = PredictorActor(weights, model_name="bench", checkpoint_sha256="0" * 64, run_id="bench",
                            device=device, micro_batch=batch)
@@ -135,7 +135,8 @@ def job(weights: str, inp: str, out: str, batch: int, num_actors, cpus_per_actor
 
     from jobs.infer.__main__ import embedded_num_cpus
     from jobs.infer.config import JobConfig
-    from jobs.infer.pipeline import pool_size, run_job
+    from jobs.infer.execution import pool_size
+    from jobs.infer.pipeline import run_job
 
     # the embedded cluster of `python -m jobs.infer`
     ray.init(num_cpus=embedded_num_cpus(), include_dashboard=False, log_to_driver=False)

@@ -231,11 +231,11 @@ def phase_reference(p: dict, n: int) -> dict:
 def phase_nightly(p: dict, n: int) -> dict:
     import ray
 
-    from jobs.infer import pipeline
-    from jobs.infer.commit import protocol
-    from jobs.infer.summary import RunSummary
+    from jobs.infer import execution, pipeline
+    from jobs.infer.collect import ShardCollector
+    from jobs.infer.commit import protocol, state
     from jobs.infer.execute.parts import remote_finalize, write_parts
-    from jobs.infer.commit import state
+    from jobs.infer.summary import RunSummary
 
     _ray()
     base = rss_mb()
@@ -251,8 +251,8 @@ def phase_nightly(p: dict, n: int) -> dict:
     ds = ray.data.read_parquet(planned.files).repartition(target_num_rows_per_block=64)
     ds = ds.map_batches(StandIn, fn_constructor_args=(run.run_id,), batch_size=64, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
-    ds = ds.map_batches(write_parts, fn_kwargs={"run": run, "pass_no": 1}, batch_size=pipeline.WRITE_BATCH_ROWS,
-                        batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=pipeline.WRITE_TASKS))
+    ds = ds.map_batches(write_parts, fn_kwargs={"run": run, "pass_no": 1}, batch_size=execution.WRITE_BATCH_ROWS,
+                        batch_format="pyarrow", num_cpus=0, compute=ray.data.TaskPoolStrategy(size=execution.WRITE_TASKS))
     received = {"bytes": 0, "rows": 0}
 
     def parts():
@@ -263,7 +263,7 @@ def phase_nightly(p: dict, n: int) -> dict:
 
     summary = RunSummary(run.run_id)
     t1 = time.perf_counter()
-    pipeline._commit_results(run, parts(), dict(planned.expected), summary, finalize=remote_finalize())
+    pipeline.commit_parts(run, parts(), ShardCollector(dict(planned.expected)), summary, finalize=remote_finalize())
     manifest = state.finish_run(run)
     commit_wall = time.perf_counter() - t1
     assert manifest["rows"] == expect and summary.part_rows == received["rows"]

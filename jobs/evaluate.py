@@ -17,7 +17,8 @@ How predictions meet the ground truth:
   the basename of exactly one GT ``file_name``. Rows of images outside the GT are counted
   (``unmatched_rows``) and ignored.
 - Rows with ``status`` 'error' carry no predictions: they are counted and skipped. When an
-  image has several 'ok' rows (re-runs), the latest ``processed_at`` wins.
+  image has several 'ok' rows (re-runs), the latest wins: the greatest ``processed_at``, then
+  ``run_id``, as everywhere (``jobs.infer.schema.latest_rows``).
 - Categories are matched by name: each instance's ``label_name`` must be a GT category name;
   its COCO id comes from the GT file, so the model's own label numbering does not matter.
 - Every GT image is evaluated; images without an 'ok' row count as having no detections
@@ -237,11 +238,15 @@ def evaluate_predictions(gt_json_uri, pred_rows, *, only_predicted=False, storag
 
 
 def _later(row, prev):
-    """Is row processed after prev? Rows with a processed_at beat rows without one."""
-    a, b = row.get("processed_at"), prev.get("processed_at")
-    if a is None:
-        return False
-    return b is None or a > b
+    """Is ``row`` later than ``prev`` by ``schema.LATEST_FIRST`` (processed_at, then run_id)? Rows
+    with a value beat rows without one."""
+    from jobs.infer.schema import LATEST_FIRST
+
+    for column, _ in LATEST_FIRST:
+        a, b = row.get(column), prev.get(column)
+        if a != b:
+            return a is not None and (b is None or a > b)
+    return False
 
 
 def read_prediction_rows(pred_uri, storage_options=None):
@@ -256,7 +261,7 @@ def read_prediction_rows(pred_uri, storage_options=None):
     missing = [c for c in PRED_COLUMNS if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"{pred_uri} lacks column(s) {missing}: not the batch job's output schema")
-    columns = PRED_COLUMNS + (["processed_at"] if "processed_at" in dataset.schema.names else [])
+    columns = PRED_COLUMNS + [c for c in ("processed_at", "run_id") if c in dataset.schema.names]
     return dataset.to_table(columns=columns).to_pylist()
 
 

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from jobs.infer import schema
-from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 from jobs.infer.execute.decode import DecodeError, decode_image
 from jobs.storage import ReadError, join, read_object, resolve
 
@@ -50,11 +50,11 @@ DEFAULT_MIN_SCORE = 0.5  # what users threshold at (same as the report's class c
 def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequence[str] | None = None) -> pa.Table:
     """Committed rows, one per image (its latest), sorted by image_uri.
 
-    Latest means the same as the README's queries: highest ``processed_at``, then
-    ``run_id``. With ``run_id`` only that run's rows are read (at most one per image).
+    Latest as everywhere (``schema.latest_rows``): highest ``processed_at``, then ``run_id``.
+    With ``run_id`` only that run's rows are read (at most one per image).
     """
-    fs, _ = resolve(results_uri)
-    files = protocol.committed_files(results_uri)
+    output = Output(results_uri)
+    fs, files = output.fs, output.committed_files()
     if not files:
         raise FileNotFoundError(f"no committed results (run_id=*/part-*.parquet) under {results_uri}")
     import pyarrow.dataset as pads
@@ -65,12 +65,8 @@ def read_latest(results_uri: str, *, run_id: str | None = None, columns: Sequenc
     table = dataset.to_table(columns=list(columns) if columns else None, filter=flt)
     if run_id is not None and table.num_rows == 0:
         raise ValueError(f"run {run_id!r} has no committed rows under {results_uri}")
-    table = table.sort_by([("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
-    uris = table.column("image_uri").to_numpy(zero_copy_only=False)
-    keep = np.ones(len(uris), dtype=bool)
-    keep[1:] = uris[1:] != uris[:-1]
     # the keypoint names and skeleton of the newest file (run ids sort by time): one footer read
-    return table.filter(pa.array(keep)).replace_schema_metadata(schema.keypoint_metadata(fs, max(files)))
+    return schema.latest_rows(table).replace_schema_metadata(schema.keypoint_metadata(fs, max(files)))
 
 
 def keypoint_skeleton(table: pa.Table) -> list[list[int]] | None:

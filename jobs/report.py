@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from jobs import render
 from jobs.infer.commit import protocol
+from jobs.infer.output import RUNS_DIR, Output
 from jobs.infer.summary import read_summary
 from jobs.infer.schema import SCHEMA
 from jobs.storage import join, resolve, write_atomic
@@ -66,7 +67,7 @@ def default_run_id(results_uri: str) -> str:
     runs = protocol.list_runs(results_uri)
     if runs:
         return runs[-1].run_id
-    files = protocol.committed_files(results_uri)
+    files = Output(results_uri).committed_files()
     if not files:
         raise FileNotFoundError(f"no runs under {results_uri} (no _runs/*/run.json, no committed rows)")
     fs, _ = resolve(results_uri)
@@ -272,7 +273,7 @@ def write_report(
     run_id = run_id or default_run_id(results_uri)
     text = build_report(results_uri, run_id, max_overlays=max_overlays)
     if out_uri is None:
-        out_uri = join(results_uri, protocol.RUNS_DIR, run_id, "report.html")
+        out_uri = join(results_uri, RUNS_DIR, run_id, "report.html")
     fs, path = resolve(out_uri)
     write_atomic(fs, path, text.encode("utf-8"))
     return out_uri

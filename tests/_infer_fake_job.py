@@ -45,12 +45,13 @@ def fake_predict(img: np.ndarray) -> dict:
     }
 
 
-def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None, stats=None):
-    """One run of the job; returns (run, manifest). ``calls`` collects processed URIs."""
+def run_job(input_uri, output_uri, ckpt, *, full=False, shard_size=4, calls=None, stats=None, on_step=None):
+    """One run of the job; returns (run, manifest). ``calls`` collects processed URIs; ``on_step``:
+    the run's crash points (``protocol.Run.on_step``)."""
     params = {"input": input_uri, "checkpoint_sha256": ckpt, "model": MODEL, "full": full}
-    run = protocol.begin_run(output_uri, params)
+    run = protocol.begin_run(output_uri, params, on_step=on_step)
     summary = RunSummary(run.run_id, resumed=run.resumed)
-    version = state.fold(output_uri, check_run=run.run_id)
+    version = state.fold(output_uri, check_run=run.run_id, on_step=on_step)
     work = planner.make_plan(run, input_uri, version, checkpoint_sha256=ckpt, full=full, target_size=shard_size,
                           list_tasks=0)
     if stats is not None:
@@ -94,7 +95,8 @@ def _plan_shards(output_uri, files):
             yield protocol.Shard(shard_id, tuple(objs))
 
 
-def _install_crash_hook(spec: str, delay: float) -> None:
+def _crash_hook(spec: str, delay: float):
+    """A hook that kills this process at the n-th ``step`` (``spec``: "step:n"), after ``delay`` s a step."""
     step, n = spec.split(":")
     seen = {"n": 0}
 
@@ -106,12 +108,13 @@ def _install_crash_hook(spec: str, delay: float) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             seen["n"] += 1
 
-    protocol.STEP_HOOK = hook
+    return hook
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    hook = None
     if os.environ.get("CRASH_AT") or os.environ.get("STEP_DELAY"):
-        _install_crash_hook(os.environ.get("CRASH_AT", "never:0"), float(os.environ.get("STEP_DELAY", "0")))
-    run_job(args[0], args[1], args[2], full="--full" in sys.argv)
+        hook = _crash_hook(os.environ.get("CRASH_AT", "never:0"), float(os.environ.get("STEP_DELAY", "0")))
+    run_job(args[0], args[1], args[2], full="--full" in sys.argv, on_step=hook)
     print("finished")

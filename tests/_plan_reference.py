@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from jobs.infer import schema
-from jobs.infer.commit.protocol import committed_files
+from jobs.infer.output import Output
 from jobs.infer.plan.planner import PlanStats
 from jobs.infer.commit.state import legacy_error_kind
 from jobs.infer.schema import SourceObject
@@ -62,7 +62,7 @@ _STATE_SCHEMA = pa.schema([schema.SCHEMA.field(c) for c in _STATE_COLUMNS])
 def committed_state(output_uri: str, *, run_id: str | None = None) -> CommittedState:
     """Latest committed row per image, read from the committed files (state columns only)."""
     fs, _ = resolve(output_uri)
-    files = committed_files(output_uri)
+    files = Output(output_uri).committed_files()
     if not files:
         return CommittedState({}, set(), run_id)
     table = pads.dataset(files, filesystem=fs, format="parquet", schema=_STATE_SCHEMA).to_table(columns=_STATE_COLUMNS)

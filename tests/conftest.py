@@ -60,38 +60,11 @@ def faulty_s3(s3_bucket, moto_server, monkeypatch):
 
 
 @pytest.fixture
-def in_process_dataset(monkeypatch):
-    """pipeline.build_dataset replaced by its stages run in this process, one batch at a time
-    (decode, model, part files): ``pipeline.run_job`` then runs its real driver loop (plan,
-    passes, shard assembly, commits) without Ray."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
+def run_in_process():
+    """``pipeline.run_job`` with the stages run in this process (``execution.InProcess``): the
+    real driver loop (plan, passes, shard assembly, commits) without Ray."""
     from jobs.infer import pipeline
-    from jobs.infer.execute.parts import write_parts
-    from jobs.infer.execute.stages import PredictorActor, decode_batch
-    from jobs.storage import resolve
+    from jobs.infer.execution import InProcess
 
-    actors = {}
-
-    def build(cfg, plan_files, *, run, ckpt, pass_no=1):
-        key = (run.run_id, ckpt.sha256, cfg.settings)
-        if key not in actors:  # the job's actor, but on this process's torch threads
-            actors[key] = PredictorActor(cfg.weights, **{**pipeline.actor_kwargs(cfg, ckpt, run), "num_threads": None})
-        actor = actors[key]
-        fs, _ = resolve(cfg.output)
-
-        class Dataset:
-            def iter_batches(self, **_):
-                for path in plan_files:
-                    with fs.open(path, "rb") as f:
-                        plan = pq.read_table(f)
-                    for start in range(0, plan.num_rows, cfg.batch_size):
-                        chunk = plan.slice(start, cfg.batch_size)
-                        batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}
-                        rows = actor(decode_batch(batch, **pipeline.decode_kwargs(cfg, ckpt)))
-                        yield write_parts(rows, run=run, pass_no=pass_no)
-
-        return Dataset()
-
-    monkeypatch.setattr(pipeline, "build_dataset", build)
+    execution = InProcess()
+    return lambda cfg, **kw: pipeline.run_job(cfg, execution=execution, **kw)

@@ -222,3 +222,16 @@ def test_checkpoint_path_runs_the_predictor_api(gt_path, monkeypatch):
     assert len(seen) == 5 and result["counts"]["predicted_images"] == 5
     assert result["counts"]["detections"] == sum(len(r["instances"]) for r in expected) > 0
     assert result["bbox"]["AP"] == result["segm"]["AP"] == 1.0
+
+
+def test_rows_of_the_same_time_go_to_the_later_run(gt_path):
+    """Latest as everywhere (schema.latest_rows): greatest processed_at, then run_id."""
+    gt = evaluate.load_gt(str(gt_path))
+    good, empty = _rows_from_gt(gt), _rows_from_gt(gt, keep=lambda k: False)
+    for later, earlier in ((good, empty), (empty, good)):
+        rows = [dict(r, run_id="20261201T000000Z-bbbbbb") for r in later]
+        rows += [dict(r, run_id="20261201T000000Z-aaaaaa") for r in earlier]
+        for order in (rows, rows[::-1]):  # whichever comes first
+            result = evaluate.evaluate_predictions(gt, order)
+            assert result["counts"]["duplicate_rows"] == 5
+            assert result["segm"]["AP"] == (1.0 if later is good else 0.0)

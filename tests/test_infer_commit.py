@@ -22,6 +22,7 @@ from PIL import Image
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
+from jobs.infer.output import VISIBLE_GLOB, Output
 from jobs.infer.commit import state
 from jobs.infer.plan import planner
 from jobs.infer.plan.listing import list_inputs
@@ -124,7 +125,7 @@ def collapse_state(out):
     version = state.fold(out)
     fs, _ = resolve(out)
     rows = [state.read_table(fs, version.bucket_path(b)) for b in range(version.buckets)]
-    return state.collapse(pa.concat_tables(rows), [])
+    return schema.latest_rows(pa.concat_tables(rows))
 
 
 def assert_one_row_per_image(rows, duck, expected_uris):
@@ -193,7 +194,7 @@ def test_clean_run_layout_and_readers(backend):
     fs, root = resolve(out)
     assert fs.exists(f"{root}/_runs/{run.run_id}/_SUCCESS")
     assert not fs.exists(f"{root}/_staging/{run.run_id}")
-    files = protocol.committed_files(out)
+    files = Output(out).committed_files()
     with fs.open(files[0], "rb") as f:
         t = pq.read_table(f)
     assert t.schema.equals(schema.SCHEMA, check_metadata=False)
@@ -209,11 +210,7 @@ def _prefix(inp):
 def record_steps(inp, out, **kw):
     """(step, detail) of a clean run, and the number of rows of each shard it committed."""
     steps = []
-    protocol.STEP_HOOK = lambda name, detail: steps.append((name, detail))
-    try:
-        _, manifest = run_job(inp, out, CKPT, **kw)
-    finally:
-        protocol.STEP_HOOK = None
+    _, manifest = run_job(inp, out, CKPT, on_step=lambda name, detail: steps.append((name, detail)), **kw)
     rows = {f["path"].rsplit("part-", 1)[1][: -len(".parquet")]: f["rows"] for f in manifest["files"]}
     return steps, rows
 
@@ -249,10 +246,8 @@ def test_crash_at_every_step_then_rerun(backend, monkeypatch):
                 raise Crash(f"{name} {detail}")
             seen["n"] += 1
 
-        monkeypatch.setattr(protocol, "STEP_HOOK", hook)
         with pytest.raises(Crash):
-            run_job(inp, out, CKPT, **kw)
-        monkeypatch.setattr(protocol, "STEP_HOOK", None)
+            run_job(inp, out, CKPT, on_step=hook, **kw)
 
         # After the crash: readers see the committed shards' rows only, no image twice.
         rows, duck = visible(out)
@@ -434,7 +429,7 @@ def test_staged_files_are_invisible_to_readers(tmp_path):
     run.commit(shard.shard_id)
     run.commit(shard.shard_id)  # idempotent
     assert ds.dataset(out, format="parquet", partitioning="hive").count_rows() == 3
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/{protocol.VISIBLE_GLOB}')").fetchall() == [(3,)]
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/{VISIBLE_GLOB}')").fetchall() == [(3,)]
     version = state.fold(out)
     assert version.rows == 3 and version.files_of(run.run_id) == [
         {"path": f"run_id={run.run_id}/part-{shard.shard_id}.parquet", "rows": 3,

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from jobs.infer import pipeline
-from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 from jobs.infer.summary import read_summary
 from jobs.storage import RetryPolicy
 
@@ -55,12 +55,12 @@ def _config(bucket, out, **kw):
 
 
 def _rows(out, run_id=None):
-    rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in Output(str(out)).committed_files() for r in pq.read_table(f).to_pylist()]
     return [r for r in rows if run_id is None or r["run_id"] == run_id]
 
 
 def test_throttled_reads_are_retried_and_a_second_pass_reads_what_still_failed(faulty_s3, tmp_path,
-                                                                               in_process_dataset):
+                                                                               run_in_process):
     bucket, proxy = faulty_s3
     names = _put_inputs(bucket, 10)
     # every key: 5 SlowDowns (one s3fs call) and every 7th GET reset; three keys fail their
@@ -69,7 +69,7 @@ def test_throttled_reads_are_retried_and_a_second_pass_reads_what_still_failed(f
     # the end of pass 2 every key has had at least 5 + 15 = 20 GETs, which of them the URI
     # hash puts second in a batch notwithstanding
     proxy.fail_first_gets, proxy.reset_every = 5, 7
-    summary, manifest = pipeline.run_job(_config(bucket, tmp_path / "out"))
+    summary, manifest = run_in_process(_config(bucket, tmp_path / "out"))
     assert proxy.injected["slowdown"] == 5 * len(names) and proxy.injected["reset"] >= 1
     rows = _rows(tmp_path / "out")
     assert len(rows) == manifest["rows"] == len(names) and {r["status"] for r in rows} == {"ok"}
@@ -79,23 +79,23 @@ def test_throttled_reads_are_retried_and_a_second_pass_reads_what_still_failed(f
     proxy._per_key.clear()
     proxy.fail_first_gets, proxy.only_keys = 18, ("img01", "img05", "img06")
     out2 = tmp_path / "out2"
-    summary, manifest = pipeline.run_job(_config(bucket, out2))
+    summary, manifest = run_in_process(_config(bucket, out2))
     rows = _rows(out2)
     assert len(rows) == manifest["rows"] == len(names) and {r["status"] for r in rows} == {"ok"}
     assert Counter(r["image_uri"] for r in rows) == Counter(f"s3://{bucket}/in/{n}" for n in names)
     assert summary.passes == 2 and summary.deferred == 3 and summary.ok == len(names)
     # the held-back shards were committed under their own shard ids: a rerun finds nothing to do
-    again, _ = pipeline.run_job(_config(bucket, out2))
+    again, _ = run_in_process(_config(bucket, out2))
     assert again.planned == 0 and again.skipped_unchanged == len(names)
 
 
 def test_reads_still_failing_after_the_passes_are_retryable_rows_the_next_run_plans_again(
-        faulty_s3, tmp_path, in_process_dataset):
+        faulty_s3, tmp_path, run_in_process):
     bucket, proxy = faulty_s3
     names = _put_inputs(bucket, 10, corrupt=["broken.png"])
     proxy.fail_keys = ("img03", "img08")  # 503 ServiceUnavailable for every GET of these
     out = tmp_path / "out"
-    s1, _ = pipeline.run_job(_config(bucket, out))
+    s1, _ = run_in_process(_config(bucket, out))
     rows = {r["image_uri"].rsplit("/", 1)[1]: r for r in _rows(out)}
     assert len(rows) == len(names) == 11
     assert {n: (r["status"], r["error_kind"]) for n, r in rows.items() if r["status"] != "ok"} == {
@@ -106,51 +106,51 @@ def test_reads_still_failing_after_the_passes_are_retryable_rows_the_next_run_pl
     assert s1.error_kinds == {"unavailable": 2, "decode": 1}
 
     proxy.reset()  # the store serves them again: the next run reads exactly those two
-    s2, _ = pipeline.run_job(_config(bucket, out))
+    s2, _ = run_in_process(_config(bucket, out))
     assert (s2.planned, s2.planned_retry, s2.skipped_unchanged) == (2, 2, 9)
     new = {r["image_uri"].rsplit("/", 1)[1]: r["status"] for r in _rows(out, s2.run_id)}
     assert new == {"img03.png": "ok", "img08.png": "ok"}
-    s3, _ = pipeline.run_job(_config(bucket, out))  # the corrupt image is not retried
+    s3, _ = run_in_process(_config(bucket, out))  # the corrupt image is not retried
     assert s3.planned == 0 and s3.skipped_unchanged == 11
 
 
 def test_an_outage_stops_the_run_without_error_rows_and_the_rerun_completes_it(faulty_s3, tmp_path,
-                                                                               in_process_dataset):
+                                                                               run_in_process):
     bucket, proxy = faulty_s3
     names = _put_inputs(bucket, 24)
     proxy.down_after_gets = 6  # the store goes down after six object reads
     out = tmp_path / "out"
     with pytest.raises(pipeline.StorageOutage, match=r"storage failing: \d+ of the last \d+ images could not be read"):
-        pipeline.run_job(_config(bucket, out))
+        run_in_process(_config(bucket, out))
     committed = _rows(out)
     assert all(r["status"] == "ok" for r in committed) and len(committed) <= 6
     assert proxy.injected["down"] >= 10
 
     proxy.reset()
-    summary, manifest = pipeline.run_job(_config(bucket, out))
+    summary, manifest = run_in_process(_config(bucket, out))
     assert summary.resumed and summary.skipped_done_in_run == len(committed)
     rows = _rows(out)
     assert manifest["rows"] == len(rows) == len(names) and {r["status"] for r in rows} == {"ok"}
     assert Counter(r["image_uri"] for r in rows) == Counter(f"s3://{bucket}/in/{n}" for n in names)
 
 
-def test_revoked_credentials_stop_the_run_as_an_outage(faulty_s3, tmp_path, in_process_dataset):
+def test_revoked_credentials_stop_the_run_as_an_outage(faulty_s3, tmp_path, run_in_process):
     bucket, proxy = faulty_s3
     _put_inputs(bucket, 12)
     proxy.deny_gets = True
     with pytest.raises(pipeline.StorageOutage, match="access: read failed: PermissionError"):
-        pipeline.run_job(_config(bucket, tmp_path / "out"))
+        run_in_process(_config(bucket, tmp_path / "out"))
     assert _rows(tmp_path / "out") == [] and proxy.injected["deny"] >= 10
 
 
-def test_a_listing_outage_is_an_infrastructure_error(faulty_s3, tmp_path, in_process_dataset, monkeypatch):
+def test_a_listing_outage_is_an_infrastructure_error(faulty_s3, tmp_path, run_in_process, monkeypatch):
     bucket, proxy = faulty_s3
     _put_inputs(bucket, 2)
     monkeypatch.setattr(pipeline, "_check_input", lambda uri: None)  # the listing itself meets the outage
     proxy.down = True
     with pytest.raises(pipeline.InfraError, match=r"cannot list input s3://.*unable to handle request"):
-        pipeline.run_job(_config(bucket, tmp_path / "out"))
-    assert protocol.committed_files(str(tmp_path / "out")) == []
+        run_in_process(_config(bucket, tmp_path / "out"))
+    assert Output(str(tmp_path / "out")).committed_files() == []
     assert proxy.injected["down"] == FAST_RETRY.attempts  # one listing page, retried
 
 

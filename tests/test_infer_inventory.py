@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.infer import pipeline
-from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 from jobs.infer.plan.inventory import InventoryError, iter_inventory, read_manifest
 from jobs.infer.plan.listing import list_inputs
 
@@ -160,7 +160,7 @@ def test_a_report_copied_to_local_disk(source, tmp_path):
     assert all(d.uri.startswith(str(tmp_path)) for d in read_manifest(str(local)).files)
 
 
-def test_the_job_over_an_inventory_then_over_the_prefix_reprocesses_nothing(s3_bucket, tmp_path, in_process_dataset):
+def test_the_job_over_an_inventory_then_over_the_prefix_reprocesses_nothing(s3_bucket, tmp_path, run_in_process):
     from jobs.synthetic import generate
 
     generate(f"s3://{s3_bucket}/shapes", 4, seed=11, size="128/160")
@@ -171,10 +171,10 @@ def test_the_job_over_an_inventory_then_over_the_prefix_reprocesses_nothing(s3_b
     out = str(tmp_path / "out")
 
     def run(inp):
-        return pipeline.run_job(pipeline.JobConfig(input=inp, output=out, weights=WEIGHTS, batch_size=2))[0]
+        return run_in_process(pipeline.JobConfig(input=inp, output=out, weights=WEIGHTS, batch_size=2))[0]
 
     first = run(manifest)
     assert first.planned == 4 and first.ok == 4
     assert run(f"s3://{s3_bucket}/shapes/images/").planned == 0  # the same etags and sizes
-    rows = [r for f in protocol.committed_files(out) for r in pq.read_table(f).to_pylist()]
+    rows = [r for f in Output(out).committed_files() for r in pq.read_table(f).to_pylist()]
     assert sorted(r["image_uri"] for r in rows) == sorted(f"s3://{s3_bucket}/{o['Key']}" for o in images)

@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from jobs.infer.__main__ import main
-from jobs.infer.commit import protocol
+from jobs.infer.output import VISIBLE_GLOB
 from jobs.infer.execute.decode import decode_image
 from jobs.storage import resolve
 
@@ -183,7 +183,7 @@ def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weight
     con.register_filesystem(fs)
     q = ("SELECT i.label, count(*) FROM (SELECT unnest(instances) AS i FROM read_parquet('{}')) "
          "WHERE i.score > 0.5 GROUP BY ALL")
-    assert dict(con.sql(q.format(f"{out}/{protocol.VISIBLE_GLOB}")).fetchall()) == expected
+    assert dict(con.sql(q.format(f"{out}/{VISIBLE_GLOB}")).fetchall()) == expected
     local = tmp_path / "copy"
     fs.get(root, str(local), recursive=True)
     from pyspark.sql import SparkSession, functions as F
@@ -302,7 +302,7 @@ def test_a_gpu_actor_runs_one_calls_host_work_during_the_next_forward(ray_cluste
     import ray
 
     from jobs.infer.execute.stages import decode_batch, plan_batch
-    from jobs.infer.pipeline import model_actor_options
+    from jobs.infer.execution import model_actor_options
 
     rng = np.random.default_rng(3)
     uris = []
@@ -332,11 +332,10 @@ def test_a_gpu_actor_runs_one_calls_host_work_during_the_next_forward(ray_cluste
 
 
 _SLOW_COMMITS = """
-import sys, time
-from jobs.infer.commit import protocol
-protocol.STEP_HOOK = lambda step, detail: time.sleep(2.0) if step == "committed" else None
-from jobs.infer.__main__ import main
-sys.exit(main(sys.argv[1:]))
+import functools, sys, time
+from jobs.infer import __main__ as cli
+cli.run_job = functools.partial(cli.run_job, on_step=lambda step, detail: time.sleep(2.0) if step == "committed" else None)
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
@@ -382,7 +381,7 @@ def test_cli_kill_and_rerun_exactly_one_row_per_image(weights, s3_bucket, moto_s
 
 def test_pool_size_follows_the_cluster_unless_given():
     from jobs.infer.config import JobConfig
-    from jobs.infer.pipeline import pool_size
+    from jobs.infer.execution import pool_size
 
     cfg = dict(input="in", output="out", weights="w.pt")
     # CPU actors: one per CPU after the decode stage's share
@@ -446,7 +445,7 @@ def test_a_detectron2_checkpoint_and_config_from_s3(ray_cluster, s3_bucket, caps
     from mrcnn.detectron2 import coco_label_ids
 
     expected = Counter(COCO_CATEGORY_NAMES[coco_label_ids()[c]] for r in ref.values() for c in r["classes"])
-    assert dict(con.sql(q.format(f"{out}/{protocol.VISIBLE_GLOB}")).fetchall()) == dict(expected)
+    assert dict(con.sql(q.format(f"{out}/{VISIBLE_GLOB}")).fetchall()) == dict(expected)
     with fs_.open(f"{root}/_runs/{s['run_id']}/manifest.json") as f:
         manifest = json.load(f)
     assert manifest["class_names_source"] == "coco"

@@ -1,6 +1,6 @@
 """The batch job's folders are its layers, and imports only go down them (DESIGN.md, "Layers"):
 
-    schema, errors, tasks  ->  commit/  ->  plan/ | execute/  ->  config, pipeline, summary  ->  __main__
+    schema, errors, tasks  ->  output  ->  commit/  ->  plan/ | execute/  ->  config, collect, execution, pipeline, summary  ->  __main__
 
 A module imports modules of its own layer or of layers below; plan and execute do not import
 each other; jobs/storage.py (every job's) imports nothing of the batch job. Imports inside
@@ -18,10 +18,12 @@ INFER = ROOT / "jobs" / "infer"
 # module (or package prefix) -> (rank, group); a module may import a lower rank, or its own group
 LAYERS = {
     "jobs.infer.schema": (0, "base"), "jobs.infer.errors": (0, "base"), "jobs.infer.tasks": (0, "base"),
-    "jobs.infer.commit": (1, "commit"),
-    "jobs.infer.plan": (2, "plan"), "jobs.infer.execute": (2, "execute"),
-    "jobs.infer.config": (3, "driver"), "jobs.infer.pipeline": (3, "driver"), "jobs.infer.summary": (3, "driver"),
-    "jobs.infer.__main__": (4, "entry"),
+    "jobs.infer.output": (1, "output"),
+    "jobs.infer.commit": (2, "commit"),
+    "jobs.infer.plan": (3, "plan"), "jobs.infer.execute": (3, "execute"),
+    "jobs.infer.config": (4, "driver"), "jobs.infer.collect": (4, "driver"), "jobs.infer.execution": (4, "driver"),
+    "jobs.infer.pipeline": (4, "driver"), "jobs.infer.summary": (4, "driver"),
+    "jobs.infer.__main__": (5, "entry"),
 }
 
 

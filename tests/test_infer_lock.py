@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from jobs.infer.commit.lock import LOCK_NAME, LockedError, WriterLease
+from jobs.infer.commit.lock import LockedError, WriterLease
+from jobs.infer.output import LOCK_NAME
 
 FAST = dict(heartbeat_s=0.1, stale_s=1.0)
 

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.infer import pipeline
+from jobs.infer import execution, pipeline
 from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 from jobs.infer.summary import read_summary
 from jobs.infer.execute import parts
 
@@ -42,13 +43,13 @@ def _config(tmp_path, **kw):
 
 
 def _rows(out):
-    return [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f, columns=["image_uri", "run_id"]).to_pylist()]
+    return [r for f in Output(str(out)).committed_files() for r in pq.read_table(f, columns=["image_uri", "run_id"]).to_pylist()]
 
 
-def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatch):
+def test_the_driver_sees_part_rows_only(tmp_path, run_in_process, monkeypatch):
     n = _inputs(tmp_path / "in", 10)
     seen = []
-    real = pipeline._commit_results
+    real = pipeline.commit_parts
 
     def spy(run, batches, *args, **kwargs):
         def watched():
@@ -58,9 +59,9 @@ def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatc
         return real(run, watched(), *args, **kwargs)
 
     written = []
-    monkeypatch.setattr(pipeline, "_commit_results", spy)
-    monkeypatch.setattr(protocol, "STEP_HOOK", lambda name, detail: written.append(detail) if name == "part written" else None)
-    summary, manifest = pipeline.run_job(_config(tmp_path))
+    monkeypatch.setattr(pipeline, "commit_parts", spy)
+    summary, manifest = run_in_process(
+        _config(tmp_path), on_step=lambda name, detail: written.append(detail) if name == "part written" else None)
     assert manifest["rows"] == n and summary.ok + summary.error == n
     assert seen and all(b.schema.equals(parts.PART_SCHEMA) for b in seen)  # no result column reaches it
     part_rows = sum(b.num_rows for b in seen)
@@ -71,7 +72,7 @@ def test_the_driver_sees_part_rows_only(tmp_path, in_process_dataset, monkeypatc
     assert len(rows) == n == len({r["image_uri"] for r in rows})
 
 
-def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(tmp_path, in_process_dataset):
+def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(tmp_path, run_in_process):
     _inputs(tmp_path / "in", 4)
     cfg = _config(tmp_path)
     run = protocol.begin_run(cfg.output, {"test": 1})
@@ -80,7 +81,7 @@ def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(t
 
     uris = sorted(str(p) for p in (tmp_path / "in").glob("i*.png"))
     actor = PredictorActor(cfg.weights, model_name=ckpt.model_name, checkpoint_sha256=ckpt.sha256, run_id=run.run_id)
-    rows = actor(decode_batch(plan_batch(uris, shard_id="S"), **pipeline.decode_kwargs(cfg, ckpt)))
+    rows = actor(decode_batch(plan_batch(uris, shard_id="S"), **execution.decode_kwargs(cfg, ckpt)))
     first = parts.write_parts(rows, run=run, pass_no=1)
     again = parts.write_parts(rows, run=run, pass_no=1)  # a retried or re-executed task
     assert first.equals(again) and first.num_rows == 1
@@ -88,9 +89,9 @@ def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(t
     # the same rows split otherwise by a re-executed block: overlapping parts, one row per image
     halves = [parts.write_parts(rows.slice(0, 3), run=run, pass_no=1), parts.write_parts(rows.slice(2), run=run, pass_no=1)]
     paths = [t.column("part")[0].as_py() for t in halves]
-    assert parts.finalize_shard(run, "S", paths[:1], 4, final=True, pass_no=1) == {"missing": 1}
+    assert parts.finalize_shard(run, "S", paths[:1], 4, final=True, pass_no=1) == parts.Incomplete(missing=1)
     result = parts.finalize_shard(run, "S", paths + paths[:1], 4, final=True, pass_no=1)
-    assert result["counts"]["rows"] == 4
+    assert isinstance(result, parts.Staged) and result.counts["rows"] == 4
     staged = pq.read_table(run.staged_path("S"))
     assert Counter(staged.column("image_uri").to_pylist()) == Counter(uris)
     with pytest.raises(RuntimeError, match="4 images in its parts, 3 planned"):
@@ -98,7 +99,7 @@ def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(t
 
 
 @pytest.mark.parametrize("step,nth", [("part written", 1), ("part written", 4), ("staged", 1), ("committed", 2)])
-def test_killed_after_a_part_or_a_shard_then_rerun_keeps_one_row_per_image(tmp_path, in_process_dataset,
+def test_killed_after_a_part_or_a_shard_then_rerun_keeps_one_row_per_image(tmp_path, run_in_process,
                                                                            monkeypatch, step, nth):
     n = _inputs(tmp_path / "in", 10)
     seen = []
@@ -109,12 +110,10 @@ def test_killed_after_a_part_or_a_shard_then_rerun_keeps_one_row_per_image(tmp_p
             if len(seen) == nth:
                 raise Crash()
 
-    monkeypatch.setattr(protocol, "STEP_HOOK", crash)
     with pytest.raises(Crash):
-        pipeline.run_job(_config(tmp_path))
-    monkeypatch.setattr(protocol, "STEP_HOOK", None)
+        run_in_process(_config(tmp_path), on_step=crash)
     before = _rows(tmp_path / "out")
-    summary, manifest = pipeline.run_job(_config(tmp_path))
+    summary, manifest = run_in_process(_config(tmp_path))
     rows = _rows(tmp_path / "out")
     per_image = Counter(r["image_uri"] for r in rows)
     assert manifest["rows"] == n == len(per_image) and set(per_image.values()) == {1}

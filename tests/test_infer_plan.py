@@ -17,6 +17,7 @@ import pytest
 from jobs.infer import schema
 from jobs.infer.commit import protocol
 from jobs.infer.commit import state
+from jobs.infer.output import Output
 from jobs.infer.plan import planner
 from jobs.infer.plan.planner import PlanStats, group_buckets, listed_table, plan_rows
 from jobs.infer.schema import SourceObject
@@ -46,7 +47,7 @@ def _commit_rows(out, run_id, name, rows):
 def _bucketed(listing, out, *, run_id=None, **kw):
     """The bucketed plan of ``listing`` against the state table of ``out``: planned URIs, stats."""
     version = state.fold(out)
-    fs, _ = state.resolve(out)
+    fs = Output(out).fs
     planned, total = [], PlanStats()
     listed = listed_table(listing, 0)
     by_bucket = dict(state.split_by_bucket(listed, version.buckets))

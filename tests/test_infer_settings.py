@@ -11,7 +11,7 @@ import pytest
 
 from jobs.infer import pipeline, schema
 from jobs.infer.__main__ import parse_args
-from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
@@ -82,7 +82,7 @@ def test_cpu_actors_take_bf16_where_the_cpu_has_native_bf16(monkeypatch):
     assert actor().predictor.precision == "bf16"
 
 
-def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, in_process_dataset):
+def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, run_in_process):
     inp = tmp_path / "in"
     inp.mkdir()
     from jobs.synthetic import generate  # shapes the shipped model finds
@@ -94,8 +94,8 @@ def test_a_settings_change_reprocesses_every_image_and_rows_record_it(tmp_path, 
 
     def run(**kw):
         cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, images_per_shard=3, batch_size=2, **kw)
-        summary, _ = pipeline.run_job(cfg)
-        rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+        summary, _ = run_in_process(cfg)
+        rows = [r for f in Output(str(out)).committed_files() for r in pq.read_table(f).to_pylist()
                 if r["run_id"] == summary.run_id]
         return summary, rows
 

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 
 from jobs.infer import pipeline, schema
 from jobs.infer.__main__ import parse_args
-from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 from jobs.infer.execute.decode import (DecodeError, decode_for_model, decode_image, decode_jpegs_on_device,
                                        draft_request, inspect_jpeg)
 from jobs.infer.execute.stages import PredictorActor, decode_batch, plan_batch
@@ -153,7 +153,7 @@ def test_sized_decode_finds_what_the_full_decode_finds():
     assert np.median(ious) > 0.9 and np.median(mask_ious) > 0.9
 
 
-def test_the_decode_mode_is_an_output_setting(tmp_path, in_process_dataset):
+def test_the_decode_mode_is_an_output_setting(tmp_path, run_in_process):
     assert json.loads(schema.settings_key(decode="full")) == {"decode": "full"}
     assert schema.settings_key(decode="sized") is None
     assert parse_args(["--input", "x", "--output", "y", "--weights", "z", "--decode", "full"]).decode == "full"
@@ -165,8 +165,8 @@ def test_the_decode_mode_is_an_output_setting(tmp_path, in_process_dataset):
 
     def run(**kw):
         cfg = pipeline.JobConfig(input=str(inp), output=str(out), weights=WEIGHTS, batch_size=2, **kw)
-        summary, _ = pipeline.run_job(cfg)
-        rows = [r for f in protocol.committed_files(str(out)) for r in pq.read_table(f).to_pylist()
+        summary, _ = run_in_process(cfg)
+        rows = [r for f in Output(str(out)).committed_files() for r in pq.read_table(f).to_pylist()
                 if r["run_id"] == summary.run_id]
         return summary, rows
 
@@ -227,15 +227,15 @@ def _jpeg_cmyk(arr):
     return buf.getvalue()
 
 
-def test_device_decode_through_the_job(tmp_path, in_process_dataset):
+def test_device_decode_through_the_job(tmp_path, run_in_process):
     inp = tmp_path / "in"
     inp.mkdir()
     for seed in range(3):
         (inp / f"{seed}.jpg").write_bytes(_jpeg(_scene(seed, 240, 320)))
     cfg = pipeline.JobConfig(input=str(inp), output=str(tmp_path / "out"), weights=WEIGHTS, batch_size=2,
                              decode="device")
-    summary, _ = pipeline.run_job(cfg)
-    rows = [r for f in protocol.committed_files(str(tmp_path / "out")) for r in pq.read_table(f).to_pylist()]
+    summary, _ = run_in_process(cfg)
+    rows = [r for f in Output(str(tmp_path / "out")).committed_files() for r in pq.read_table(f).to_pylist()]
     assert summary.planned == 3 and [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["instances"] for r in rows) and {r["settings"] for r in rows} == {'{"decode": "device"}'}
     with pytest.raises(SystemExit):

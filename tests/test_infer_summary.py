@@ -7,6 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.infer.commit import protocol
+
+from jobs.infer.output import Output
 from jobs.infer.summary import read_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,11 +30,9 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
         if name == "committed":
             raise Crash()
 
-    monkeypatch.setattr(protocol, "STEP_HOOK", crash_after_first_commit)
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(protocol, "STEP_HOOK", None)
-    first = protocol.committed_files(out)
+        run_job(str(inp), out, CKPT, on_step=crash_after_first_commit)
+    first = Output(out).committed_files()
     assert len(first) == 1
     done = pq.read_table(first[0], columns=["image_uri"]).column("image_uri").to_pylist()
     assert 2 <= len(done) < 12
@@ -58,7 +58,7 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
     assert (s2["ok"], s2["error"], s2["instances"], s2["skipped"]) == (10, 2, 10, 0)
     assert s2["error_reasons"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
     assert s2["error_kinds"] == {"decode": 2}
-    assert s2["shards_computed"] == len(protocol.committed_files(str(tmp_path / "out2"))) and s2["shards_reused"] == 0
+    assert s2["shards_computed"] == len(Output(str(tmp_path / "out2")).committed_files()) and s2["shards_reused"] == 0
 
 
 def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
@@ -71,10 +71,8 @@ def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
         if name == "staged":
             raise Crash()
 
-    monkeypatch.setattr(protocol, "STEP_HOOK", crash_once_staged)
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(protocol, "STEP_HOOK", None)
+        run_job(str(inp), out, CKPT, on_step=crash_once_staged)
     calls = []
     run, manifest = run_job(str(inp), out, CKPT, calls=calls)
     s = read_summary(out, run.run_id)
@@ -103,10 +101,8 @@ def test_a_reused_shard_is_counted_from_its_footer_alone(tmp_path, monkeypatch):
             staged.append(detail)
             raise Crash()
 
-    monkeypatch.setattr(protocol, "STEP_HOOK", crash_once_staged)
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT)
-    monkeypatch.setattr(protocol, "STEP_HOOK", None)
+        run_job(str(inp), out, CKPT, on_step=crash_once_staged)
     run = protocol.list_runs(out)[0]
     path = protocol.Run(out, run.run_id).staged_path(staged[0])
     table = pq.read_table(path)

@@ -14,6 +14,7 @@ from jobs import evaluate, render, synthetic
 from jobs.coco_data import CocoDetection, hflip, keypoint_flip_indices
 from jobs.infer import pipeline, schema
 from jobs.infer.commit import protocol
+from jobs.infer.output import Output
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 META = dict(source_etag=None, source_size=None, model_name="test", checkpoint_sha256="0" * 64, run_id="r1")
@@ -123,12 +124,12 @@ def keypoint_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_the_job_writes_keypoints_that_readers_and_render_use(figures, keypoint_checkpoint, tmp_path, in_process_dataset):
+def test_the_job_writes_keypoints_that_readers_and_render_use(figures, keypoint_checkpoint, tmp_path, run_in_process):
     out = tmp_path / "out"
     cfg = pipeline.JobConfig(input=str(figures / "val" / "images"), output=str(out), weights=keypoint_checkpoint,
                              images_per_shard=4, batch_size=2)
-    summary, manifest = pipeline.run_job(cfg)
-    files = protocol.committed_files(str(out))
+    summary, manifest = run_in_process(cfg)
+    files = Output(str(out)).committed_files()
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
     assert summary.planned == len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
     for f in files:

@@ -58,10 +58,11 @@ import datetime as _dt
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # ------------------------------------------------------------------ the plan: what the job reads
 
@@ -339,6 +340,33 @@ def error_row(
     }
 
 
+# ------------------------------------------------------------------ an image's latest row
+
+LATEST_FIRST = (("processed_at", "descending"), ("run_id", "descending"))  # a run id sorts by its start
+
+
+def first_of_each(values: pa.ChunkedArray) -> np.ndarray:
+    """For sorted ``values``: True at the first of each run of equal values."""
+    first = np.ones(len(values), dtype=bool)
+    if len(values) > 1:
+        first[1:] = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
+    return first
+
+
+def latest_rows(table: pa.Table, keep_runs: Iterable[str] = ()) -> pa.Table:
+    """Per image its latest row, plus the rows of ``keep_runs``; sorted by image_uri.
+
+    The latest row of an image is the one with the greatest ``processed_at``, then ``run_id``
+    (:data:`LATEST_FIRST`): what the state, the renderer, the evaluation and the README's queries
+    all take as an image's current result."""
+    table = table.sort_by([("image_uri", "ascending"), *LATEST_FIRST])
+    first = first_of_each(table.column("image_uri"))
+    keep_runs = list(keep_runs)
+    if keep_runs:
+        first |= pc.is_in(table.column("run_id"), pa.array(keep_runs, pa.string())).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(first))
+
+
 COUNTS_KEY = b"mrcnn.counts"  # key-value metadata of every staged (and so committed) file: shard_counts
 
 
@@ -351,8 +379,6 @@ def reason_start(reason: str) -> str:
 def shard_counts(table: pa.Table) -> dict:
     """What a run summary counts of a table of output rows: rows, ok rows, instances, error rows
     by ``error_kind`` and by :func:`reason_start`."""
-    import pyarrow.compute as pc
-
     ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
     reasons: dict[str, int] = {}
     for reason in table.column("error").drop_null().to_pylist():

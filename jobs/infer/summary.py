@@ -2,7 +2,7 @@
 
 The job fills a :class:`RunSummary` as it goes (``add_plan`` once the listing is
 planned, ``add_shard`` with the counts of every shard it stages or finds already staged), then
-calls ``finish()`` and ``write(output_uri)`` before :meth:`protocol.Run.finish`, so the
+calls ``finish()`` and ``write(output)`` before :meth:`protocol.Run.finish`, so the
 summary sits at ``_runs/<run_id>/summary.json`` next to the run's manifest.
 
 Counts are for this invocation. After a resume, images committed by the killed attempt
@@ -20,9 +20,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from jobs.infer.commit.protocol import RUNS_DIR
+from jobs.infer.output import Output
 from jobs.infer.plan.planner import PlanStats
-from jobs.storage import join, resolve, write_atomic
+from jobs.storage import write_atomic
 
 TOP_ERRORS = 10
 
@@ -116,15 +116,15 @@ class RunSummary:
             lines.append(f"  error {n:>6} x {reason}")
         return "\n".join(lines)
 
-    def write(self, output_uri: str) -> str:
+    def write(self, output: Output | str) -> str:
         """Save as ``_runs/<run_id>/summary.json`` under the output root; returns the path."""
-        fs, root = resolve(output_uri)
-        path = join(root, RUNS_DIR, self.run_id, "summary.json")
-        write_atomic(fs, path, (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+        output = Output.of(output)
+        path = output.run_path(self.run_id, "summary.json")
+        write_atomic(output.fs, path, (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode())
         return path
 
 
-def read_summary(output_uri: str, run_id: str) -> dict:
-    fs, root = resolve(output_uri)
-    with fs.open(join(root, RUNS_DIR, run_id, "summary.json"), "rb") as f:
+def read_summary(output: Output | str, run_id: str) -> dict:
+    output = Output.of(output)
+    with output.fs.open(output.run_path(run_id, "summary.json"), "rb") as f:
         return json.loads(f.read())

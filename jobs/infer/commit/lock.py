@@ -26,10 +26,10 @@ import threading
 import time
 import uuid
 
-from jobs.storage import create_exclusive, join, read_json, resolve, write_atomic
+from jobs.infer.output import Output
+from jobs.storage import create_exclusive, read_json, write_atomic
 from jobs.infer.errors import LockedError  # noqa: F401  (raised here; imported from here too)
 
-LOCK_NAME = "_writer.json"
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
 
@@ -63,10 +63,10 @@ def _local_owner_gone(lease: dict) -> bool:
 class WriterLease:
     """The writer lease of one output root; use as a context manager around a run."""
 
-    def __init__(self, output_uri: str, run_label: str = "", *, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, output: Output | str, run_label: str = "", *, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S, break_lock: bool = False):
-        self.fs, root = resolve(output_uri)
-        self.path = join(root, LOCK_NAME)
+        output = Output.of(output)
+        self.fs, self.path = output.fs, output.lock_path()
         self.heartbeat_s, self.stale_s, self.break_lock = heartbeat_s, stale_s, break_lock
         self.token = uuid.uuid4().hex
         self.info = {"token": self.token, "run": run_label, "host": socket.gethostname(), "pid": os.getpid(),

@@ -1,13 +1,9 @@
 """Commit protocol of the batch job: staged shard files, atomic publish, per-run markers.
 
-Layout under the output root (see DESIGN.md for the reasoning and every crash point)::
-
-    run_id=<run_id>/part-<shard_id>.parquet    committed rows: what plain readers see
-    _staging/<run_id>/part-<shard_id>.parquet  written, not yet committed (readers skip "_")
-    _runs/<run_id>/run.json                    the run's parameters, written first
-    _runs/<run_id>/summary.json                written by summary.py before finishing
-    _runs/<run_id>/manifest.json               committed files and row counts
-    _runs/<run_id>/_SUCCESS                    written last: the run is complete
+The files it writes under the output root (their paths: ``output.py``; DESIGN.md has the
+reasoning and every crash point): a shard staged in ``_staging/<run_id>/``, committed under
+``run_id=<run_id>/`` (what plain readers see), and the run's ``run.json`` (written first),
+``manifest.json`` and ``_SUCCESS`` (written last: the run is complete) in ``_runs/<run_id>/``.
 
 Unit of commit: one shard file. A shard is a run of consecutive planned inputs;
 ``shard_id`` is a hash of its (uri, etag, size) items and the checkpoint, so the same
@@ -38,7 +34,7 @@ and Spark queries. The state table (``state.py``) keeps that same latest row per
 incremental planning.
 
 One writer per output root at a time: ``pipeline.run_job`` holds the output's writer
-lease (``lock.py``) around all of this. Tests set :data:`STEP_HOOK` to stop a run between
+lease (``lock.py``) around all of this. Tests give a run an ``on_step`` hook to stop it between
 any two steps.
 """
 
@@ -51,30 +47,22 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.errors import RunMismatchError
+from jobs.infer.output import PARTITION_KEY, RUNS_DIR, SUCCESS_NAME, Output
 from jobs.infer.schema import SourceObject
-from jobs.storage import create_exclusive, is_local, join, read_json, resolve, write_atomic
-
-STAGING_DIR = "_staging"
-RUNS_DIR = "_runs"
-PARTITION_KEY = "run_id"
-SUCCESS_NAME = "_SUCCESS"
-VISIBLE_GLOB = f"{PARTITION_KEY}=*/part-*.parquet"  # also the DuckDB glob (never matches _staging)
-
-# Called as STEP_HOOK(step_name, detail) after each durable step; tests raise (or kill
-# the process) here to simulate a crash at that point. None in production.
-STEP_HOOK: Callable[[str, str], None] | None = None
+from jobs.storage import create_exclusive, is_local, join, read_json, write_atomic
 
 
-def _step(name: str, detail: str = "") -> None:
-    if STEP_HOOK is not None:
-        STEP_HOOK(name, detail)
+# A run's crash points: on_step(step_name, detail) is called after each durable step (a Run
+# carries it to the workers). Tests raise there, or kill the process, to stop a run at that
+# point; None in production.
+OnStep = Optional[Callable[[str, str], None]]
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -99,17 +87,6 @@ class Shard:
     items: tuple[SourceObject, ...]
 
 
-# ------------------------------------------------------------------ committed files
-
-def committed_files(output_uri: str) -> list[str]:
-    """Paths of every committed (visible) Parquet file under the output root."""
-    fs, root = resolve(output_uri)
-    fs.invalidate_cache(root)  # object-store listings are cached per instance
-    if not fs.exists(root):
-        return []
-    return sorted(fs.glob(join(root, VISIBLE_GLOB)))
-
-
 # ------------------------------------------------------------------ runs
 
 def params_fingerprint(params: Mapping[str, Any]) -> str:
@@ -125,9 +102,10 @@ class RunInfo:
     finished: bool
 
 
-def list_runs(output_uri: str) -> list[RunInfo]:
+def list_runs(output: Output | str) -> list[RunInfo]:
     """Runs recorded under ``_runs/`` (those with a run.json), oldest first."""
-    fs, root = resolve(output_uri)
+    output = Output.of(output)
+    fs, root = output.fs, output.root
     runs_dir = join(root, RUNS_DIR)
     fs.invalidate_cache(root)
     if not fs.exists(runs_dir):
@@ -149,36 +127,46 @@ def list_runs(output_uri: str) -> list[RunInfo]:
 
 @dataclass(frozen=True)
 class Run:
-    """One run's handle; picklable (holds URIs, not filesystems) so workers can commit too."""
+    """One run's handle; picklable (its output travels without its filesystem) so workers can
+    commit too."""
 
-    output_uri: str
+    output: Output  # a URI is taken as Output(uri)
     run_id: str
     resumed: bool = False
     params: dict = field(default_factory=dict)
     # key-value metadata every output file of the run carries (e.g. the model's keypoint names)
     file_metadata: dict = field(default_factory=dict)
+    on_step: OnStep = field(default=None, compare=False, repr=False)
+
+    def step(self, name: str, detail: str = "") -> None:
+        """A durable step is done (a crash point for tests)."""
+        if self.on_step is not None:
+            self.on_step(name, detail)
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", Output.of(self.output))
+
+    @property
+    def output_uri(self) -> str:
+        return self.output.uri
 
     # paths
-    @property
-    def _fs_root(self):
-        return resolve(self.output_uri)
-
     def staged_path(self, shard_id: str) -> str:
-        return join(self._fs_root[1], STAGING_DIR, self.run_id, f"part-{shard_id}.parquet")
+        return self.output.staged_path(self.run_id, shard_id)
 
     def visible_path(self, shard_id: str) -> str:
-        return join(self._fs_root[1], f"{PARTITION_KEY}={self.run_id}", f"part-{shard_id}.parquet")
+        return self.output.visible_path(self.run_id, shard_id)
 
     def part_path(self, shard_id: str, name: str) -> str:
         """A part file of a shard's rows, written by a worker (``execute/parts.py``)."""
-        return join(self._fs_root[1], STAGING_DIR, self.run_id, "parts", shard_id, f"{name}.parquet")
+        return self.output.part_path(self.run_id, shard_id, name)
 
     @property
     def fs(self):
-        return self._fs_root[0]
+        return self.output.fs
 
     def run_path(self, name: str) -> str:
-        return join(self._fs_root[1], RUNS_DIR, self.run_id, name)
+        return self.output.run_path(self.run_id, name)
 
     # shards
     def is_staged(self, shard: Shard) -> bool:
@@ -229,7 +217,7 @@ class Run:
         fs = self.fs
         path = self.staged_path(shard.shard_id)
         write_atomic(fs, path, sink.getvalue().to_pybytes())
-        _step("staged", shard.shard_id)
+        self.step("staged", shard.shard_id)
         return path
 
     def commit(self, shard_id: str) -> str:
@@ -243,20 +231,20 @@ class Run:
             except FileNotFoundError:
                 if not os.path.exists(visible):
                     raise FileNotFoundError(f"shard {shard_id} is neither staged nor committed") from None
-            _step("committed", shard_id)
+            self.step("committed", shard_id)
             return visible
         if fs.exists(staged):
             fs.copy(staged, visible)  # server-side copy: the visible object appears whole
-            _step("copied", shard_id)
+            self.step("copied", shard_id)
             fs.rm(staged)
         elif not fs.exists(visible):
             raise FileNotFoundError(f"shard {shard_id} is neither staged nor committed")
-        _step("committed", shard_id)
+        self.step("committed", shard_id)
         return visible
 
     # end of run
     def committed_files(self) -> list[str]:
-        fs, root = self._fs_root
+        fs, root = self.fs, self.output.root
         d = join(root, f"{PARTITION_KEY}={self.run_id}")
         fs.invalidate_cache(root)
         if not fs.exists(d):
@@ -270,7 +258,7 @@ class Run:
         ``state.fold`` gives them once it has checked that no image has two rows in the run
         (``state.finish_run`` does both). Returns the manifest.
         """
-        fs, root = self._fs_root
+        fs, root = self.fs, self.output.root
         listed = {posixpath.relpath(p, root) for p in self.committed_files()}
         given = {f["path"] for f in files}
         if given != listed:
@@ -287,16 +275,16 @@ class Run:
             **(dict(extra) if extra else {}),
         }
         write_atomic(fs, self.run_path("manifest.json"), _json_bytes(manifest))
-        _step("manifest", self.run_id)
+        self.step("manifest", self.run_id)
         create_exclusive(fs, self.run_path(SUCCESS_NAME), _json_bytes({"run_id": self.run_id, "rows": total}))
-        _step("success", self.run_id)
-        _remove_staging(fs, root, self.run_id)
-        _step("cleaned", self.run_id)
+        self.step("success", self.run_id)
+        _remove_staging(self.output, self.run_id)
+        self.step("cleaned", self.run_id)
         return manifest
 
 
-def _remove_staging(fs, root: str, run_id: str) -> None:
-    d = join(root, STAGING_DIR, run_id)
+def _remove_staging(output: Output, run_id: str) -> None:
+    d, fs = output.staging_dir(run_id), output.fs
     try:
         if fs.exists(d):
             fs.rm(d, recursive=True)
@@ -304,7 +292,8 @@ def _remove_staging(fs, root: str, run_id: str) -> None:
         pass
 
 
-def begin_run(output_uri: str, params: Mapping[str, Any], *, run_id: str | None = None) -> Run:
+def begin_run(output: Output | str, params: Mapping[str, Any], *, run_id: str | None = None,
+              on_step: OnStep = None) -> Run:
     """Resume the newest unfinished run with the same ``params``, or start a new one.
 
     ``params`` are the user-visible settings that define "the same command" (input URI,
@@ -312,13 +301,14 @@ def begin_run(output_uri: str, params: Mapping[str, Any], *, run_id: str | None 
     resumed (its params must match) or created. Also removes staging leftovers of runs
     that already finished (a kill after _SUCCESS).
     """
-    fs, root = resolve(output_uri)
+    output = Output.of(output)
+    fs = output.fs
     params = json.loads(json.dumps(dict(params), sort_keys=True, default=str))
     fp = params_fingerprint(params)
-    runs = list_runs(output_uri)
+    runs = list_runs(output)
     for r in runs:
         if r.finished:
-            _remove_staging(fs, root, r.run_id)
+            _remove_staging(output, r.run_id)
     if run_id is not None:
         match = [r for r in runs if r.run_id == run_id]
         if match:
@@ -326,15 +316,15 @@ def begin_run(output_uri: str, params: Mapping[str, Any], *, run_id: str | None 
                 raise RunMismatchError(f"run {run_id} exists with different parameters: {match[0].params}")
             if match[0].finished:
                 raise RunMismatchError(f"run {run_id} already finished")
-            return Run(output_uri, run_id, resumed=True, params=params)
+            return Run(output, run_id, resumed=True, params=params, on_step=on_step)
     else:
         for r in reversed(runs):
             if not r.finished and r.fingerprint == fp:
-                return Run(output_uri, r.run_id, resumed=True, params=params)
+                return Run(output, r.run_id, resumed=True, params=params, on_step=on_step)
         run_id = new_run_id()
     meta = {"run_id": run_id, "params": params, "fingerprint": fp, "started_at": _now().isoformat()}
-    run = Run(output_uri, run_id, resumed=False, params=params)
+    run = Run(output, run_id, resumed=False, params=params, on_step=on_step)
     if not create_exclusive(fs, run.run_path("run.json"), _json_bytes(meta)):
         raise RuntimeError(f"run {run_id} was created concurrently")
-    _step("run_created", run_id)
+    run.step("run_created", run_id)
     return run

@@ -43,10 +43,10 @@ import pyarrow.parquet as pq
 from jobs.infer import schema
 from jobs.infer.commit import protocol
 from jobs.infer.errors import DuplicateRowsError
+from jobs.infer.output import PARTITION_KEY, Output
 from jobs.infer.tasks import run_tasks
-from jobs.storage import join, read_json, resolve, write_atomic
+from jobs.storage import join, read_json, write_atomic
 
-STATE_DIR = "_state"
 CURRENT_NAME = "current.json"
 COVERED_NAME = "covered.parquet"
 DEFAULT_BUCKETS = 64  # fixed when the state is first written; a bucket holds ~1/64 of the archive
@@ -125,14 +125,14 @@ def state_rows(table: pa.Table) -> pa.Table:
 class StateVersion:
     """One generation of the state table (``current.json``)."""
 
-    output_uri: str
+    output: Output
     generation: Optional[str]  # None: nothing committed yet
     buckets: int
     rows: int = 0
     checked_run: Optional[str] = None  # the run this generation's fold checked for repeats (all its rows)
 
     def _dir(self) -> str:
-        return join(resolve(self.output_uri)[1], STATE_DIR, self.generation or "")
+        return self.output.state_path(self.generation or "")
 
     def bucket_path(self, bucket: int) -> Optional[str]:
         return None if self.generation is None else join(self._dir(), f"bucket-{bucket:04d}.parquet")
@@ -141,8 +141,7 @@ class StateVersion:
         """The committed files this generation holds (``COVERED_SCHEMA``)."""
         if self.generation is None:
             return COVERED_SCHEMA.empty_table()
-        fs, _ = resolve(self.output_uri)
-        return read_table(fs, join(self._dir(), COVERED_NAME))
+        return read_table(self.output.fs, join(self._dir(), COVERED_NAME))
 
     def files_of(self, run_id: str) -> list[dict]:
         """The committed files of one run with their row counts and sizes, for its manifest."""
@@ -152,27 +151,53 @@ class StateVersion:
                 for p, r, b in zip(*(t.column(c).to_pylist() for c in ("path", "rows", "bytes")))]
 
 
-def current(output_uri: str) -> StateVersion:
+def current(output: Output | str) -> StateVersion:
     """The current generation (an empty version when the state was never written)."""
-    fs, root = resolve(output_uri)
-    path = join(root, STATE_DIR, CURRENT_NAME)
+    output = Output.of(output)
+    fs, path = output.fs, output.state_path(CURRENT_NAME)
     try:
         meta = read_json(fs, path)
     except FileNotFoundError:
-        return StateVersion(output_uri, None, DEFAULT_BUCKETS)
-    return StateVersion(output_uri, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)),
+        return StateVersion(output, None, DEFAULT_BUCKETS)
+    return StateVersion(output, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)),
                         meta.get("checked_run"))
 
 
 def _run_of(relpath: str) -> str:
     head = relpath.split("/", 1)[0]
-    return head.split("=", 1)[1] if head.startswith(protocol.PARTITION_KEY + "=") else ""
+    return head.split("=", 1)[1] if head.startswith(PARTITION_KEY + "=") else ""
 
 
-def fold_map(output_uri: str, paths: list[str], buckets: int, spill_dir: str, name: str) -> dict:
+@dataclass(frozen=True)
+class Spilled:
+    """What a fold's map task read and wrote: the committed files, ``(path relative to the
+    output, run_id, rows, bytes)``, and its spill file of each bucket."""
+
+    files: tuple[tuple[str, str, int, int], ...]
+    spills: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """The images a run holds more than once in one bucket (``example``: one of them)."""
+
+    images: int = 0
+    example: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One bucket of a new state generation: its rows, and the checked run's repeats."""
+
+    rows: int
+    repeats: Repeats
+
+
+def fold_map(output: Output | str, paths: list[str], buckets: int, spill_dir: str, name: str) -> Spilled:
     """Read committed files (state columns) and write their rows split by bucket, one spill file
     per bucket. Returns the files' (path, run_id, rows, bytes) and the spills by bucket."""
-    fs, root = resolve(output_uri)
+    output = Output.of(output)
+    fs, root = output.fs, output.root
     tables, files = [], []
     for path in paths:
         t = pads.dataset([path], filesystem=fs, format="parquet", schema=_READ_SCHEMA).to_table(columns=_READ_COLUMNS)
@@ -183,26 +208,7 @@ def fold_map(output_uri: str, paths: list[str], buckets: int, spill_dir: str, na
     for b, rows in split_by_bucket(pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table(), buckets):
         spills[b] = join(spill_dir, f"b{b:04d}-{name}.parquet")
         write_table(fs, spills[b], rows)
-    return {"files": files, "spills": spills}
-
-
-def first_of_each(values: pa.ChunkedArray) -> np.ndarray:
-    """For sorted ``values``: True at the first of each run of equal values."""
-    first = np.ones(len(values), dtype=bool)
-    if len(values) > 1:
-        first[1:] = pc.not_equal(values.slice(1), values.slice(0, len(values) - 1)).to_numpy(zero_copy_only=False)
-    return first
-
-
-def collapse(table: pa.Table, keep_runs: Iterable[str] = ()) -> pa.Table:
-    """Per image the latest row (greatest processed_at, then run_id), plus the rows of ``keep_runs``;
-    sorted by image_uri."""
-    table = table.sort_by([("image_uri", "ascending"), ("processed_at", "descending"), ("run_id", "descending")])
-    first = first_of_each(table.column("image_uri"))
-    keep_runs = list(keep_runs)
-    if keep_runs:
-        first |= pc.is_in(table.column("run_id"), pa.array(keep_runs, pa.string())).to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(first))
+    return Spilled(tuple(files), spills)
 
 
 def repeated_images(table: pa.Table, run_id: str) -> tuple[int, Optional[str]]:
@@ -213,81 +219,83 @@ def repeated_images(table: pa.Table, run_id: str) -> tuple[int, Optional[str]]:
     return len(twice), (twice.field("values")[0].as_py() if len(twice) else None)
 
 
-def fold_reduce(output_uri: str, base: Optional[str], spills: list[str], out: str, keep_runs: list[str],
-                check_run: Optional[str]) -> dict:
-    """One bucket's new state: its old rows and new rows collapsed (:func:`collapse`) and written to
+def fold_reduce(output: Output | str, base: Optional[str], spills: list[str], out: str, keep_runs: list[str],
+                check_run: Optional[str]) -> Folded:
+    """One bucket's new state: its old rows and new rows collapsed (``schema.latest_rows``) and written to
     ``out``. Returns its row count and the images ``check_run`` holds twice."""
-    fs, _ = resolve(output_uri)
+    fs = Output.of(output).fs
     tables = [read_table(fs, p).cast(STATE_SCHEMA) for p in ([base] if base else []) + spills]
     table = pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table()
-    repeated, example = repeated_images(table, check_run) if check_run else (0, None)
-    table = collapse(table, keep_runs)
+    repeats = Repeats(*repeated_images(table, check_run)) if check_run else Repeats()
+    table = schema.latest_rows(table, keep_runs)
     write_table(fs, out, table)
-    return {"rows": table.num_rows, "repeated": repeated, "example": example}
+    return Folded(table.num_rows, repeats)
 
 
-def check_bucket(output_uri: str, path: str, run_id: str) -> dict:
+def check_bucket(output: Output | str, path: str, run_id: str) -> Repeats:
     """The images of one state bucket that ``run_id`` holds twice (a task)."""
-    fs, _ = resolve(output_uri)
-    repeated, example = repeated_images(read_table(fs, path, ["image_uri", "run_id"]), run_id)
-    return {"repeated": repeated, "example": example}
+    fs = Output.of(output).fs
+    return Repeats(*repeated_images(read_table(fs, path, ["image_uri", "run_id"]), run_id))
 
 
-def _refuse_repeats(run_id: Optional[str], results: list[dict]) -> None:
-    repeated = sum(r["repeated"] for r in results)
+def _refuse_repeats(run_id: Optional[str], results: list[Repeats]) -> None:
+    repeated = sum(r.images for r in results)
     if repeated:
-        example = next(r["example"] for r in results if r["repeated"])
+        example = next(r.example for r in results if r.images)
         raise DuplicateRowsError(f"run {run_id}: {repeated} images have more than one committed row (e.g. {example})")
 
 
-def fold(output_uri: str, *, check_run: Optional[str] = None, buckets: int = DEFAULT_BUCKETS) -> StateVersion:
+def fold(output: Output | str, *, check_run: Optional[str] = None, buckets: int = DEFAULT_BUCKETS,
+         on_step: protocol.OnStep = None) -> StateVersion:
     """Bring the state table up to date with every committed file; return the current version.
 
     A no-op when every committed file is covered. ``check_run``: refuse (RuntimeError, the state
     left as it was) if that run's rows hold an image twice. ``buckets`` applies only when the
-    state is first written.
+    state is first written. ``on_step``: the run's crash points (``protocol.Run.on_step``).
     """
-    fs, root = resolve(output_uri)
-    cur = current(output_uri)
+    output = Output.of(output)
+    fs, root = output.fs, output.root
+    cur = current(output)
     covered = cur.covered()
     done = set(covered.column("path").to_pylist())
-    new = [p for p in protocol.committed_files(output_uri) if posixpath.relpath(p, root) not in done]
+    new = [p for p in output.committed_files() if posixpath.relpath(p, root) not in done]
     if not new and cur.generation is None:
         return cur  # nothing committed yet: no state to write
     if not new:
         # The folds that brought the run's rows in may not have checked them: scan the state,
         # unless the run has no rows or the fold that wrote this generation checked it.
         if check_run and check_run != cur.checked_run and check_run in covered.column("run_id").to_pylist():
-            _refuse_repeats(check_run, run_tasks(check_bucket, [(output_uri, cur.bucket_path(b), check_run)
+            _refuse_repeats(check_run, run_tasks(check_bucket, [(output, cur.bucket_path(b), check_run)
                                                                 for b in range(cur.buckets)]))
         return cur
     buckets = cur.buckets if cur.generation is not None else buckets
     generation = f"g-{protocol.new_run_id()}"
-    gen_dir = join(root, STATE_DIR, generation)
+    gen_dir = output.state_path(generation)
     spill_dir = join(gen_dir, "spill")
     n_groups = min(len(new), MAP_TASKS)
     groups = [new[i * len(new) // n_groups:(i + 1) * len(new) // n_groups] for i in range(n_groups)]
-    mapped = run_tasks(fold_map, [(output_uri, g, buckets, spill_dir, f"{i:04d}") for i, g in enumerate(groups)])
+    mapped = run_tasks(fold_map, [(output, g, buckets, spill_dir, f"{i:04d}") for i, g in enumerate(groups)])
     spills: dict[int, list[str]] = {}
     for m in mapped:
-        for b, path in m["spills"].items():
+        for b, path in m.spills.items():
             spills.setdefault(b, []).append(path)
-    keep_runs = [r.run_id for r in protocol.list_runs(output_uri) if not r.finished]
-    version = StateVersion(output_uri, generation, buckets)
-    reduced = run_tasks(fold_reduce, [(output_uri, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
+    keep_runs = [r.run_id for r in protocol.list_runs(output) if not r.finished]
+    version = StateVersion(output, generation, buckets)
+    reduced = run_tasks(fold_reduce, [(output, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
                                        keep_runs, check_run) for b in range(buckets)])
-    _refuse_repeats(check_run, reduced)
-    files = [f for m in mapped for f in m["files"]]
+    _refuse_repeats(check_run, [r.repeats for r in reduced])
+    files = [f for m in mapped for f in m.files]
     new_files = pa.Table.from_pydict({n: [f[i] for f in files] for i, n in enumerate(COVERED_SCHEMA.names)},
                                      schema=COVERED_SCHEMA)
     write_table(fs, join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))
-    rows = sum(r["rows"] for r in reduced)
-    write_atomic(fs, join(root, STATE_DIR, CURRENT_NAME),
+    rows = sum(r.rows for r in reduced)
+    write_atomic(fs, output.state_path(CURRENT_NAME),
                  (json.dumps({"generation": generation, "buckets": buckets, "rows": rows, "checked_run": check_run},
                              indent=1) + "\n").encode())
-    protocol._step("state", generation)
-    _remove_others(fs, join(root, STATE_DIR), generation)
-    return StateVersion(output_uri, generation, buckets, rows, check_run)
+    if on_step is not None:
+        on_step("state", generation)
+    _remove_others(fs, output.state_path(), generation)
+    return StateVersion(output, generation, buckets, rows, check_run)
 
 
 def _remove_others(fs, state_dir: str, generation: str) -> None:
@@ -313,5 +321,5 @@ def _remove_others(fs, state_dir: str, generation: str) -> None:
 def finish_run(run: protocol.Run, extra: Optional[dict] = None) -> dict:
     """Fold the run's last commits into the state (checking it holds no image twice), then write its
     manifest and ``_SUCCESS`` (``Run.finish``). Returns the manifest."""
-    version = fold(run.output_uri, check_run=run.run_id)
+    version = fold(run.output, check_run=run.run_id, on_step=run.on_step)
     return run.finish(version.files_of(run.run_id), extra)

@@ -16,6 +16,7 @@ back to the driver, for the next pass to read again.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import pyarrow as pa
@@ -55,7 +56,7 @@ def write_parts(batch: pa.Table, *, run: protocol.Run, pass_no: int) -> pa.Table
         digest = hashlib.sha256("\n".join(sorted(rows.column("image_uri").to_pylist())).encode()).hexdigest()
         path = run.part_path(sid, f"p{pass_no}-{digest[:24]}")
         _write(run, path, rows)
-        protocol._step("part written", path)
+        run.step("part written", path)
         failed = rows.filter(storage_failed(rows))
         example = None
         if failed.num_rows:
@@ -70,17 +71,37 @@ def _items(table: pa.Table) -> tuple[SourceObject, ...]:
     return tuple(SourceObject(u, e, s) for u, e, s in zip(*cols))
 
 
-def finalize_shard(run: protocol.Run, shard_id: str, parts: Sequence[str], images: int, *, final: bool,
-                   pass_no: int, kept: Sequence[str] = ()) -> dict:
-    """Assemble a shard of ``images`` images from its ``kept`` and ``parts`` files.
+@dataclass(frozen=True)
+class Incomplete:
+    """The parts hold ``missing`` fewer distinct images than the shard (a re-executed task split
+    its rows differently): more parts are to come."""
 
-    Returns one of:
-    * ``{"missing": n}``: the parts hold fewer distinct images (a re-executed task split its
-      rows differently); more parts are to come;
-    * ``{"deferred": kept_parts, "retry": items}``: not ``final`` and some images failed in
-      storage: the others are kept in a part file, the failed ones go to the next pass;
-    * ``{"counts": schema.shard_counts(...)}``: the shard's file is staged (``Run.stage``).
-    """
+    missing: int
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A complete shard held back from commit because some of its reads failed in storage:
+    ``kept`` are the part files of its final rows (``kept_rows`` of them), ``retry`` the items
+    the next pass reads again."""
+
+    kept: tuple[str, ...]
+    kept_rows: int
+    retry: tuple[SourceObject, ...]
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The shard's file is staged (``Run.stage``); ``counts``: ``schema.shard_counts`` of its rows."""
+
+    counts: dict
+
+
+def finalize_shard(run: protocol.Run, shard_id: str, parts: Sequence[str], images: int, *, final: bool,
+                   pass_no: int, kept: Sequence[str] = ()) -> Incomplete | Deferred | Staged:
+    """Assemble a shard of ``images`` images from its ``kept`` and ``parts`` files: staged, or
+    (not ``final``, some images failed in storage) the others kept in a part file and the failed
+    ones deferred to the next pass, or incomplete."""
     fs = run.fs
     tables = []
     for path in [*kept, *parts]:
@@ -91,19 +112,19 @@ def finalize_shard(run: protocol.Run, shard_id: str, parts: Sequence[str], image
     first = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
     table = table.filter(pa.array(first))  # a retried task must not give an image two rows
     if table.num_rows < images:
-        return {"missing": images - table.num_rows}
+        return Incomplete(images - table.num_rows)
     if table.num_rows > images:
         raise RuntimeError(f"shard {shard_id}: {table.num_rows} images in its parts, {images} planned")
     failed = storage_failed(table)
     if not final and pc.any(failed).as_py():
         good = table.filter(pc.invert(failed))
-        kept_parts: list[str] = []
+        kept_parts: tuple[str, ...] = ()
         if good.num_rows:
-            kept_parts.append(run.part_path(shard_id, f"kept-p{pass_no}"))
+            kept_parts = (run.part_path(shard_id, f"kept-p{pass_no}"),)
             _write(run, kept_parts[0], good)
-        return {"deferred": kept_parts, "kept_rows": good.num_rows, "retry": _items(table.filter(failed))}
+        return Deferred(kept_parts, good.num_rows, _items(table.filter(failed)))
     run.stage(protocol.Shard(shard_id, _items(table)), table)
-    return {"counts": schema.shard_counts(table)}
+    return Staged(schema.shard_counts(table))
 
 
 def remote_finalize() -> Optional[object]:

@@ -118,7 +118,7 @@ class PredictorActor:
     ``num_threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS=1 in workers
     unless told otherwise, which would waste the CPUs the actor reserved). With ``overlap``
     (default: on a GPU) micro-batches' host work runs beside the next forward, within a call
-    and across the calls Ray Data runs at once (``pipeline.model_actor_options``).
+    and across the calls Ray Data runs at once (``execution.model_actor_options``).
     """
 
     def __init__(
@@ -153,7 +153,7 @@ class PredictorActor:
                                                    max_detections=max_instances, precision=precision, **extra)
         self.meta = dict(model_name=model_name, checkpoint_sha256=checkpoint_sha256, run_id=run_id, settings=settings)
         self.micro_batch = max(1, int(micro_batch))
-        # GPU actors run two calls at once (pipeline.model_actor_options): the Predictor
+        # GPU actors run two calls at once (execution.model_actor_options): the Predictor
         # serialises forwards, so one call's host work runs during the other's forward.
         self.overlap = self.predictor.device.type == "cuda" if overlap is None else bool(overlap)
         self.jpeg_fallbacks = 0  # JPEGs the device decoder refused or got wrong, decoded by Pillow

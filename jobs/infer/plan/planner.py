@@ -42,13 +42,14 @@ import pyarrow.compute as pc
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
-from jobs.infer.commit.state import (STATE_SCHEMA, StateVersion, collapse, first_of_each, read_table, split_by_bucket,
+from jobs.infer.output import Output
+from jobs.infer.commit.state import (STATE_SCHEMA, StateVersion, read_table, split_by_bucket,
                                     write_table)
 from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
 from jobs.infer.plan.sources import IMAGE_EXTENSIONS
 from jobs.infer.schema import PLAN_SCHEMA, SHARD_COLUMN, SourceObject
 from jobs.infer.tasks import run_tasks
-from jobs.storage import RetryPolicy, describe_error, join, resolve
+from jobs.storage import RetryPolicy, describe_error, join
 
 LISTING_CHUNK = 100_000  # listed objects a listing task holds before writing them out by bucket
 # A listed object: the plan's columns, and its place in the listing (the first of repeats is kept)
@@ -133,6 +134,9 @@ class ListingError(RuntimeError):
         super().__init__(message)
         self.missing = missing
 
+    def __reduce__(self):  # a listing task returns it: ``missing`` must survive the pickle
+        return ListingError, (str(self), self.missing)
+
 
 # ------------------------------------------------------------------ listing, scattered by bucket
 
@@ -157,8 +161,7 @@ def plan_table(objects: pa.Table, shard_ids: list[str]) -> pa.Table:
 
 def new_plan_dir(run: protocol.Run) -> str:
     """A fresh folder for one planning's files, under the run's staging."""
-    _, root = resolve(run.output_uri)
-    return join(root, protocol.STAGING_DIR, run.run_id, f"plan-{uuid.uuid4().hex[:8]}")
+    return join(run.output.staging_dir(run.run_id), f"plan-{uuid.uuid4().hex[:8]}")
 
 
 def write_shards_plan(run: protocol.Run, shards: Iterable[protocol.Shard]) -> tuple[list[str], dict[str, int]]:
@@ -167,18 +170,44 @@ def write_shards_plan(run: protocol.Run, shards: Iterable[protocol.Shard]) -> tu
     shards = list(shards)
     if not shards:
         return [], {}
-    fs, _ = resolve(run.output_uri)
+    fs = run.fs
     path = join(new_plan_dir(run), "plan-retry.parquet")
     items = listed_table([o for s in shards for o in s.items], 0)
     write_table(fs, path, plan_table(items, [s.shard_id for s in shards for _ in s.items]))
     return [path], {s.shard_id: len(s.items) for s in shards}
 
 
-def scatter_part(output_uri: str, part: Part, index: int, extensions: frozenset, retry: RetryPolicy, buckets: int,
-                 listed_dir: str) -> dict:
-    """List one part and write its objects by bucket. Returns the files by bucket and the count, or
-    the listing's failure (``error``, ``missing``) as data: the driver names it."""
-    fs, _ = resolve(output_uri)
+@dataclass(frozen=True)
+class Scattered:
+    """A listed part: its objects' files by bucket, and how many it listed."""
+
+    spills: dict[int, list[str]]
+    listed: int
+
+
+@dataclass(frozen=True)
+class BucketPlanned:
+    """A bucket's plan: its counts, and how many of its objects the run processes."""
+
+    stats: PlanStats
+    planned: int
+
+
+@dataclass(frozen=True)
+class ShardsCut:
+    """A group's shards: items to compute by shard_id, the shards a killed attempt already staged
+    (shard_id -> counts), and the plan file of the former (None when there are none)."""
+
+    expected: dict[str, int]
+    staged: dict[str, dict]
+    plan: Optional[str]
+
+
+def scatter_part(output: Output, part: Part, index: int, extensions: frozenset, retry: RetryPolicy, buckets: int,
+                 listed_dir: str) -> Scattered | ListingError:
+    """List one part and write its objects by bucket. A listing that fails is returned, not raised
+    (a task's exception would reach the driver wrapped): the driver raises it."""
+    fs = output.fs
     spills: dict[int, list[str]] = {}
     n = 0
     try:
@@ -189,10 +218,10 @@ def scatter_part(output_uri: str, part: Part, index: int, extensions: frozenset,
                 spills.setdefault(b, []).append(path)
             n += len(chunk)
     except FileNotFoundError as e:
-        return {"error": " ".join(str(e).split()), "missing": True}
+        return ListingError(" ".join(str(e).split()), missing=True)
     except Exception as e:  # noqa: BLE001  (after the listing's retries: an infrastructure failure)
-        return {"error": describe_error(e), "missing": False}
-    return {"spills": spills, "listed": n}
+        return ListingError(describe_error(e))
+    return Scattered(spills, n)
 
 
 # ------------------------------------------------------------------ the join, per bucket
@@ -210,7 +239,7 @@ def plan_rows(listed: pa.Table, state: pa.Table, *, run_id: Optional[str], check
     same bucket; sorted by image_uri."""
     stats = PlanStats(listed=listed.num_rows)
     listed = listed.sort_by([("image_uri", "ascending"), ("listing_order", "ascending")])
-    first = first_of_each(listed.column("image_uri"))  # repeats: keep the first listed
+    first = schema.first_of_each(listed.column("image_uri"))  # repeats: keep the first listed
     stats.duplicates = int(len(first) - first.sum())
     listed = listed.filter(pa.array(first))
     if run_id is not None:  # committed in this run already (whichever row is the latest)
@@ -218,7 +247,7 @@ def plan_rows(listed: pa.Table, state: pa.Table, *, run_id: Optional[str], check
         done = pc.is_in(listed.column("image_uri"), in_run.combine_chunks())
         stats.done_in_run = pc.sum(done).as_py() or 0
         listed = listed.filter(pc.invert(done))
-    latest = collapse(state).select(["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status",
+    latest = schema.latest_rows(state).select(["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status",
                             "error_kind"])
     latest = latest.rename_columns(["image_uri"] + [f"s_{c}" for c in latest.column_names[1:]])
     latest = latest.append_column("s_present", pa.array(np.ones(latest.num_rows, dtype=bool)))
@@ -257,10 +286,9 @@ def _items(table: pa.Table) -> Iterator[SourceObject]:
 
 
 def plan_bucket(run: protocol.Run, listed_paths: list[str], state_path: Optional[str], planned_path: str, *,
-                checkpoint_sha256: str, full: bool, settings: Optional[str], retry_errors: bool) -> dict:
-    """Plan one bucket (a task): its planned objects, sorted by URI, go to ``planned_path``.
-    Returns the counts and how many were planned."""
-    fs, _ = resolve(run.output_uri)
+                checkpoint_sha256: str, full: bool, settings: Optional[str], retry_errors: bool) -> BucketPlanned:
+    """Plan one bucket (a task): its planned objects, sorted by URI, go to ``planned_path``."""
+    fs = run.fs
     listed = pa.concat_tables([read_table(fs, p) for p in listed_paths]) if listed_paths else \
         LISTED_SCHEMA.empty_table()
     state_rows = read_table(fs, state_path).cast(STATE_SCHEMA) if state_path else STATE_SCHEMA.empty_table()
@@ -268,7 +296,7 @@ def plan_bucket(run: protocol.Run, listed_paths: list[str], state_path: Optional
                                settings=settings, retry_errors=retry_errors)
     if planned.num_rows:
         write_table(fs, planned_path, planned)
-    return {"stats": dataclasses.asdict(stats), "planned": planned.num_rows}
+    return BucketPlanned(stats, planned.num_rows)
 
 
 def group_buckets(planned: list[int], target_size: int) -> list[list[int]]:
@@ -294,11 +322,10 @@ def group_buckets(planned: list[int], target_size: int) -> list[list[int]]:
 
 
 def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, checkpoint_sha256: str,
-                target_size: int) -> dict:
+                target_size: int) -> ShardsCut:
     """Cut a group's planned objects (its buckets in order, each sorted by URI) into shards (a task).
-    Shards a killed attempt already staged are returned (shard_id -> counts); the others' items go
-    to ``plan_path`` with their shard_id. Returns them (shard_id -> items) and the plan file."""
-    fs, _ = resolve(run.output_uri)
+    The items of shards a killed attempt did not stage go to ``plan_path`` with their shard_id."""
+    fs = run.fs
     planned = pa.concat_tables([read_table(fs, p) for p in planned_paths])
     expected: dict[str, int] = {}
     staged: dict[str, dict] = {}
@@ -315,7 +342,7 @@ def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, 
         plan = plan_table(planned, shard_ids)
         write_table(fs, plan_path, plan.filter(pc.not_equal(plan.column(SHARD_COLUMN), "")))
         path = plan_path
-    return {"expected": expected, "staged": staged, "plan": path}
+    return ShardsCut(expected, staged, path)
 
 
 def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, checkpoint_sha256: str, full: bool,
@@ -325,7 +352,7 @@ def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, check
     """List ``input_uri`` and plan the run against the state ``version``, in tasks when Ray runs.
 
     Raises :class:`ListingError` when the input cannot be listed."""
-    fs, _ = resolve(run.output_uri)
+    fs = run.fs
     plan_dir = new_plan_dir(run)
     listed_dir = join(plan_dir, "listed")
     try:
@@ -335,13 +362,13 @@ def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, check
     except Exception as e:  # noqa: BLE001
         raise ListingError(describe_error(e)) from None
     exts = frozenset(e.lower() for e in extensions)
-    scattered = run_tasks(scatter_part, [(run.output_uri, p, i, exts, retry, version.buckets, listed_dir)
+    scattered = run_tasks(scatter_part, [(run.output, p, i, exts, retry, version.buckets, listed_dir)
                                          for i, p in enumerate(parts)])
     spills: dict[int, list[str]] = {}
     for s in scattered:
-        if "error" in s:
-            raise ListingError(s["error"], missing=s["missing"])
-        for b, paths in s["spills"].items():
+        if isinstance(s, ListingError):
+            raise s
+        for b, paths in s.spills.items():
             spills.setdefault(b, []).extend(paths)
     planned_path = lambda b: join(plan_dir, "planned", f"b{b:04d}.parquet")  # noqa: E731
     planned = run_tasks(plan_bucket, [(run, spills.get(b, []), version.bucket_path(b), planned_path(b))
@@ -350,19 +377,19 @@ def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, check
                          "retry_errors": retry_errors})
     plan = Plan([], {}, {}, PlanStats())
     for r in planned:
-        plan.stats.add(PlanStats(**r["stats"]))
+        plan.stats.add(r.stats)
     # Grouped by what the run plans in all (planned now, or committed by an earlier attempt): a
     # resumed run groups the buckets as its first attempt did, so its uncommitted shards are the same.
-    groups = group_buckets([r["planned"] + r["stats"]["done_in_run"] for r in planned], target_size)
-    groups = [[b for b in g if planned[b]["planned"]] for g in groups]
+    groups = group_buckets([r.planned + r.stats.done_in_run for r in planned], target_size)
+    groups = [[b for b in g if planned[b].planned] for g in groups]
     sharded = run_tasks(shard_group, [(run, [planned_path(b) for b in g], join(plan_dir, f"plan-b{g[0]:04d}.parquet"))
                                       for g in groups if g],
                         {"checkpoint_sha256": checkpoint_sha256, "target_size": target_size})
     for r in sharded:
-        plan.expected.update(r["expected"])
-        plan.staged.update(r["staged"])
-        if r["plan"]:
-            plan.files.append(r["plan"])
+        plan.expected.update(r.expected)
+        plan.staged.update(r.staged)
+        if r.plan:
+            plan.files.append(r.plan)
     for d in (listed_dir, join(plan_dir, "planned")):  # the listing's copy; the plan files stay for the pipeline
         try:
             fs.rm(d, recursive=True)
