@@ -44,7 +44,7 @@ def test_the_output_is_resolved_once_per_process_whatever_the_shards(tmp_path, r
 def test_a_pickled_run_carries_its_output_without_the_filesystem(tmp_path, resolves):
     out = str(tmp_path / "out")
     run = protocol.Run(out, "r1")
-    assert isinstance(run.output, Output) and run.output_uri == out
+    assert isinstance(run.output, Output) and run.output.uri == out
     assert run.staged_path("S").startswith(run.output.root) and resolves == [out]
     data = pickle.dumps(run)
     assert b"LocalFileSystem" not in data and len(data) < 1000

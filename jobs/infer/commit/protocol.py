@@ -146,10 +146,6 @@ class Run:
     def __post_init__(self):
         object.__setattr__(self, "output", Output.of(self.output))
 
-    @property
-    def output_uri(self) -> str:
-        return self.output.uri
-
     # paths
     def staged_path(self, shard_id: str) -> str:
         return self.output.staged_path(self.run_id, shard_id)
