@@ -1,7 +1,7 @@
 """Commit protocol: crash at every step and rerun, readers see committed rows only, incremental plans.
 
-The job is driven by tests/_infer_fake_job.py: the real listing, planning, sharding,
-decoding, row building, staging and commit code with a fake predictor.
+The job is pipeline.run_job in this process with a stand-in model (tests/_stand_in_job.py): the
+real listing, planning, sharding, decoding, rows, part files, staging and commit code.
 """
 
 import io
@@ -30,7 +30,7 @@ from jobs.infer.schema import SourceObject
 from jobs.storage import resolve
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _infer_fake_job import run_job  # noqa: E402
+from _stand_in_job import WEIGHTS, run_job  # noqa: E402
 
 CKPT = "a" * 64
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_clean_run_layout_and_readers(backend):
     out = new_out()
     expected = all_input_uris(inp)
     assert len(expected) == 12
-    run, manifest = run_job(inp, out, CKPT)
+    run, manifest = run_job(inp, out)
     rows, duck = visible(out)
     assert_one_row_per_image(rows, duck, expected)
     assert manifest["rows"] == 12 and sum(f["rows"] for f in manifest["files"]) == 12
@@ -210,7 +210,7 @@ def _prefix(inp):
 def record_steps(inp, out, **kw):
     """(step, detail) of a clean run, and the number of rows of each shard it committed."""
     steps = []
-    _, manifest = run_job(inp, out, CKPT, on_step=lambda name, detail: steps.append((name, detail)), **kw)
+    _, manifest = run_job(inp, out, on_step=lambda name, detail: steps.append((name, detail)), **kw)
     rows = {f["path"].rsplit("part-", 1)[1][: -len(".parquet")]: f["rows"] for f in manifest["files"]}
     return steps, rows
 
@@ -247,7 +247,7 @@ def test_crash_at_every_step_then_rerun(backend, monkeypatch):
             seen["n"] += 1
 
         with pytest.raises(Crash):
-            run_job(inp, out, CKPT, on_step=hook, **kw)
+            run_job(inp, out, on_step=hook, **kw)
 
         # After the crash: readers see the committed shards' rows only, no image twice.
         rows, duck = visible(out)
@@ -260,7 +260,7 @@ def test_crash_at_every_step_then_rerun(backend, monkeypatch):
         before = done_images(out, first_run.run_id)
 
         calls = []
-        run, manifest = run_job(inp, out, CKPT, calls=calls, **kw)
+        run, manifest = run_job(inp, out, calls=calls, **kw)
         rows, duck = visible(out)
         per_run = {}
         for r in rows:
@@ -296,7 +296,7 @@ def test_sigkill_subprocess_then_rerun(tmp_path, crash_at):
     out = str(tmp_path / "out")
     env = {**os.environ, "CRASH_AT": crash_at, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "_infer_fake_job.py"), str(inp), out, CKPT],
+        [sys.executable, str(REPO / "tests" / "_stand_in_job.py"), str(inp), out],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -305,7 +305,7 @@ def test_sigkill_subprocess_then_rerun(tmp_path, crash_at):
     assert len(rows) == len({r["image_uri"] for r in rows})
     assert len(rows) < 12 or crash_at == "manifest:0"
     calls = []
-    run, manifest = run_job(str(inp), out, CKPT, calls=calls)
+    run, manifest = run_job(str(inp), out, calls=calls)
     assert run.resumed
     rows, duck = visible(out)
     assert_one_row_per_image(rows, duck, all_input_uris(str(inp)))
@@ -319,22 +319,22 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     for rel, data in input_files().items():
         _local_write(inp, rel, data)
     out = str(tmp_path / "out")
-    run1, _ = run_job(str(inp), out, CKPT)
+    run1, _ = run_job(str(inp), out)
 
     # Nothing changed: a new run that plans nothing.
-    calls, stats = [], planner.PlanStats()
-    run2, m2 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
+    calls = []
+    run2, m2 = run_job(str(inp), out, calls=calls)
     assert calls == [] and m2["rows"] == 0 and run2.run_id != run1.run_id
-    assert stats.listed == 12 and stats.unchanged == 12 and stats.planned == 0
+    assert run2.listed == 12 and run2.skipped_unchanged == 12 and run2.planned == 0
 
     # One image rewritten (new mtime), one added.
     (inp / "img0.png").write_bytes(png(40, 30, 99))
     os.utime(inp / "img0.png", ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
     (inp / "new.png").write_bytes(png(10, 10, 7))
-    calls, stats = [], planner.PlanStats()
-    run3, m3 = run_job(str(inp), out, CKPT, calls=calls, stats=stats)
+    calls = []
+    run3, m3 = run_job(str(inp), out, calls=calls)
     assert sorted(calls) == [f"file://{inp}/img0.png", f"file://{inp}/new.png"]
-    assert (stats.new, stats.changed, stats.unchanged) == (1, 1, 11)
+    assert (run3.planned_new, run3.planned_changed, run3.skipped_unchanged) == (1, 1, 11)
 
     latest = duckdb.sql(LATEST_SQL.format(root=out)).to_arrow_table()
     latest = {r["image_uri"]: r for r in latest.to_pylist()}
@@ -345,14 +345,33 @@ def test_incremental_run_processes_new_and_changed_only(tmp_path):
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/run_id=*/part-*.parquet')").fetchall() == [(14,)]
 
     # A new checkpoint reprocesses everything; so does --full.
+    other = other_weights(tmp_path)
     calls = []
-    run_job(str(inp), out, "c" * 64, calls=calls)
+    run_job(str(inp), out, other, calls=calls)
     assert len(calls) == 13
     calls = []
-    run_job(str(inp), out, "c" * 64, calls=calls, full=True)
+    run_job(str(inp), out, other, calls=calls, full=True)
     assert len(calls) == 13
     latest = collapse_state(out)
-    assert latest.num_rows == 13 and set(latest.column("checkpoint_sha256").to_pylist()) == {"c" * 64}
+    assert latest.num_rows == 13 and set(latest.column("checkpoint_sha256").to_pylist()) == {sha256(other)}
+
+
+def other_weights(tmp_path):
+    """The shipped checkpoint saved again with one more metadata key: another model identity."""
+    import torch
+
+    ckpt = torch.load(WEIGHTS, weights_only=True, map_location="cpu")
+    ckpt["metadata"]["note"] = "another model"
+    path = str(tmp_path / "other.pt")
+    torch.save(ckpt, path)
+    assert sha256(path) != sha256(WEIGHTS)
+    return path
+
+
+def sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_begin_run_resumes_only_the_same_unfinished_command(tmp_path):

@@ -1,7 +1,8 @@
 """Result rows written by the workers (jobs/infer/execute/parts.py) in the batch job's real driver loop
 (``pipeline.run_job`` with the Ray dataset replaced by the same stages in this process): the
-driver sees one small row per part file and no result row; a retried write replaces its part;
-a run killed after any part or staged shard, run again, has exactly one row per image."""
+driver sees one small row per part file and no result row; a retried write replaces its part.
+A run killed after any part file, staged shard or commit is tests/test_infer_commit.py's
+crash-at-every-step test, on the same driver loop."""
 
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ from jobs.infer.execute import parts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(ROOT, "models", "shapes_r18_fpn3.pt")
-
-
-class Crash(BaseException):
-    pass
 
 
 def _inputs(root, n):
@@ -96,28 +93,3 @@ def test_a_retried_write_replaces_its_part_and_a_shard_keeps_one_row_per_image(t
     assert Counter(staged.column("image_uri").to_pylist()) == Counter(uris)
     with pytest.raises(RuntimeError, match="4 images in its parts, 3 planned"):
         parts.finalize_shard(run, "S", paths + [first.column("part")[0].as_py()], 3, final=True, pass_no=1)
-
-
-@pytest.mark.parametrize("step,nth", [("part written", 1), ("part written", 4), ("staged", 1), ("committed", 2)])
-def test_killed_after_a_part_or_a_shard_then_rerun_keeps_one_row_per_image(tmp_path, run_in_process,
-                                                                           monkeypatch, step, nth):
-    n = _inputs(tmp_path / "in", 10)
-    seen = []
-
-    def crash(name, detail):
-        if name == step:
-            seen.append(detail)
-            if len(seen) == nth:
-                raise Crash()
-
-    with pytest.raises(Crash):
-        run_in_process(_config(tmp_path), on_step=crash)
-    before = _rows(tmp_path / "out")
-    summary, manifest = run_in_process(_config(tmp_path))
-    rows = _rows(tmp_path / "out")
-    per_image = Counter(r["image_uri"] for r in rows)
-    assert manifest["rows"] == n == len(per_image) and set(per_image.values()) == {1}
-    assert len({r["run_id"] for r in rows}) == 1 and summary.resumed
-    assert summary.skipped_done_in_run == len(before)
-    if step == "staged":
-        assert summary.shards_reused == 1  # the staged shard was committed as it was, not recomputed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _infer_fake_job import run_job  # noqa: E402
+from _stand_in_job import run_job  # noqa: E402
 from test_infer_commit import CKPT, _local_write, input_files, png  # noqa: E402
 
 from jobs.infer.commit import protocol  # noqa: E402
@@ -28,10 +28,10 @@ def test_spark_reads_committed_rows_and_latest_per_image(tmp_path):
     for rel, data in input_files().items():
         _local_write(inp, rel, data)
     out = str(tmp_path / "out")
-    run1, _ = run_job(str(inp), out, CKPT)
+    run1, _ = run_job(str(inp), out)
     (inp / "img0.png").write_bytes(png(40, 30, 99))
     os.utime(inp / "img0.png", ns=(2 * 10**18, 2 * 10**18))
-    run2, _ = run_job(str(inp), out, CKPT)
+    run2, _ = run_job(str(inp), out)
     # An uncommitted staged shard of a third run must stay invisible.
     run3 = protocol.begin_run(out, {"other": 1})
     objs = [SourceObject(f"file:///x/{i}.jpg", "e", 1) for i in range(3)]
@@ -57,7 +57,7 @@ def test_spark_reads_committed_rows_and_latest_per_image(tmp_path):
         assert rows[f"file://{inp}/img0.png"]["width"] == 40
         assert sum(r["run_id"] == run1.run_id for r in rows.values()) == 11
         n = (df.select(F.explode("instances").alias("i")).filter("i.score > 0.5").count())
-        assert n == 11  # one fake instance per decodable row: 10 in run 1, 1 in run 2
+        assert n == 11  # one stand-in instance per decodable row: 10 in run 1, 1 in run 2
     finally:
         spark.stop()
 

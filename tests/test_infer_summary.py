@@ -1,4 +1,4 @@
-"""jobs.infer.commit.summary: counts of a real (fake-model) run, written next to the run's manifest."""
+"""jobs.infer.summary: counts of a real run (stand-in model), written next to the run's manifest."""
 
 import sys
 from pathlib import Path
@@ -12,15 +12,15 @@ from jobs.infer.output import Output
 from jobs.infer.summary import read_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _infer_fake_job import run_job  # noqa: E402
-from test_infer_commit import CKPT, _local_write, input_files  # noqa: E402
+from _stand_in_job import run_job  # noqa: E402
+from test_infer_commit import _local_write, input_files  # noqa: E402
 
 
 class Crash(BaseException):
     pass
 
 
-def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
+def test_summary_of_a_run_and_of_its_resume(tmp_path):
     inp = tmp_path / "in"
     for rel, data in input_files().items():
         _local_write(inp, rel, data)
@@ -31,29 +31,29 @@ def test_summary_of_a_run_and_of_its_resume(tmp_path, monkeypatch, capsys):
             raise Crash()
 
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT, on_step=crash_after_first_commit)
+        run_job(str(inp), out, on_step=crash_after_first_commit)
     first = Output(out).committed_files()
     assert len(first) == 1
     done = pq.read_table(first[0], columns=["image_uri"]).column("image_uri").to_pylist()
-    assert 2 <= len(done) < 12
+    assert 1 <= len(done) < 12
 
-    run, manifest = run_job(str(inp), out, CKPT)
+    run, manifest = run_job(str(inp), out)
     s = read_summary(out, run.run_id)
     assert s["resumed"] is True and s["listed"] == 12
     assert s["skipped_done_in_run"] == len(done) and s["skipped"] == len(done)
     assert s["processed"] == s["planned"] == 12 - len(done)
     assert s["ok"] + s["error"] == s["processed"]
     assert manifest["rows"] == 12
-    # The fake model finds one instance per decodable image; the two bad inputs are errors.
+    # The stand-in model finds one instance per decodable image; the two bad inputs are errors.
     bad = [u for u in done if u.endswith(("empty.jpg", "notes.png"))]
     assert s["error"] == 2 - len(bad) and s["instances"] == s["ok"]
     assert sum(s["error_reasons"].values()) == sum(s["error_kinds"].values()) == s["error"]
     assert s["wall_s"] > 0 and s["images_per_s"] > 0
-    printed = capsys.readouterr().out
+    printed = run.format()
     assert f"run {run.run_id} (resumed)" in printed and f"ok {s['ok']}, error {s['error']}" in printed
 
     # A fresh output: every count from scratch.
-    run2, _ = run_job(str(inp), str(tmp_path / "out2"), CKPT)
+    run2, _ = run_job(str(inp), str(tmp_path / "out2"))
     s2 = read_summary(str(tmp_path / "out2"), run2.run_id)
     assert (s2["ok"], s2["error"], s2["instances"], s2["skipped"]) == (10, 2, 10, 0)
     assert s2["error_reasons"] == {"empty file (0 bytes)": 1, "not a recognised image (16 bytes of text)": 1}
@@ -72,9 +72,9 @@ def test_summary_counts_a_reused_staged_shard(tmp_path, monkeypatch):
             raise Crash()
 
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT, on_step=crash_once_staged)
+        run_job(str(inp), out, on_step=crash_once_staged)
     calls = []
-    run, manifest = run_job(str(inp), out, CKPT, calls=calls)
+    run, manifest = run_job(str(inp), out, calls=calls)
     s = read_summary(out, run.run_id)
     assert s["shards_reused"] == 1 and s["shards_computed"] >= 1
     assert s["processed"] == 12 == manifest["rows"]
@@ -102,7 +102,7 @@ def test_a_reused_shard_is_counted_from_its_footer_alone(tmp_path, monkeypatch):
             raise Crash()
 
     with pytest.raises(Crash):
-        run_job(str(inp), out, CKPT, on_step=crash_once_staged)
+        run_job(str(inp), out, on_step=crash_once_staged)
     run = protocol.list_runs(out)[0]
     path = protocol.Run(out, run.run_id).staged_path(staged[0])
     table = pq.read_table(path)

@@ -36,6 +36,8 @@ class RunSummary:
     skipped_unchanged: int = 0
     skipped_done_in_run: int = 0
     planned: int = 0
+    planned_new: int = 0  # incremental: not in the state table yet
+    planned_changed: int = 0  # incremental: another etag, size or model than the latest row's
     planned_retry: int = 0
     ok: int = 0
     error: int = 0
@@ -57,6 +59,7 @@ class RunSummary:
         self.skipped_unchanged = stats.unchanged
         self.skipped_done_in_run = stats.done_in_run
         self.planned = stats.planned
+        self.planned_new, self.planned_changed = stats.new, stats.changed
         self.planned_retry = stats.retry
 
     def add_shard(self, counts: dict, *, reused: bool = False) -> None:
@@ -99,7 +102,8 @@ class RunSummary:
     def format(self) -> str:
         lines = [
             f"run {self.run_id}{' (resumed)' if self.resumed else ''}",
-            f"  listed {self.listed}, planned {self.planned}, skipped {self.skipped} "
+            f"  listed {self.listed}, planned {self.planned} (new {self.planned_new}, changed "
+            f"{self.planned_changed}), skipped {self.skipped} "
             f"(unchanged {self.skipped_unchanged}, done before resume {self.skipped_done_in_run}, "
             f"duplicates {self.duplicates})",
             f"  ok {self.ok}, error {self.error}, instances {self.instances}",
