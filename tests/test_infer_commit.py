@@ -123,8 +123,7 @@ def done_images(out, run_id):
 def collapse_state(out):
     """The state table's rows, latest per image (what incremental planning compares with)."""
     version = state.fold(out)
-    fs, _ = resolve(out)
-    rows = [state.read_table(fs, version.bucket_path(b)) for b in range(version.buckets)]
+    rows = [Output(out).read_parquet(version.bucket_path(b)) for b in range(version.buckets)]
     return schema.latest_rows(pa.concat_tables(rows))
 
 

@@ -82,7 +82,7 @@ def test_owner_that_cannot_renew_its_lease_stops_committing(tmp_path, monkeypatc
         def unreachable(*a, **k):
             raise OSError("storage unreachable")
 
-        monkeypatch.setattr("jobs.infer.commit.lock.write_atomic", unreachable)
+        monkeypatch.setattr(lease.output, "write_json", unreachable)
         time.sleep(0.2)
         lease.check()  # failed renewals are retried for stale_s / 2, not fatal at once
         time.sleep(1.8)

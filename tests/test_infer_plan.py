@@ -47,12 +47,11 @@ def _commit_rows(out, run_id, name, rows):
 def _bucketed(listing, out, *, run_id=None, **kw):
     """The bucketed plan of ``listing`` against the state table of ``out``: planned URIs, stats."""
     version = state.fold(out)
-    fs = Output(out).fs
     planned, total = [], PlanStats()
     listed = listed_table(listing, 0)
     by_bucket = dict(state.split_by_bucket(listed, version.buckets))
     for b in range(version.buckets):
-        rows = state.read_table(fs, version.bucket_path(b)) if version.generation else state.STATE_SCHEMA.empty_table()
+        rows = Output(out).read_parquet(version.bucket_path(b)) if version.generation else state.STATE_SCHEMA.empty_table()
         got, stats = plan_rows(by_bucket.get(b, planner.LISTED_SCHEMA.empty_table()), rows, run_id=run_id,
                                checkpoint_sha256=CKPT, **kw)
         planned += got.column("image_uri").to_pylist()
@@ -210,8 +209,9 @@ def test_fold_is_incremental_and_replaces_its_generation_atomically(tmp_path, mo
         pass
 
     # killed after the new generation's files, before current.json moved: the old one stays current
-    monkeypatch.setattr(state, "write_atomic", lambda fs, path, data: (_ for _ in ()).throw(Crash())
-                        if path.endswith(state.CURRENT_NAME) else protocol.write_atomic(fs, path, data))
+    real_write = Output.write
+    monkeypatch.setattr(Output, "write", lambda self, path, data, **kw: (_ for _ in ()).throw(Crash())
+                        if path.endswith(state.CURRENT_NAME) else real_write(self, path, data, **kw))
     with pytest.raises(Crash):
         state.fold(out, buckets=64)
     monkeypatch.undo()

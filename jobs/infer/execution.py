@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs.infer.commit import protocol
 from jobs.infer.config import JobConfig
@@ -189,10 +188,8 @@ class InProcess:
         if key not in self.actors:
             self.actors[key] = PredictorActor(cfg.weights, **{**actor_kwargs(cfg, ckpt, run), "num_threads": None})
         actor = self.actors[key]
-        fs = run.fs
         for path in plan_files:
-            with fs.open(path, "rb") as f:
-                plan = pq.read_table(f)
+            plan = run.output.read_parquet(path)
             for start in range(0, plan.num_rows, cfg.batch_size):
                 chunk = plan.slice(start, cfg.batch_size)
                 batch = {c: np.array(chunk.column(c).to_pylist(), dtype=object) for c in chunk.column_names}

@@ -14,14 +14,23 @@ An :class:`Output` is made from the URI (``Output.of``) and resolves its filesys
 process: handles of the same URI and storage settings share one resolved filesystem, and a
 pickled handle (a ``Run`` sent to a worker) travels without it and resolves again, once, in the
 worker's process. Readers skip every ``_`` folder, as Spark and DuckDB do.
+
+The job's files under OUT are read and written through the handle: whole-object writes that
+readers never see half done (``write``, ``write_json``, ``write_parquet``), exclusive creates
+(``exclusive=True``: the run's ``run.json`` and ``_SUCCESS``, the lease), one-GET JSON reads.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 from typing import Any, Optional
 
-from jobs.storage import join, resolve, storage_options
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.storage import create_exclusive, join, read_json, resolve, storage_options, write_atomic
 
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
@@ -43,19 +52,24 @@ class Output:
     def __init__(self, uri: str, storage_options: Optional[dict] = None):
         self.uri = uri
         self.storage_options = dict(storage_options or {})
+        self._found: Optional[tuple[Any, str]] = None
 
     @classmethod
     def of(cls, output: "Output | str") -> "Output":
         return output if isinstance(output, Output) else cls(output)
 
     def _resolved(self) -> tuple[Any, str]:
-        # the environment's S3 settings are part of the key: a new endpoint is another filesystem
-        key = (self.uri, tuple(sorted({**storage_options(self.uri), **self.storage_options}.items(), key=str)))
-        with _LOCK:
-            found = _RESOLVED.get(key)
-            if found is None:
-                found = _RESOLVED[key] = resolve(self.uri, self.storage_options or None)
-        return found
+        if self._found is None:
+            # the environment's S3 settings are part of the key: a new endpoint is another filesystem
+            key = (self.uri, tuple(sorted({**storage_options(self.uri), **self.storage_options}.items(), key=str)))
+            with _LOCK:
+                if key not in _RESOLVED:
+                    _RESOLVED[key] = resolve(self.uri, self.storage_options or None)
+                self._found = _RESOLVED[key]
+        return self._found
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_found": None}  # the filesystem stays in this process
 
     @property
     def fs(self):
@@ -100,12 +114,41 @@ class Output:
     def lock_path(self) -> str:
         return self.path(LOCK_NAME)
 
+    # ------------------------------------------------------------------ files under OUT
+
+    def write(self, path: str, data: bytes, *, exclusive: bool = False) -> bool:
+        """Write ``path`` whole (readers see the old content or the new); with ``exclusive``, only
+        if it does not exist yet: False when it did."""
+        if exclusive:
+            return create_exclusive(self.fs, path, data)
+        write_atomic(self.fs, path, data)
+        return True
+
+    def write_json(self, path: str, obj: Any, *, exclusive: bool = False) -> bool:
+        return self.write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), exclusive=exclusive)
+
+    def read_json(self, path: str) -> Any:
+        """A JSON file another process may be replacing, in one GET (``storage.read_json``)."""
+        return read_json(self.fs, path)
+
+    def write_parquet(self, path: str, table: pa.Table, **options: Any) -> None:
+        """One Parquet file, serialised in memory first (zstd unless ``options`` say otherwise)."""
+        options.setdefault("compression", "zstd")
+        sink = io.BytesIO()
+        pq.write_table(table, sink, **options)
+        write_atomic(self.fs, path, sink.getvalue())
+
+    def read_parquet(self, path: str, columns: Optional[list[str]] = None, schema: Optional[pa.Schema] = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns, schema=schema)
+
     # ------------------------------------------------------------------ readers
 
-    def committed_files(self) -> list[str]:
-        """Paths of every committed (visible) Parquet file under the output root."""
+    def committed_files(self, run_id: Optional[str] = None) -> list[str]:
+        """Paths of the committed (visible) Parquet files under the output root: all, or one run's."""
         fs, root = self.fs, self.root
         fs.invalidate_cache(root)  # object-store listings are cached per instance
         if not fs.exists(root):
             return []
-        return sorted(fs.glob(join(root, VISIBLE_GLOB)))
+        glob = VISIBLE_GLOB if run_id is None else f"{PARTITION_KEY}={run_id}/part-*.parquet"
+        return sorted(fs.glob(join(root, glob)))

@@ -15,14 +15,12 @@ images read again in a later pass of this run (``passes``) after a storage failu
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from jobs.infer.output import Output
 from jobs.infer.plan.planner import PlanStats
-from jobs.storage import write_atomic
 
 TOP_ERRORS = 10
 
@@ -124,11 +122,10 @@ class RunSummary:
         """Save as ``_runs/<run_id>/summary.json`` under the output root; returns the path."""
         output = Output.of(output)
         path = output.run_path(self.run_id, "summary.json")
-        write_atomic(output.fs, path, (json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+        output.write_json(path, self.to_dict())
         return path
 
 
 def read_summary(output: Output | str, run_id: str) -> dict:
     output = Output.of(output)
-    with output.fs.open(output.run_path(run_id, "summary.json"), "rb") as f:
-        return json.loads(f.read())
+    return output.read_json(output.run_path(run_id, "summary.json"))

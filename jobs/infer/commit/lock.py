@@ -19,7 +19,6 @@ lease. An owner whose lease was taken over sees it at its next heartbeat and sto
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -27,7 +26,6 @@ import time
 import uuid
 
 from jobs.infer.output import Output
-from jobs.storage import create_exclusive, read_json, write_atomic
 from jobs.infer.errors import LockedError  # noqa: F401  (raised here; imported from here too)
 
 HEARTBEAT_S = 20.0
@@ -65,8 +63,8 @@ class WriterLease:
 
     def __init__(self, output: Output | str, run_label: str = "", *, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S, break_lock: bool = False):
-        output = Output.of(output)
-        self.fs, self.path = output.fs, output.lock_path()
+        self.output = Output.of(output)
+        self.path = self.output.lock_path()
         self.heartbeat_s, self.stale_s, self.break_lock = heartbeat_s, stale_s, break_lock
         self.token = uuid.uuid4().hex
         self.info = {"token": self.token, "run": run_label, "host": socket.gethostname(), "pid": os.getpid(),
@@ -78,25 +76,25 @@ class WriterLease:
     # ----------------------------------------------------------------- reading and writing
     def _read(self) -> dict | None:
         try:
-            return read_json(self.fs, self.path)  # safe while the owner's heartbeat replaces it
+            return self.output.read_json(self.path)  # safe while the owner's heartbeat replaces it
         except FileNotFoundError:
             return None
         except ValueError:
             return {}  # torn or foreign content: no heartbeat will ever move in it
 
-    def _payload(self) -> bytes:
-        return json.dumps({**self.info, "heartbeat_at": time.time()}).encode()
+    def _payload(self) -> dict:
+        return {**self.info, "heartbeat_at": time.time()}
 
     def _remove(self) -> None:
         try:
-            self.fs.rm_file(self.path)
+            self.output.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
 
     # ------------------------------------------------------------------------ acquiring
     def acquire(self) -> "WriterLease":
         while True:
-            if create_exclusive(self.fs, self.path, self._payload()):
+            if self.output.write_json(self.path, self._payload(), exclusive=True):
                 break
             held = self._read()
             if held is None:
@@ -133,7 +131,7 @@ class WriterLease:
                 if not held or held.get("token") != self.token:
                     self.lost = f"the writer lease was taken over by {held.get('run') if held else 'nobody'}"
                     return
-                write_atomic(self.fs, self.path, self._payload())
+                self.output.write_json(self.path, self._payload())
                 last_ok = time.monotonic()
             except Exception as e:  # noqa: BLE001  (a storage hiccup: retry at the next beat)
                 if time.monotonic() - last_ok > self.stale_s / 2:

@@ -54,19 +54,15 @@ import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.errors import RunMismatchError
-from jobs.infer.output import PARTITION_KEY, RUNS_DIR, SUCCESS_NAME, Output
+from jobs.infer.output import RUNS_DIR, SUCCESS_NAME, Output
 from jobs.infer.schema import SourceObject
-from jobs.storage import create_exclusive, is_local, join, read_json, write_atomic
+from jobs.storage import is_local, join
 
 
 # A run's crash points: on_step(step_name, detail) is called after each durable step (a Run
 # carries it to the workers). Tests raise there, or kill the process, to stop a run at that
 # point; None in production.
 OnStep = Optional[Callable[[str, str], None]]
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def _now() -> _dt.datetime:
@@ -115,7 +111,7 @@ def list_runs(output: Output | str) -> list[RunInfo]:
         meta_path = join(d, "run.json")
         if not fs.exists(meta_path):
             continue  # killed before run.json was written: nothing was done in it
-        meta = read_json(fs, meta_path)
+        meta = output.read_json(meta_path)
         out.append(
             RunInfo(
                 meta["run_id"], meta["params"], meta["fingerprint"], meta["started_at"],
@@ -208,11 +204,8 @@ class Run:
             {**(table.schema.metadata or {}), **self.file_metadata, b"mrcnn.shard_id": shard.shard_id.encode(),
              b"mrcnn.run_id": self.run_id.encode(), schema.COUNTS_KEY: json.dumps(schema.shard_counts(table)).encode()}
         )
-        sink = pa.BufferOutputStream()  # serialise fully before touching storage
-        pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
-        fs = self.fs
         path = self.staged_path(shard.shard_id)
-        write_atomic(fs, path, sink.getvalue().to_pybytes())
+        self.output.write_parquet(path, table, **schema.PARQUET_WRITE_OPTIONS)  # serialised before a byte is sent
         self.step("staged", shard.shard_id)
         return path
 
@@ -240,12 +233,7 @@ class Run:
 
     # end of run
     def committed_files(self) -> list[str]:
-        fs, root = self.fs, self.output.root
-        d = join(root, f"{PARTITION_KEY}={self.run_id}")
-        fs.invalidate_cache(root)
-        if not fs.exists(d):
-            return []
-        return sorted(fs.glob(join(d, "part-*.parquet")))
+        return self.output.committed_files(self.run_id)
 
     def finish(self, files: list[dict], extra: Mapping[str, Any] | None = None) -> dict:
         """Write manifest.json, then _SUCCESS (exclusive create), then drop the staging dir.
@@ -254,8 +242,7 @@ class Run:
         ``state.fold`` gives them once it has checked that no image has two rows in the run
         (``state.finish_run`` does both). Returns the manifest.
         """
-        fs, root = self.fs, self.output.root
-        listed = {posixpath.relpath(p, root) for p in self.committed_files()}
+        listed = {posixpath.relpath(p, self.output.root) for p in self.committed_files()}
         given = {f["path"] for f in files}
         if given != listed:
             raise RuntimeError(f"run {self.run_id}: the manifest's files are not the committed files "
@@ -270,9 +257,9 @@ class Run:
             "finished_at": _now().isoformat(),
             **(dict(extra) if extra else {}),
         }
-        write_atomic(fs, self.run_path("manifest.json"), _json_bytes(manifest))
+        self.output.write_json(self.run_path("manifest.json"), manifest)
         self.step("manifest", self.run_id)
-        create_exclusive(fs, self.run_path(SUCCESS_NAME), _json_bytes({"run_id": self.run_id, "rows": total}))
+        self.output.write_json(self.run_path(SUCCESS_NAME), {"run_id": self.run_id, "rows": total}, exclusive=True)
         self.step("success", self.run_id)
         _remove_staging(self.output, self.run_id)
         self.step("cleaned", self.run_id)
@@ -298,7 +285,6 @@ def begin_run(output: Output | str, params: Mapping[str, Any], *, run_id: str | 
     that already finished (a kill after _SUCCESS).
     """
     output = Output.of(output)
-    fs = output.fs
     params = json.loads(json.dumps(dict(params), sort_keys=True, default=str))
     fp = params_fingerprint(params)
     runs = list_runs(output)
@@ -320,7 +306,7 @@ def begin_run(output: Output | str, params: Mapping[str, Any], *, run_id: str | 
         run_id = new_run_id()
     meta = {"run_id": run_id, "params": params, "fingerprint": fp, "started_at": _now().isoformat()}
     run = Run(output, run_id, resumed=False, params=params, on_step=on_step)
-    if not create_exclusive(fs, run.run_path("run.json"), _json_bytes(meta)):
+    if not output.write_json(run.run_path("run.json"), meta, exclusive=True):
         raise RuntimeError(f"run {run_id} was created concurrently")
     run.step("run_created", run_id)
     return run

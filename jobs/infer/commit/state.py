@@ -29,7 +29,6 @@ Readers (pyarrow, Spark, DuckDB) skip ``_state`` like every ``_`` folder.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -38,14 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
 from jobs.infer.errors import DuplicateRowsError
 from jobs.infer.output import PARTITION_KEY, Output
 from jobs.infer.tasks import run_tasks
-from jobs.storage import join, read_json, write_atomic
+from jobs.storage import join
 
 CURRENT_NAME = "current.json"
 COVERED_NAME = "covered.parquet"
@@ -82,18 +80,6 @@ def split_by_bucket(table: pa.Table, buckets: int) -> Iterable[tuple[int, pa.Tab
     ends = np.r_[starts[1:], len(ids)]
     for s, e in zip(starts, ends):
         yield int(ids[s]), table.slice(int(s), int(e - s))
-
-
-def write_table(fs, path: str, table: pa.Table) -> None:
-    """One Parquet file, serialised in memory and written atomically."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    write_atomic(fs, path, sink.getvalue().to_pybytes())
-
-
-def read_table(fs, path: str, columns: Optional[list[str]] = None) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
 
 
 def legacy_error_kind(reason: Optional[str]) -> str:
@@ -141,7 +127,7 @@ class StateVersion:
         """The committed files this generation holds (``COVERED_SCHEMA``)."""
         if self.generation is None:
             return COVERED_SCHEMA.empty_table()
-        return read_table(self.output.fs, join(self._dir(), COVERED_NAME))
+        return self.output.read_parquet(join(self._dir(), COVERED_NAME))
 
     def files_of(self, run_id: str) -> list[dict]:
         """The committed files of one run with their row counts and sizes, for its manifest."""
@@ -154,9 +140,8 @@ class StateVersion:
 def current(output: Output | str) -> StateVersion:
     """The current generation (an empty version when the state was never written)."""
     output = Output.of(output)
-    fs, path = output.fs, output.state_path(CURRENT_NAME)
     try:
-        meta = read_json(fs, path)
+        meta = output.read_json(output.state_path(CURRENT_NAME))
     except FileNotFoundError:
         return StateVersion(output, None, DEFAULT_BUCKETS)
     return StateVersion(output, meta["generation"], int(meta["buckets"]), int(meta.get("rows", 0)),
@@ -207,7 +192,7 @@ def fold_map(output: Output | str, paths: list[str], buckets: int, spill_dir: st
     spills = {}
     for b, rows in split_by_bucket(pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table(), buckets):
         spills[b] = join(spill_dir, f"b{b:04d}-{name}.parquet")
-        write_table(fs, spills[b], rows)
+        output.write_parquet(spills[b], rows)
     return Spilled(tuple(files), spills)
 
 
@@ -223,19 +208,18 @@ def fold_reduce(output: Output | str, base: Optional[str], spills: list[str], ou
                 check_run: Optional[str]) -> Folded:
     """One bucket's new state: its old rows and new rows collapsed (``schema.latest_rows``) and written to
     ``out``. Returns its row count and the images ``check_run`` holds twice."""
-    fs = Output.of(output).fs
-    tables = [read_table(fs, p).cast(STATE_SCHEMA) for p in ([base] if base else []) + spills]
+    output = Output.of(output)
+    tables = [output.read_parquet(p).cast(STATE_SCHEMA) for p in ([base] if base else []) + spills]
     table = pa.concat_tables(tables) if tables else STATE_SCHEMA.empty_table()
     repeats = Repeats(*repeated_images(table, check_run)) if check_run else Repeats()
     table = schema.latest_rows(table, keep_runs)
-    write_table(fs, out, table)
+    output.write_parquet(out, table)
     return Folded(table.num_rows, repeats)
 
 
 def check_bucket(output: Output | str, path: str, run_id: str) -> Repeats:
     """The images of one state bucket that ``run_id`` holds twice (a task)."""
-    fs = Output.of(output).fs
-    return Repeats(*repeated_images(read_table(fs, path, ["image_uri", "run_id"]), run_id))
+    return Repeats(*repeated_images(Output.of(output).read_parquet(path, ["image_uri", "run_id"]), run_id))
 
 
 def _refuse_repeats(run_id: Optional[str], results: list[Repeats]) -> None:
@@ -287,11 +271,10 @@ def fold(output: Output | str, *, check_run: Optional[str] = None, buckets: int 
     files = [f for m in mapped for f in m.files]
     new_files = pa.Table.from_pydict({n: [f[i] for f in files] for i, n in enumerate(COVERED_SCHEMA.names)},
                                      schema=COVERED_SCHEMA)
-    write_table(fs, join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))
+    output.write_parquet(join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))
     rows = sum(r.rows for r in reduced)
-    write_atomic(fs, output.state_path(CURRENT_NAME),
-                 (json.dumps({"generation": generation, "buckets": buckets, "rows": rows, "checked_run": check_run},
-                             indent=1) + "\n").encode())
+    output.write_json(output.state_path(CURRENT_NAME),
+                      {"generation": generation, "buckets": buckets, "rows": rows, "checked_run": check_run})
     if on_step is not None:
         on_step("state", generation)
     _remove_others(fs, output.state_path(), generation)

@@ -21,12 +21,10 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.infer import schema
 from jobs.infer.commit import protocol
 from jobs.infer.schema import SHARD_COLUMN, SourceObject
-from jobs.storage import write_atomic
 
 PART_SCHEMA = pa.schema([
     (SHARD_COLUMN, pa.string()), ("part", pa.string()), ("rows", pa.int64()),
@@ -41,9 +39,7 @@ def storage_failed(table: pa.Table) -> pa.ChunkedArray:
 
 
 def _write(run: protocol.Run, path: str, table: pa.Table) -> None:
-    sink = pa.BufferOutputStream()  # serialised fully before touching storage
-    pq.write_table(table, sink, **schema.PARQUET_WRITE_OPTIONS)
-    write_atomic(run.fs, path, sink.getvalue().to_pybytes())
+    run.output.write_parquet(path, table, **schema.PARQUET_WRITE_OPTIONS)
 
 
 def write_parts(batch: pa.Table, *, run: protocol.Run, pass_no: int) -> pa.Table:
@@ -102,12 +98,7 @@ def finalize_shard(run: protocol.Run, shard_id: str, parts: Sequence[str], image
     """Assemble a shard of ``images`` images from its ``kept`` and ``parts`` files: staged, or
     (not ``final``, some images failed in storage) the others kept in a part file and the failed
     ones deferred to the next pass, or incomplete."""
-    fs = run.fs
-    tables = []
-    for path in [*kept, *parts]:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, schema=schema.SCHEMA))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([run.output.read_parquet(path, schema=schema.SCHEMA) for path in [*kept, *parts]])
     seen: set[str] = set()
     first = [not (u in seen or seen.add(u)) for u in table.column("image_uri").to_pylist()]
     table = table.filter(pa.array(first))  # a retried task must not give an image two rows

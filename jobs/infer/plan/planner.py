@@ -43,8 +43,7 @@ import pyarrow.compute as pc
 from jobs.infer import schema
 from jobs.infer.commit import protocol
 from jobs.infer.output import Output
-from jobs.infer.commit.state import (STATE_SCHEMA, StateVersion, read_table, split_by_bucket,
-                                    write_table)
+from jobs.infer.commit.state import STATE_SCHEMA, StateVersion, split_by_bucket
 from jobs.infer.plan.listing import DEFAULT_TARGET_PARTS, Part, chunks, input_parts, part_objects
 from jobs.infer.plan.sources import IMAGE_EXTENSIONS
 from jobs.infer.schema import PLAN_SCHEMA, SHARD_COLUMN, SourceObject
@@ -170,10 +169,9 @@ def write_shards_plan(run: protocol.Run, shards: Iterable[protocol.Shard]) -> tu
     shards = list(shards)
     if not shards:
         return [], {}
-    fs = run.fs
     path = join(new_plan_dir(run), "plan-retry.parquet")
     items = listed_table([o for s in shards for o in s.items], 0)
-    write_table(fs, path, plan_table(items, [s.shard_id for s in shards for _ in s.items]))
+    run.output.write_parquet(path, plan_table(items, [s.shard_id for s in shards for _ in s.items]))
     return [path], {s.shard_id: len(s.items) for s in shards}
 
 
@@ -207,14 +205,13 @@ def scatter_part(output: Output, part: Part, index: int, extensions: frozenset, 
                  listed_dir: str) -> Scattered | ListingError:
     """List one part and write its objects by bucket. A listing that fails is returned, not raised
     (a task's exception would reach the driver wrapped): the driver raises it."""
-    fs = output.fs
     spills: dict[int, list[str]] = {}
     n = 0
     try:
         for c, chunk in enumerate(chunks(part_objects(part, extensions=extensions, retry=retry), LISTING_CHUNK)):
             for b, rows in split_by_bucket(listed_table(chunk, (index << 32) + n), buckets):
                 path = join(listed_dir, f"b{b:04d}", f"{index:06d}-{c:05d}.parquet")
-                write_table(fs, path, rows)
+                output.write_parquet(path, rows)
                 spills.setdefault(b, []).append(path)
             n += len(chunk)
     except FileNotFoundError as e:
@@ -288,14 +285,14 @@ def _items(table: pa.Table) -> Iterator[SourceObject]:
 def plan_bucket(run: protocol.Run, listed_paths: list[str], state_path: Optional[str], planned_path: str, *,
                 checkpoint_sha256: str, full: bool, settings: Optional[str], retry_errors: bool) -> BucketPlanned:
     """Plan one bucket (a task): its planned objects, sorted by URI, go to ``planned_path``."""
-    fs = run.fs
-    listed = pa.concat_tables([read_table(fs, p) for p in listed_paths]) if listed_paths else \
+    output = run.output
+    listed = pa.concat_tables([output.read_parquet(p) for p in listed_paths]) if listed_paths else \
         LISTED_SCHEMA.empty_table()
-    state_rows = read_table(fs, state_path).cast(STATE_SCHEMA) if state_path else STATE_SCHEMA.empty_table()
+    state_rows = output.read_parquet(state_path).cast(STATE_SCHEMA) if state_path else STATE_SCHEMA.empty_table()
     planned, stats = plan_rows(listed, state_rows, run_id=run.run_id, checkpoint_sha256=checkpoint_sha256, full=full,
                                settings=settings, retry_errors=retry_errors)
     if planned.num_rows:
-        write_table(fs, planned_path, planned)
+        output.write_parquet(planned_path, planned)
     return BucketPlanned(stats, planned.num_rows)
 
 
@@ -325,8 +322,7 @@ def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, 
                 target_size: int) -> ShardsCut:
     """Cut a group's planned objects (its buckets in order, each sorted by URI) into shards (a task).
     The items of shards a killed attempt did not stage go to ``plan_path`` with their shard_id."""
-    fs = run.fs
-    planned = pa.concat_tables([read_table(fs, p) for p in planned_paths])
+    planned = pa.concat_tables([run.output.read_parquet(p) for p in planned_paths])
     expected: dict[str, int] = {}
     staged: dict[str, dict] = {}
     shard_ids: list[str] = []
@@ -340,7 +336,7 @@ def shard_group(run: protocol.Run, planned_paths: list[str], plan_path: str, *, 
     path = None
     if expected:
         plan = plan_table(planned, shard_ids)
-        write_table(fs, plan_path, plan.filter(pc.not_equal(plan.column(SHARD_COLUMN), "")))
+        run.output.write_parquet(plan_path, plan.filter(pc.not_equal(plan.column(SHARD_COLUMN), "")))
         path = plan_path
     return ShardsCut(expected, staged, path)
 
