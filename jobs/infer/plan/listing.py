@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
-from jobs.infer.plan.sources import (IMAGE_EXTENSIONS, has_extension, is_list_file, iter_list_file, list_prefix,
-                                     normalize_etag, stat_uris, walk_s3)
+from jobs.infer.plan.sources import (IMAGE_EXTENSIONS, has_extension, is_list_file, is_s3, iter_list_file,
+                                     list_prefix, normalize_etag, stat_uris, walk_s3)
 from jobs.infer.schema import SourceObject
 from jobs.storage import RetryPolicy, call_with_retries, resolve
 
@@ -47,10 +47,6 @@ class Part:
     prefix: Optional[str] = None
     inventory: Optional[tuple] = None
     serial: Optional[str] = None
-
-
-def _is_s3(fs) -> bool:
-    return "s3" in fs.protocol and hasattr(fs, "call_s3")
 
 
 def _level(fs, bucket: str, prefix: str, retry: RetryPolicy, budget: int) -> Optional[list[Part]]:
@@ -96,7 +92,7 @@ def split_prefix(uri: str, *, target_parts: int = DEFAULT_TARGET_PARTS, max_dept
     ``target_parts`` prefixes and fewer than ``max_depth`` levels were split, as long as the
     objects found at split levels stay within ``MAX_SPLIT_OBJECTS``."""
     fs, path = resolve(uri)
-    if not _is_s3(fs):
+    if not is_s3(fs):
         raise ValueError(f"split_prefix lists S3 prefixes, got {uri}")
     bucket, _, key = path.partition("/")
     root = key.rstrip("/") + "/" if key.strip("/") else ""
@@ -129,7 +125,7 @@ def input_parts(uri: str, *, list_tasks: int = DEFAULT_TARGET_PARTS, retry: Retr
     if list_tasks > 0 and inventory.is_manifest(uri):
         manifest = inventory.read_manifest(uri, retry=retry)
         return [Part(inventory=(manifest, f)) for f in manifest.files]
-    if list_tasks > 0 and not is_list_file(uri) and _is_s3(resolve(uri)[0]):
+    if list_tasks > 0 and not is_list_file(uri) and is_s3(resolve(uri)[0]):
         return split_prefix(uri, target_parts=list_tasks, retry=retry)
     return [Part(serial=uri)]
 

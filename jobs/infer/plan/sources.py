@@ -47,6 +47,11 @@ LIST_FILE_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 COMPRESSION_EXTENSIONS = frozenset({".gz", ".bz2", ".xz", ".zst"})
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """An s3fs filesystem (listed page by page through its client)."""
+    return "s3" in fs.protocol and hasattr(fs, "call_s3")
+
+
 def canonical_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The one spelling of an object's URI used in rows and state (``s3://b/k``, ``file:///p``)."""
     return fs.unstrip_protocol(path)
@@ -147,7 +152,7 @@ def list_prefix(uri: str, *, page_size: int = 1000, retry: RetryPolicy = RetryPo
         if not os.path.isdir(path):
             raise FileNotFoundError(f"input directory not found: {uri}")
         yield from _walk_local(path)
-    elif "s3" in fs.protocol and hasattr(fs, "call_s3"):
+    elif is_s3(fs):
         yield from walk_s3(fs, path, page_size, retry)
     else:
         yield from _walk_generic(fs, path)
