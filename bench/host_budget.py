@@ -264,6 +264,9 @@ def job(image_dir: str, out: str, batch: int, decode: str, detections: int) -> t
             wall = time.perf_counter() - t0
     finally:
         ray.shutdown()
+    stream = summary.wall_s - summary.plan_s
+    print(f"job phases: planning {summary.plan_s:.1f} s, images {stream:.1f} s, the rest (model identity, lease, "
+          f"finishing) {wall - summary.wall_s:.1f} s of {wall:.1f} s")
     return summary.processed / wall, cpu.ms_per_image(summary.processed), summary.processed, len(cpu.started)
 
 

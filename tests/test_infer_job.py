@@ -140,7 +140,8 @@ def _label_counts(results):
     return dict(c)
 
 
-def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weights, s3_bucket, capsys, tmp_path):
+def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weights, s3_bucket, capsys, tmp_path,
+                                                            monkeypatch):
     inp, out = _make_input(s3_bucket)
     args = ["--input", inp, "--output", out, "--weights", weights, "--images-per-shard", "4"]
     s = _job(capsys, *args, "--batch-size", "1")
@@ -201,7 +202,13 @@ def test_job_matches_predictor_readers_agree_and_incremental(ray_cluster, weight
     s2 = _job(capsys, *args, "--batch-size", "3")
     assert s2["run_id"] != s["run_id"] and (s2["processed"], s2["skipped_unchanged"], s2["rows"]) == (0, 12, 0)
 
-    # Two new images and one changed: only those three are processed (batched 3 per call).
+    # Two new images and one changed: only those three are processed (batched 3 per call). The
+    # buckets are planned and folded in Ray tasks of a few buckets each, as a large archive's are
+    # (a run this small is otherwise planned in the driver).
+    from jobs.infer import tasks
+
+    monkeypatch.setattr(tasks, "ROWS_PER_TASK", 4)
+    assert 1 < len(tasks.task_groups(64, 14)) < 64
     _put_images(s3_bucket, ["new1.jpg", "new2.png"], seed=7)
     _put_images(s3_bucket, ["img03.png"], seed=8)
     s3 = _job(capsys, *args, "--batch-size", "3")

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -323,6 +324,7 @@ def _run_holding_lease(cfg: JobConfig, output: Output, params: dict, lease: Writ
                          retry=cfg.read_retry)
     except ListingError as e:
         raise InfraError(f"input not found: {e}" if e.missing else f"cannot list input {cfg.input}: {e}") from None
+    summary.plan_s = time.time() - summary.started_at
     for sid, counts in plan.staged.items():  # staged by a killed attempt: committed as they are
         summary.add_shard(counts, reused=True)
         run.commit(sid)

@@ -46,6 +46,7 @@ class RunSummary:
     deferred: int = 0
     part_rows: int = 0  # rows the driver received from the workers: one per part file, no result rows
     wall_s: float = 0.0
+    plan_s: float = 0.0  # of wall_s: folding a killed attempt's commits, listing and planning
     started_at: float = field(default_factory=time.time)
     error_kinds: dict[str, int] = field(default_factory=dict)
     error_reasons: dict[str, int] = field(default_factory=dict)
@@ -106,7 +107,7 @@ class RunSummary:
             f"duplicates {self.duplicates})",
             f"  ok {self.ok}, error {self.error}, instances {self.instances}",
             f"  shards computed {self.shards_computed}, reused {self.shards_reused}",
-            f"  wall {self.wall_s:.1f} s, {self.images_per_s:.2f} images/s",
+            f"  wall {self.wall_s:.1f} s (planning {self.plan_s:.1f} s), {self.images_per_s:.2f} images/s",
         ]
         if self.planned_retry:
             lines.insert(2, f"  planned again after a storage error: {self.planned_retry}")

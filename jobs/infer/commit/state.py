@@ -49,6 +49,7 @@ CURRENT_NAME = "current.json"
 COVERED_NAME = "covered.parquet"
 DEFAULT_BUCKETS = 64  # fixed when the state is first written; a bucket holds ~1/64 of the archive
 MAP_TASKS = 64  # groups of committed files read per fold, at most
+FILES_PER_MAP_TASK = 50  # committed files a map task reads, about (fewer in all: read in this process)
 _HASH_KEY = b"mrcnn-state"
 
 STATE_COLUMNS = ["image_uri", "source_etag", "source_size", "checkpoint_sha256", "settings", "status", "error_kind",
@@ -250,25 +251,27 @@ def fold(output: Output | str, *, check_run: Optional[str] = None, buckets: int 
         # unless the run has no rows or the fold that wrote this generation checked it.
         if check_run and check_run != cur.checked_run and check_run in covered.column("run_id").to_pylist():
             _refuse_repeats(check_run, run_tasks(check_bucket, [(output, cur.bucket_path(b), check_run)
-                                                                for b in range(cur.buckets)]))
+                                                                for b in range(cur.buckets)], rows=cur.rows))
         return cur
     buckets = cur.buckets if cur.generation is not None else buckets
     generation = f"g-{protocol.new_run_id()}"
     gen_dir = output.state_path(generation)
     spill_dir = join(gen_dir, "spill")
-    n_groups = min(len(new), MAP_TASKS)
+    n_groups = min(-(-len(new) // FILES_PER_MAP_TASK), MAP_TASKS)
     groups = [new[i * len(new) // n_groups:(i + 1) * len(new) // n_groups] for i in range(n_groups)]
-    mapped = run_tasks(fold_map, [(output, g, buckets, spill_dir, f"{i:04d}") for i, g in enumerate(groups)])
+    args = [(output, g, buckets, spill_dir, f"{i:04d}") for i, g in enumerate(groups)]
+    mapped = run_tasks(fold_map, args) if n_groups > 1 else [fold_map(*args[0])]
     spills: dict[int, list[str]] = {}
     for m in mapped:
         for b, path in m.spills.items():
             spills.setdefault(b, []).append(path)
     keep_runs = [r.run_id for r in protocol.list_runs(output) if not r.finished]
     version = StateVersion(output, generation, buckets)
-    reduced = run_tasks(fold_reduce, [(output, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
-                                       keep_runs, check_run) for b in range(buckets)])
-    _refuse_repeats(check_run, [r.repeats for r in reduced])
     files = [f for m in mapped for f in m.files]
+    reduced = run_tasks(fold_reduce, [(output, cur.bucket_path(b), spills.get(b, []), version.bucket_path(b),
+                                       keep_runs, check_run) for b in range(buckets)],
+                        rows=cur.rows + sum(f[2] for f in files))
+    _refuse_repeats(check_run, [r.repeats for r in reduced])
     new_files = pa.Table.from_pydict({n: [f[i] for f in files] for i, n in enumerate(COVERED_SCHEMA.names)},
                                      schema=COVERED_SCHEMA)
     output.write_parquet(join(gen_dir, COVERED_NAME), pa.concat_tables([covered.cast(COVERED_SCHEMA), new_files]))

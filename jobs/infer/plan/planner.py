@@ -361,16 +361,18 @@ def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, check
     scattered = run_tasks(scatter_part, [(run.output, p, i, exts, retry, version.buckets, listed_dir)
                                          for i, p in enumerate(parts)])
     spills: dict[int, list[str]] = {}
+    listed = 0
     for s in scattered:
         if isinstance(s, ListingError):
             raise s
+        listed += s.listed
         for b, paths in s.spills.items():
             spills.setdefault(b, []).extend(paths)
     planned_path = lambda b: join(plan_dir, "planned", f"b{b:04d}.parquet")  # noqa: E731
     planned = run_tasks(plan_bucket, [(run, spills.get(b, []), version.bucket_path(b), planned_path(b))
                                       for b in range(version.buckets)],
                         {"checkpoint_sha256": checkpoint_sha256, "full": full, "settings": settings,
-                         "retry_errors": retry_errors})
+                         "retry_errors": retry_errors}, rows=listed + version.rows)
     plan = Plan([], {}, {}, PlanStats())
     for r in planned:
         plan.stats.add(r.stats)
@@ -380,7 +382,7 @@ def make_plan(run: protocol.Run, input_uri: str, version: StateVersion, *, check
     groups = [[b for b in g if planned[b].planned] for g in groups]
     sharded = run_tasks(shard_group, [(run, [planned_path(b) for b in g], join(plan_dir, f"plan-b{g[0]:04d}.parquet"))
                                       for g in groups if g],
-                        {"checkpoint_sha256": checkpoint_sha256, "target_size": target_size})
+                        {"checkpoint_sha256": checkpoint_sha256, "target_size": target_size}, rows=plan.stats.planned)
     for r in sharded:
         plan.expected.update(r.expected)
         plan.staged.update(r.staged)
