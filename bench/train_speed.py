@@ -13,7 +13,7 @@ same data, same RNG seed: they should agree closely).
 
 Prints images/s for each model, the ratio ours / torchvision (above 1: ours is faster) and, on
 CUDA, the peak memory of each; on CUDA ours also runs channels-last, as ``jobs.train`` runs it
-there (``jobs.train.model_layout``).
+there (``jobs.train.loop.model_layout``).
 """
 from __future__ import annotations
 

@@ -70,7 +70,8 @@ def main(argv=None):
 
     import torch
 
-    from jobs import train
+    from jobs.train.__main__ import parse_args, run
+    from jobs.train.loop import evaluate_model
     from jobs.synthetic import generate
     from mrcnn.checkpoint import load_model
 
@@ -105,7 +106,7 @@ def main(argv=None):
     ray.init(num_cpus=int(args.num_workers * args.cpus_per_worker) + 1, include_dashboard=False)
     t1 = time.perf_counter()
     try:
-        result = train.run(train.parse_args(train_argv))
+        result = run(parse_args(train_argv))
     finally:
         ray.shutdown()
     t_train = time.perf_counter() - t1
@@ -113,7 +114,7 @@ def main(argv=None):
     t2 = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(result["model"])
-    metrics = train.evaluate_model(model, os.path.join(data, "val", "annotations.json"), model.class_names)
+    metrics = evaluate_model(model, os.path.join(data, "val", "annotations.json"), model.class_names)
     t_eval = time.perf_counter() - t2
     report = {
         **{f"{prefix}_{k}": round(metrics[kind][k], 4) for kind, prefix in (("segm", "mask"), ("keypoints", "keypoint"))

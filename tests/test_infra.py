@@ -137,10 +137,9 @@ _PARSERS = {}
 def job_parser(module):
     """The argparse parser of `python -m <module>`.
 
-    Uses the job's build_parser() when it has one. None of our jobs exposes its parser yet
-    (jobs.infer/jobs.train build it inside parse_args, jobs.evaluate/jobs.synthetic inside
-    main), so otherwise the parser is captured: parse_args is intercepted while the job's
-    parse_args()/main() builds it, before anything runs.
+    Uses the job's build_parser() when it has one (jobs.infer, jobs.train). Otherwise
+    (jobs.evaluate/jobs.synthetic build it inside main) the parser is captured: parse_args is
+    intercepted while the job's parse_args()/main() builds it, before anything runs.
     """
     if module in _PARSERS:
         return _PARSERS[module]
@@ -411,7 +410,7 @@ def test_working_dir_upload_leaves_out_mrcnn_so_the_image_build_is_used():
     finally:
         if os.path.exists(out):
             os.remove(out)
-    assert "jobs/infer/__main__.py" in names and "jobs/train.py" in names
+    assert "jobs/infer/__main__.py" in names and "jobs/train/__main__.py" in names
     assert not [n for n in names if n.split("/")[0] == "mrcnn"], "the upload would shadow the image's compiled mrcnn"
 
 

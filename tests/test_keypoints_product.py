@@ -196,16 +196,16 @@ def test_keypoint_tags_and_skeletons_stay_inside_small_images():
 
 
 def test_jobs_train_refuses_a_keypoint_arch_without_keypoints(tmp_path):
-    from jobs import train
+    from jobs.train.__main__ import parse_args, run
 
     synthetic.generate(str(tmp_path / "shapes"), 4, seed=1, size="64/64")
-    args = train.parse_args(["--data", str(tmp_path / "shapes"), "--output", str(tmp_path / "run"),
-                             "--arch", "keypointrcnn_resnet18_fpn_small", "--max-iters", "1"])
+    args = parse_args(["--data", str(tmp_path / "shapes"), "--output", str(tmp_path / "run"),
+                       "--arch", "keypointrcnn_resnet18_fpn_small", "--max-iters", "1"])
     with pytest.raises(ValueError, match="learns keypoints, but no category .* names any"):
-        train.run(args)
+        run(args)
     with pytest.raises(SystemExit):
-        train.parse_args(["--data", "d", "--output", "o", "--arch", "keypointrcnn_resnet18_fpn_small",
-                          "--mask-loss", "softmax"])
+        parse_args(["--data", "d", "--output", "o", "--arch", "keypointrcnn_resnet18_fpn_small",
+                    "--mask-loss", "softmax"])
 
 
 def test_the_keypoint_head_learns_the_figures(figures):

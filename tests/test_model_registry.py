@@ -116,7 +116,8 @@ def test_unknown_state_dicts_name_the_known_architectures(tmp_path):
 
 
 def test_jobs_train_takes_every_registered_architecture_by_either_name():
-    from jobs.train import ARCHS, parse_args
+    from jobs.train.__main__ import parse_args
+    from jobs.train.config import ARCHS
 
     assert set(ARCHS.values()) == set(mrcnn.list_models())
     base = ["--data", "d", "--output", "o"]

@@ -203,7 +203,7 @@ def test_training_as_jobs_train_lays_it_out_on_cuda_feeds_roi_align_the_pyramid_
     # arrives channels-last contiguous (checked here on CPU, where the layout propagates alike).
     from types import SimpleNamespace
 
-    from jobs.train import model_layout
+    from jobs.train.loop import model_layout
     from mrcnn.ops import poolers
 
     assert model_layout(torch.device("cuda")) == torch.channels_last

@@ -14,7 +14,9 @@ import time
 import fsspec
 import pytest
 
-from jobs import train
+from jobs.train.__main__ import main, parse_args, run
+from jobs.train.checkpoint import MetricsLog, check_same_model
+from jobs.train.loop import lr_factor
 from jobs.synthetic import generate
 
 CLASSES = ["__background__", "circle", "square", "triangle"]
@@ -31,7 +33,7 @@ def ray4():
 
 
 def _args(data, output, max_iters, *extra):
-    return train.parse_args([
+    return parse_args([
         "--data", data, "--output", output, "--num-workers", "2", "--max-iters", str(max_iters),
         "--batch-size", "1", "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0",
         "--min-size", "128", "--max-size", "160", "--loader-workers", "0", "--seed", "0", *extra,
@@ -56,7 +58,7 @@ def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ra
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate(data, 10, seed=0, size="128/160", val_fraction=0.2)
     small_objects = ("--anchor-sizes", "16", "32", "64", "128", "256", "--box-batch-size-per-image", "64")
-    result = train.run(_args(data, out, 4, *small_objects))
+    result = run(_args(data, out, 4, *small_objects))
     assert result == {"step": 4, "model": f"{out}/model_final.pt", "skipped": False}
 
     lines = _metrics(out)
@@ -82,7 +84,7 @@ def test_train_local_two_workers_then_finished_run_is_not_retrained(tmp_path, ra
 
     # the same command again: nothing retrained, no new metrics
     t0 = time.perf_counter()
-    again = train.run(_args(data, out, 4, *small_objects))
+    again = run(_args(data, out, 4, *small_objects))
     assert again["skipped"] is True and again["step"] == 4
     assert time.perf_counter() - t0 < 10
     assert _metrics(out) == lines
@@ -96,7 +98,7 @@ def test_train_from_s3_to_s3(s3_bucket, ray4):
     data, out = f"s3://{s3_bucket}/shapes", f"s3://{s3_bucket}/runs/shapes"
     generate(data, 6, seed=1, size="128/160")
     # the shipped model's architecture: no layer4, four FPN levels
-    result = train.run(_args(data, out, 2, "--arch", "resnet18_fpn_small", "--returned-layers", "1", "2", "3",
+    result = run(_args(data, out, 2, "--arch", "resnet18_fpn_small", "--returned-layers", "1", "2", "3",
                              "--anchor-sizes", "16", "32", "64", "128"))
     assert result["step"] == 2 and result["model"] == f"{out}/model_final.pt"
 
@@ -121,7 +123,7 @@ def test_lost_worker_resumes_from_last_checkpoint(tmp_path, ray4):
     generate(data, 8, seed=2, size="128/160")
     copies_before = _checkpoint_copies()
     # rank 1 dies (os._exit) at step 3, once: the group restarts from the step-2 checkpoint
-    result = train.run(_args(data, out, 6, "--fail-once-at", "3", "--max-failures", "2"))
+    result = run(_args(data, out, 6, "--fail-once-at", "3", "--max-failures", "2"))
     assert result["step"] == 6 and not result["skipped"]
     assert os.path.exists(os.path.join(out, "_fail_once_marker"))
 
@@ -146,7 +148,7 @@ def test_lr_factor_matches_torch_linear_warmup_then_multistep():
     ])
     compared = 0
     for step in range(60):
-        assert train.lr_factor(step, 10, 1e-3, [30, 45], 0.1) * 0.1 == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert lr_factor(step, 10, 1e-3, [30, 45], 0.1) * 0.1 == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         compared += 1
         opt.step()
         chained.step()
@@ -155,11 +157,11 @@ def test_lr_factor_matches_torch_linear_warmup_then_multistep():
 
 def test_metrics_log_drops_steps_after_the_resumed_checkpoint(tmp_path):
     uri = str(tmp_path / "metrics.jsonl")
-    log = train.MetricsLog(uri, start_step=0)
+    log = MetricsLog(uri, start_step=0)
     for step in (1, 2, 3, 4):
         log.log({"step": step, "start_step": 0})
     # a restart from the step-2 checkpoint redoes steps 3-4: their old lines go
-    resumed = train.MetricsLog(uri, start_step=2)
+    resumed = MetricsLog(uri, start_step=2)
     resumed.log({"step": 3, "start_step": 2})
     assert [(m["step"], m["start_step"]) for m in _metrics(str(tmp_path))] == [(1, 0), (2, 0), (3, 2)]
 
@@ -175,27 +177,27 @@ def test_bad_arguments_are_named(capsys):
                           (["--returned-layers", "0", "1"], "--returned-layers: returned_layers should be distinct"),
                           (["--box-batch-size-per-image", "0"], "--box-batch-size-per-image must be >= 1")):
         with pytest.raises(SystemExit):
-            train.parse_args(["--data", "d", "--output", "o", *argv])
+            parse_args(["--data", "d", "--output", "o", *argv])
         assert message in capsys.readouterr().err
 
 
 def test_missing_dataset_fails_before_starting_ray(tmp_path):
     with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
-        train.run(train.parse_args(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "run")]))
+        run(parse_args(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "run")]))
 
 
 def test_resuming_with_other_model_flags_is_refused(tmp_path, capsys):
     data, out = str(tmp_path / "data"), str(tmp_path / "run")
     generate(data, 2, seed=0, size="128/160")
     args = _args(data, out, 4, "--arch", "resnet18_fpn_small")
-    train.check_same_model(args)  # a new run records its model flags
+    check_same_model(args)  # a new run records its model flags
     with open(os.path.join(out, "run.json")) as f:
         assert json.load(f)["arch"] == "resnet18_fpn_small"
-    train.check_same_model(_args(data, out, 8, "--arch", "resnet18_fpn_small", "--lr", "0.1"))  # continuing is fine
+    check_same_model(_args(data, out, 8, "--arch", "resnet18_fpn_small", "--lr", "0.1"))  # continuing is fine
     # a finished run re-submitted with another model: named, before Ray starts
     with open(os.path.join(out, "final.json"), "w") as f:
         json.dump({"step": 4, "model": "m.pt"}, f)
     argv = ["--data", data, "--output", out, "--max-iters", "4", "--arch", "resnet50_fpn", "--min-size", "128",
             "--max-size", "160"]
     with pytest.raises(SystemExit, match=r"holds a run of another model: --arch resnet18_fpn_small \(now resnet50_fpn\)"):
-        train.main(argv)
+        main(argv)

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 
-from jobs.infer.config import JobConfig, add_arguments, from_arguments
+from jobs.infer.config import JobConfig
 from jobs.infer.errors import JobError
 from jobs.infer.pipeline import run_job
 
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags of every :class:`JobConfig` setting (``config.py`` declares them), and
     ``--report``, which is not part of the run's parameters: adding it to a rerun still resumes
     the run."""
-    p = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__.splitlines()[0])
-    add_arguments(p)
+    p = JobConfig.add_arguments(argparse.ArgumentParser(prog="python -m jobs.infer",
+                                                        description=__doc__.splitlines()[0]))
     p.add_argument("--report", action="store_true",
                    help="when the run finishes, write its HTML report to OUTPUT/_runs/<run_id>/report.html")
     return p
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> JobConfig:
     p = build_parser()
-    return from_arguments(p, p.parse_args(argv))
+    return JobConfig.from_arguments(p, p.parse_args(argv))
 
 
 def embedded_num_cpus() -> int:
@@ -141,7 +141,7 @@ def _reason(e: JobError) -> str:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    cfg = from_arguments(p, args)
+    cfg = JobConfig.from_arguments(p, args)
     import ray
 
     started = False

@@ -1,22 +1,17 @@
-"""Every setting of the batch job, declared once: name, type, default, check and help.
-
-:class:`JobConfig` is what ``pipeline.run_job`` takes, and the command line is built from its
-fields (:func:`build_parser`): a new setting is one field here, and where it is used. The checks
-run whenever a config is made, from the command line or from Python, and fail with a
-``UsageError`` naming the flag. The run's output settings (``settings``: the part of a row's
-identity besides the model, ``schema.settings_key``) are computed here once and handed to the
-model actors.
+"""Every setting of the batch job, declared once (``jobs.flags``: the flags are built from the
+fields, whose checks fail with a ``UsageError`` naming the flag): :class:`JobConfig` is what
+``pipeline.run_job`` takes; a new setting is one field here, and where it is used. The run's
+output settings (``settings``: the part of a row's identity besides the model,
+``schema.settings_key``) are computed here once and handed to the model actors.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Optional
+from typing import Optional
 
+from jobs.flags import Settings, above, at_least, setting, unit
 from jobs.infer import schema
 from jobs.infer.errors import UsageError
 from jobs.infer.execute.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
@@ -36,27 +31,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MAX_CONCURRENT_READS = 512
 
 
-def _at_least(low: float) -> Callable[[Any], Optional[str]]:
-    return lambda v: None if v is None or v >= low else f"must be >= {low:g}, got {v}"
-
-
-def _above(low: float) -> Callable[[Any], Optional[str]]:
-    return lambda v: None if v is None or v > low else f"must be > {low:g}, got {v}"
-
-
-def _unit(v: Optional[float]) -> Optional[str]:
-    return None if v is None or 0.0 <= v <= 1.0 else f"must be in [0, 1], got {v}"
-
-
-def setting(default: Any = dataclasses.MISSING, help: Optional[str] = None, *, check=None, choices=None,
-            flag: bool = True) -> Any:
-    """A field of :class:`JobConfig`: its default, its check (value -> error or None), the
-    values it may take, its help; ``flag=False`` keeps it off the command line."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "flag": flag})
-
-
 @dataclass
-class JobConfig:
+class JobConfig(Settings):
+    error = UsageError
     input: str = setting(help="image prefix/directory or list file (s3://... or local)")
     output: str = setting(help="output root (s3://... or local)")
     weights: str = setting(help="checkpoint path or URI: ours, a torchvision state_dict, or Detectron2's (.pth, "
@@ -69,16 +46,16 @@ class JobConfig:
               "not name its classes (default: the checkpoint's, COCO's for a COCO model, else the label numbers)")
     full: bool = setting(False, "process every image, not only new or changed ones")
     num_actors: Optional[int] = setting(None, "model actors (default: as many as the cluster's GPUs, or CPUs, hold)",
-                                        check=_at_least(1))
-    num_gpus_per_actor: float = setting(0.0, "GPUs per actor; 0 = CPU actors", check=_at_least(0))
+                                        check=at_least(1))
+    num_gpus_per_actor: float = setting(0.0, "GPUs per actor; 0 = CPU actors", check=at_least(0))
     num_cpus_per_actor: float = setting(
         1.0, "CPUs per actor (torch threads on CPU; one replica per core outruns one replica on many)",
-        check=_above(0))
-    batch_size: int = setting(4, "images per model call", check=_at_least(1))
+        check=above(0))
+    batch_size: int = setting(4, "images per model call", check=at_least(1))
     score_thresh: Optional[float] = setting(
-        None, "keep instances scoring above this (default: the checkpoint's own threshold)", check=_unit)
+        None, "keep instances scoring above this (default: the checkpoint's own threshold)", check=unit)
     max_instances: Optional[int] = setting(
-        None, "instances kept per image, the highest scores (default: the checkpoint's own)", check=_at_least(1))
+        None, "instances kept per image, the highest scores (default: the checkpoint's own)", check=at_least(1))
     precision: Optional[str] = setting(
         None, "the model's arithmetic (default: bf16 on GPU actors, fp32 on CPU actors; bf16 on CPU actors needs "
               "AVX512_BF16 or AMX, fp16 a GPU). Like the three flags here, changing it gives every image a new "
@@ -89,42 +66,36 @@ class JobConfig:
                  "decodes JPEGs on its device (nvJPEG on GPU actors) and the CPU tasks only read bytes. An output "
                  "setting like --precision", choices=DECODE_MODES)
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "an image with more pixels is an error row (kind limit)",
-                              check=_at_least(1))
+                              check=at_least(1))
     max_aspect: float = setting(DEFAULT_MAX_ASPECT, "an image longer than this many times its width, or wider, is "
-                                                    "an error row (kind limit)", check=_at_least(1))
-    images_per_shard: int = setting(DEFAULT_SHARD_SIZE, "target rows per output file", check=_at_least(1))
+                                                    "an error row (kind limit)", check=at_least(1))
+    images_per_shard: int = setting(DEFAULT_SHARD_SIZE, "target rows per output file", check=at_least(1))
     read_attempts: int = setting(
         RetryPolicy.attempts, "tries per read, listing page and stat while the store answers as unavailable "
-                              "(throttling, 5xx, timeouts, connection errors)", check=_at_least(1))
+                              "(throttling, 5xx, timeouts, connection errors)", check=at_least(1))
     read_backoff: float = setting(RetryPolicy.base_s, "seconds: retry i waits a random time up to "
-                                                      "min(%(default)s * 2**i, 30)", check=_at_least(0))
+                                                      "min(%(default)s * 2**i, 30)", check=at_least(0))
     list_tasks: int = setting(
         DEFAULT_TARGET_PARTS, "list an S3 prefix split on its common prefixes into about this many parts, and an "
                               "inventory's data files one per part, in Ray tasks; 0 lists the whole input in one "
-                              "task", check=_at_least(0))
+                              "task", check=at_least(0))
     max_concurrent_reads: int = setting(
         DEFAULT_MAX_CONCURRENT_READS, "decode tasks at once, cluster-wide: each reads one object at a time, so "
                                       "this caps the GETs in flight (the default stays within S3's 5,500 GET/s of a "
-                                      "partitioned prefix at 100 ms per GET)", check=_at_least(1))
+                                      "partitioned prefix at 100 ms per GET)", check=at_least(1))
     passes: int = setting(2, "passes over the images whose reads still failed in storage; the last pass commits "
-                             "them as error rows that the next run plans again", check=_at_least(1))
+                             "them as error rows that the next run plans again", check=at_least(1))
     run_id: Optional[str] = setting(None, "resume or create this run id")
     break_lock: bool = setting(False, "take the output's writer lease over at once (only when the run holding it "
                                       "is gone)")
     # Not on the command line: the decode tasks' CPU share and StorageHealth's outage rule.
-    decode_cpus: float = setting(0.5, flag=False, check=_above(0))
-    outage_window: int = setting(200, flag=False, check=_at_least(1))
-    outage_fraction: float = setting(0.5, flag=False, check=_unit)
-    outage_min_failures: int = setting(10, flag=False, check=_at_least(1))
+    decode_cpus: float = setting(0.5, flag=False, check=above(0))
+    outage_window: int = setting(200, flag=False, check=at_least(1))
+    outage_fraction: float = setting(0.5, flag=False, check=unit)
+    outage_min_failures: int = setting(10, flag=False, check=at_least(1))
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            problem = meta["check"](value) if meta["check"] else None
-            if problem is None and meta["choices"] and value is not None and value not in meta["choices"]:
-                problem = f"must be one of {', '.join(meta['choices'])}, got {value!r}"
-            if problem:
-                raise UsageError(f"{_flag(f.name)} {problem}")
+        super().__post_init__()
         if self.precision == "fp16" and self.num_gpus_per_actor <= 0:
             raise UsageError("--precision fp16 needs GPU actors (--num-gpus-per-actor > 0); CPU actors run fp32 "
                              "or bf16")
@@ -139,39 +110,3 @@ class JobConfig:
         """The run's output settings as rows, run parameters and incremental planning hold them."""
         return schema.settings_key(score_thresh=self.score_thresh, max_instances=self.max_instances,
                                    precision=self.precision, decode=self.decode)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The command line flags of :class:`JobConfig`'s fields, from their declarations."""
-    hints = typing.get_type_hints(JobConfig)
-    for f in dataclasses.fields(JobConfig):
-        if not f.metadata["flag"]:
-            continue
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        kind = args[0] if args else kind
-        kwargs: dict[str, Any] = {"help": f.metadata["help"]}
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        else:
-            kwargs["type"] = kind
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-        p.add_argument(_flag(f.name), **kwargs)
-
-
-def from_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> JobConfig:
-    """The config of parsed flags; a failed check is a usage error of the parser (exit 2)."""
-    names = [f.name for f in dataclasses.fields(JobConfig) if f.metadata["flag"]]
-    try:
-        return JobConfig(**{n: getattr(a, n) for n in names})
-    except UsageError as e:
-        p.error(str(e))
