@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -152,6 +152,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._last = _procs()
         self.started: set[int] = set()  # Ray worker processes started during the run
+        self.ran: dict[int, str] = {}  # what each started worker was first seen running
         self.idle_by_pid: dict[int, int] = defaultdict(int)
         self.own_cpu = 0.0  # the sampler's own CPU seconds, taken off the driver's
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -162,6 +163,8 @@ class CpuSampler:
             before = self._last.get(pid)
             if before is None and ("ray::" in title or "default_worker" in title):
                 self.started.add(pid)
+            if pid in self.started and pid not in self.ran and "IDLE" not in title and "ray::" in title:
+                self.ran[pid] = re.sub(r"[.(\[].*", "", title.split("ray::", 1)[1])
             delta = t - (before[1] if before else 0)
             if delta > 0 and (before is not None or "ray" in title or pid == self.me):
                 kind = "driver" if pid == self.me else _kind(title)
@@ -189,6 +192,11 @@ class CpuSampler:
         ms = {k: v * 1000 / TICK for k, v in self.ticks.items()}
         ms["driver"] = max(0.0, ms.get("driver", 0.0) - self.own_cpu * 1000)
         return {k: v / images for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}
+
+
+def _print_started(cpu: CpuSampler) -> None:
+    ran = [cpu.ran.get(pid, "(idle only)") for pid in cpu.started]
+    print("workers started, by what they first ran: " + ", ".join(f"{k} {n}" for k, n in Counter(ran).most_common()))
 
 
 # ------------------------------------------------------------------ the three runs
@@ -267,6 +275,7 @@ def job(image_dir: str, out: str, batch: int, decode: str, detections: int) -> t
     stream = summary.wall_s - summary.plan_s
     print(f"job phases: planning {summary.plan_s:.1f} s, images {stream:.1f} s, the rest (model identity, lease, "
           f"finishing) {wall - summary.wall_s:.1f} s of {wall:.1f} s")
+    _print_started(cpu)
     return summary.processed / wall, cpu.ms_per_image(summary.processed), summary.processed, len(cpu.started)
 
 
@@ -326,6 +335,7 @@ def plain(image_dir: str, out: str, batch: int, decode: str, detections: int) ->
         n = len([p for p in os.listdir(image_dir) if p.endswith(".jpg")])
     finally:
         ray.shutdown()
+    _print_started(cpu)
     return n / wall, cpu.ms_per_image(n), n, len(cpu.started)
 
 

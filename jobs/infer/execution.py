@@ -29,10 +29,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Rows per block between the plan and the model: a plan file reads as one block, which would
-# make one decode task feed every actor; blocks of a few batches spread the work over the
-# decode tasks and the actor pool, and stay cheap to schedule.
-BLOCK_BATCHES = 4
+# Rows per block between the plan and the model, and images per actor call (the model still
+# sees --batch-size at a time): a plan file reads as one block, which would make one decode task
+# feed every actor. Every block is a decode task and an actor call, each costing Ray CPU in the
+# driver, the raylet and the worker: blocks of 16 batches took the job from 46 to 27 CPU ms per
+# image against blocks of 4 (bench/host_budget.py, 640x480). A small pass gets smaller blocks, at
+# least BLOCKS_PER_ACTOR per actor, so that every actor has work until the end.
+BLOCK_BATCHES = 16
+BLOCKS_PER_ACTOR = 8
 # Fault tolerance, set here rather than left to Ray Data's defaults (which restart and retry
 # forever): the tasks and actors of a lost node are retried and restarted elsewhere; a decode
 # task that keeps killing its worker (say, a decoder crash on hostile bytes) fails the run
@@ -120,17 +124,25 @@ def model_actor_options(size: int, *, overlap: bool) -> dict:
             "max_concurrency": calls}
 
 
-def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo, pass_no: int = 1):
-    """plan rows -> decoded images -> output rows (+ shard_id) -> part files written by the
-    workers: a lazy Ray Dataset of :data:`parts.PART_SCHEMA` rows."""
+def block_rows(batch_size: int, images: int, actors: int) -> int:
+    """Rows per block (and images per actor call) for a pass of ``images`` over ``actors``."""
+    return max(batch_size, min(batch_size * BLOCK_BATCHES, images // (actors * BLOCKS_PER_ACTOR)))
+
+
+def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo, pass_no: int = 1,
+                  images: int = 0):
+    """plan rows (``images`` of them) -> decoded images -> output rows (+ shard_id) -> part files
+    written by the workers: a lazy Ray Dataset of :data:`parts.PART_SCHEMA` rows."""
     import ray
 
+    actors = pool_size(cfg, ray.cluster_resources())
+    rows = block_rows(cfg.batch_size, images, actors)
     ds = ray.data.read_parquet(plan_files, filesystem=_pyarrow_fs(run.output))
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * BLOCK_BATCHES)
+    ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs=decode_kwargs(cfg, ckpt),
-        batch_size=cfg.batch_size,
+        batch_size=rows,
         batch_format="numpy",
         num_cpus=cfg.decode_cpus,
         compute=ray.data.TaskPoolStrategy(size=cfg.max_concurrent_reads),
@@ -142,13 +154,13 @@ def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, c
         PredictorActor,
         fn_constructor_args=(cfg.weights,),
         fn_constructor_kwargs=actor_kwargs(cfg, ckpt, run),
-        batch_size=cfg.batch_size,
+        batch_size=rows,
         batch_format="numpy",
         num_gpus=cfg.num_gpus_per_actor,
         num_cpus=cfg.num_cpus_per_actor,
         max_restarts=ACTOR_RESTARTS,
         max_task_retries=ACTOR_TASK_RETRIES,
-        **model_actor_options(pool_size(cfg, ray.cluster_resources()), overlap=use_gpu),
+        **model_actor_options(actors, overlap=use_gpu),
     ).map_batches(
         write_parts,
         fn_kwargs={"run": run, "pass_no": pass_no},
@@ -166,8 +178,8 @@ class RayData:
     """The product's execution: the stages as a Ray Dataset on the cluster (:func:`build_dataset`)."""
 
     def parts(self, cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo,
-              pass_no: int) -> Iterator[pa.Table]:
-        ds = build_dataset(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no)
+              pass_no: int, images: int) -> Iterator[pa.Table]:
+        ds = build_dataset(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no, images=images)
         return ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
     def finalizer(self):
@@ -183,7 +195,7 @@ class InProcess:
         self.actors: dict = {}
 
     def parts(self, cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo,
-              pass_no: int) -> Iterator[pa.Table]:
+              pass_no: int, images: int) -> Iterator[pa.Table]:
         key = (run.run_id, ckpt.sha256, cfg.settings)
         if key not in self.actors:
             self.actors[key] = PredictorActor(cfg.weights, **{**actor_kwargs(cfg, ckpt, run), "num_threads": None})

@@ -349,7 +349,7 @@ def _run_holding_lease(cfg: JobConfig, output: Output, params: dict, lease: Writ
         if not plan_files:
             break
         summary.passes = pass_no
-        parts = execution.parts(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no)
+        parts = execution.parts(cfg, plan_files, run=run, ckpt=ckpt, pass_no=pass_no, images=sum(expected.values()))
         with _actor_start_failures():
             held = commit_parts(run, parts, ShardCollector(expected, held), summary, final=pass_no >= cfg.passes, pass_no=pass_no,
                                 health=health, finalize=finalize, may_commit=lease.check, progress=committed_more)
