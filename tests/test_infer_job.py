@@ -41,8 +41,9 @@ def ray_cluster(moto_server):
     import ray
 
     env = {**AWS_ENV, "AWS_ENDPOINT_URL": moto_server}  # workers reach the moto server too
-    # one logical GPU: lets a GPU actor be scheduled here, to test its refusal to start without one
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env})
+    # one logical GPU: lets a GPU actor be scheduled here, to test its refusal to start without one;
+    # 3 CPUs as the embedded default gives this 2-core machine: two model actors
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env})
     yield
     ray.shutdown()
 

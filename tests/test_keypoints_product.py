@@ -217,7 +217,8 @@ def test_the_keypoint_head_learns_the_figures(figures):
     ds = CocoDetection(str(figures))
     ds.transforms = RandomHorizontalFlip(0.5, keypoint_flip=ds.keypoint_flip)
     model = mrcnn.keypointrcnn_resnet18_fpn_small(num_keypoints=K, min_size=96, max_size=128,
-                                                  rpn_anchor_sizes=[[16], [32], [64], [128], [256]])
+                                                  rpn_anchor_sizes=[[16], [32], [64], [128], [256]],
+                                                  rpn_post_nms_top_n_train=500, box_batch_size_per_image=128)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     samples = [ds[i] for i in range(4)]
