@@ -412,10 +412,11 @@ def test_blocks_are_large_for_ray_and_small_enough_to_give_every_actor_work():
     assert block_rows(4, 2400, 2) == 4 * BLOCK_BATCHES  # a large pass: the largest blocks
     assert block_rows(4, 10**7, 64) == 4 * BLOCK_BATCHES
     assert block_rows(4, 10, 2) == 4 and block_rows(4, 0, 1) == 4  # never below one model batch
-    for images, actors in ((192, 2), (50, 2), (1000, 16), (300, 3)):
+    for images, actors in ((192, 2), (50, 2), (50, 1), (1000, 16), (300, 3)):
         rows = block_rows(4, images, actors)
         blocks = -(-images // rows)  # each actor gets BLOCKS_PER_ACTOR blocks, or the pass is one batch a block
         assert 4 <= rows < 4 * BLOCK_BATCHES and blocks >= min(actors * BLOCKS_PER_ACTOR, -(-images // 4)), (images, actors)
+        assert rows % 4 == 0  # whole model batches: a block of 6 would make batches of 4 and 2
 
 
 def test_a_detectron2_checkpoint_and_config_from_s3(ray_cluster, s3_bucket, capsys, tmp_path):

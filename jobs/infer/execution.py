@@ -125,8 +125,9 @@ def model_actor_options(size: int, *, overlap: bool) -> dict:
 
 
 def block_rows(batch_size: int, images: int, actors: int) -> int:
-    """Rows per block (and images per actor call) for a pass of ``images`` over ``actors``."""
-    return max(batch_size, min(batch_size * BLOCK_BATCHES, images // (actors * BLOCKS_PER_ACTOR)))
+    """Rows per block (and images per actor call) for a pass of ``images`` over ``actors``: whole
+    batches, so that the model's batches are full and made of the same images whatever the pool."""
+    return batch_size * max(1, min(BLOCK_BATCHES, images // (actors * BLOCKS_PER_ACTOR * batch_size)))
 
 
 def build_dataset(cfg: JobConfig, plan_files: list[str], *, run: protocol.Run, ckpt: CheckpointInfo, pass_no: int = 1,
