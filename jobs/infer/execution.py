@@ -126,7 +126,7 @@ def model_actor_options(size: int, *, overlap: bool) -> dict:
 
 def block_rows(batch_size: int, images: int, actors: int) -> int:
     """Rows per block (and images per actor call) for a pass of ``images`` over ``actors``: whole
-    batches, so that the model's batches are full and made of the same images whatever the pool."""
+    batches, so that the model's batches are full (a block of 6 would make batches of 4 and 2)."""
     return batch_size * max(1, min(BLOCK_BATCHES, images // (actors * BLOCKS_PER_ACTOR * batch_size)))
 
 
